@@ -1,0 +1,334 @@
+"""Object storage behind one small interface: a local folder or an ``s3://bucket/prefix``.
+
+A local folder is the embedded default that needs nothing running. S3 (and MinIO, or any
+S3-compatible server) is configured only the standard way, through the ``AWS_*`` variables
+and files that boto3 reads (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so pointing
+pneumo at MinIO is one environment variable.
+
+Every path given to a store is relative to its root and uses ``/``. Writes are atomic: a
+reader sees the old object or the whole new one, never a part (local: temp file + rename;
+S3: a single PUT or a completed multipart upload).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from shards.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# Multipart above 64 MiB, in 64 MiB parts: a 1 GiB shard is 16 parts uploaded concurrently.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_CHUNK = 64 * 1024 * 1024
+
+
+class Store(Protocol):
+    """What every store can do. ``url`` is the root it was opened on."""
+
+    url: str
+
+    def get(self, path: str) -> bytes: ...
+    def open_read(self, path: str) -> IO[bytes]: ...
+    def put(self, path: str, data: bytes) -> None: ...
+    def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
+    def exists(self, path: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, path: str) -> None: ...
+    def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
+    def scratch_dir(self) -> Path | None: ...
+    def url_of(self, path: str) -> str: ...
+    def local_path(self, path: str) -> Path | None: ...
+
+
+def is_s3_url(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def open_store(url: str | os.PathLike[str], *, create: bool = True) -> Store:
+    """Open ``url`` (a folder or ``s3://bucket/prefix``) as a store.
+
+    Raises:
+        StoreError: the folder cannot be created or the bucket cannot be reached.
+    """
+    url = str(url)
+    if is_s3_url(url):
+        return S3Store.from_url(url)
+    return LocalStore(Path(url), create=create)
+
+
+def _clean(path: str) -> str:
+    parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise StoreError(f"path {path!r} leaves the store root")
+    return "/".join(parts)
+
+
+class LocalStore:
+    """A folder on the local file system."""
+
+    def __init__(self, root: Path, *, create: bool = True) -> None:
+        self.root = Path(root).expanduser().resolve()
+        if create:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create folder {self.root}: {e.strerror}") from e
+        elif not self.root.is_dir():
+            raise StoreError(f"{self.root} is not a folder")
+        self.url = str(self.root)
+
+    def _p(self, path: str) -> Path:
+        return self.root / _clean(path)
+
+    def url_of(self, path: str) -> str:
+        return str(self._p(path))
+
+    def local_path(self, path: str) -> Path | None:
+        return self._p(path)
+
+    def get(self, path: str) -> bytes:
+        try:
+            return self._p(path).read_bytes()
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
+
+    def open_read(self, path: str) -> IO[bytes]:
+        try:
+            return open(self._p(path), "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
+
+    def put(self, path: str, data: bytes) -> None:
+        target = self._p(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Dot-prefixed temp names are ignored by pyarrow.dataset, so a half-written
+        # Parquet part is never read even before the rename.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def scratch_dir(self) -> Path | None:
+        """A hidden folder inside the store, so finished files can be renamed into place."""
+        d = self.root / ".scratch"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
+        """Like ``put_file`` but may consume ``local_path`` (a rename when possible)."""
+        target = self._p(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(local_path, target)
+        except OSError:  # another file system: copy, then drop the original
+            self.put_file(path, local_path)
+            Path(local_path).unlink(missing_ok=True)
+
+    def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
+        target = self._p(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(local_path, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def exists(self, path: str) -> bool:
+        return self._p(path).exists()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix) if prefix else self.root
+        if base.is_file():
+            return [_clean(prefix)]
+        if not base.is_dir():
+            return []
+        out = []
+        for p in base.rglob("*"):
+            rel = p.relative_to(self.root).as_posix()
+            # Hidden names are work in progress (temp files, the ingest scratch folder).
+            if p.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+                out.append(rel)
+        return sorted(out)
+
+    def delete(self, path: str) -> None:
+        self._p(path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Settings:
+    """S3 settings, read once at the edge from the standard variables boto3 reads."""
+
+    endpoint_url: str | None
+    region: str | None
+
+    @classmethod
+    def from_env(cls) -> S3Settings:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return cls(endpoint_url=endpoint or None, region=region or None)
+
+
+def _s3_client(settings: S3Settings) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 8, "mode": "adaptive"},
+        max_pool_connections=32,
+        s3={"addressing_style": "path"} if settings.endpoint_url else {},
+    )
+    # boto3 itself reads AWS_ENDPOINT_URL / credentials / profiles; passing the endpoint
+    # explicitly only matters for older botocore releases.
+    return boto3.session.Session().client(
+        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
+    )
+
+
+class S3Store:
+    """``s3://bucket/prefix`` through boto3 (retries with backoff, multipart uploads)."""
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = _clean(prefix)
+        self.settings = settings or S3Settings.from_env()
+        self.client = _s3_client(self.settings)
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Store:
+        rest = url[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"{url!r} names no bucket (expected s3://bucket/prefix)")
+        store = cls(bucket, prefix)
+        store.check_reachable()
+        return store
+
+    def check_reachable(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            raise StoreError(f"bucket {self.bucket!r} is not usable (S3 error {code})") from e
+        except BotoCoreError as e:
+            where = self.settings.endpoint_url or "AWS S3"
+            raise StoreError(f"cannot reach the object store at {where}: {e}") from e
+
+    def _k(self, path: str) -> str:
+        path = _clean(path)
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def url_of(self, path: str) -> str:
+        return f"s3://{self.bucket}/{self._k(path)}"
+
+    def local_path(self, path: str) -> Path | None:
+        return None
+
+    def get(self, path: str) -> bytes:
+        return self.open_read(path).read()
+
+    def open_read(self, path: str) -> IO[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(path))["Body"]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            raise StoreError(f"cannot read {self.url_of(path)} (S3 error {code})") from e
+        return body  # botocore StreamingBody: read(n), close()
+
+    def put(self, path: str, data: bytes) -> None:
+        if len(data) > MULTIPART_THRESHOLD:
+            self._upload(path, io.BytesIO(data))
+        else:
+            self.client.put_object(Bucket=self.bucket, Key=self._k(path), Body=data)
+
+    def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
+        with open(local_path, "rb") as f:
+            self._upload(path, f)
+
+    def scratch_dir(self) -> Path | None:
+        return None
+
+    def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
+        self.put_file(path, local_path)
+        Path(local_path).unlink(missing_ok=True)
+
+    def _upload(self, path: str, fileobj: IO[bytes]) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(
+            multipart_threshold=MULTIPART_THRESHOLD,
+            multipart_chunksize=MULTIPART_CHUNK,
+            max_concurrency=8,
+        )
+        self.client.upload_fileobj(fileobj, self.bucket, self._k(path), Config=config)
+
+    def exists(self, path: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(path))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out: list[str] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full
+        ):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][strip:]
+                if not rel.rsplit("/", 1)[-1].startswith("."):
+                    out.append(rel)
+        return sorted(out)
+
+    def delete(self, path: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(path))
+
+    def arrow_filesystem(self) -> Any:
+        """A ``pyarrow.fs.S3FileSystem`` with the same endpoint and credentials.
+
+        ``pyarrow.fs.S3FileSystem()`` does not read ``AWS_ENDPOINT_URL``: pass it here.
+        """
+        from pyarrow import fs
+
+        creds = self.client._request_signer._credentials  # resolved by boto3's chain
+        kwargs: dict[str, Any] = {}
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+            if frozen.token:
+                kwargs["session_token"] = frozen.token
+        if self.settings.endpoint_url:
+            endpoint = self.settings.endpoint_url
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = self.client.meta.region_name
+        if region:
+            kwargs["region"] = region
+        return fs.S3FileSystem(**kwargs)
