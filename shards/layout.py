@@ -7,6 +7,7 @@
       shards/<dataset>/<batch>/<dataset>-<batch>-<split>-<label>-000000.tar
       manifest/dataset=<dataset>/batch=<batch>/part-0.parquet     one row per sample
       quarantine/dataset=<dataset>/batch=<batch>/part-0.parquet   one row per rejected input
+      batches/<dataset>-<batch>.json                      what a committed batch was made from
 
 Shards are grouped by split and label (``pos``, ``neg``, ``unl`` for unlabelled) so a
 training stream reads only the shards of its split and can draw positives and negatives at
@@ -74,6 +75,10 @@ def batch_shard_prefix(dataset: str, batch: str) -> str:
 
 def manifest_part(dataset: str, batch: str) -> str:
     return f"{MANIFEST_DIR}/dataset={dataset}/batch={batch}/part-0.parquet"
+
+
+def batch_record(dataset: str, batch: str) -> str:
+    return f"batches/{dataset}-{batch}.json"
 
 
 def quarantine_part(dataset: str, batch: str) -> str:

@@ -1,0 +1,193 @@
+"""``pneumo ingest nih``: ChestX-ray14 PNGs + ``Data_Entry_2017.csv`` -> one batch of shards.
+
+The same flow as SIIM: list the PNGs (any folder depth), read the label tables, check each
+PNG on ``--workers`` processes (stored as it is when it is already 8/16-bit grey, else its
+first channel re-encoded), then dedupe, split and write in the parent process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ingest.batch import (
+    BatchConfig,
+    BatchSummary,
+    BatchWriter,
+    Progress,
+    Rejected,
+    Sample,
+    already_committed,
+    input_fingerprint,
+)
+from ingest.labels import Box, NihEntry, read_nih_bboxes, read_nih_entries, read_split_list
+from ingest.sources import SourceFile, list_sources, read_source, run_ordered
+from shards import layout, manifest
+from shards.errors import ConfigError
+from shards.store import open_store
+
+log = logging.getLogger(__name__)
+
+DATASET = "nih"
+# "00000001_000.png", also inside longer names ("00000001_000_512px.png" in derived copies).
+_INDEX = re.compile(r"(\d{8}_\d{3})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NihConfig:
+    image_root: str  # folder or s3:// prefix, searched recursively for *.png
+    labels: Path  # Data_Entry_2017.csv (2017 or v2020 variant, .csv or .csv.gz)
+    bbox: Path | None = None  # BBox_List_2017.csv
+    train_val_list: Path | None = None  # official split lists: test_list.txt -> "test"
+    test_list: Path | None = None
+    batch: BatchConfig
+
+    def __post_init__(self) -> None:
+        if (self.train_val_list is None) != (self.test_list is None):
+            raise ConfigError("--split-lists takes both files: train_val_list.txt test_list.txt")
+
+
+@dataclass(frozen=True)
+class _Context:
+    entries: dict[str, NihEntry]
+    boxes: dict[str, list[Box]]
+    train_val: frozenset[str]
+    test: frozenset[str]
+
+
+_ctx: _Context | None = None
+
+
+def _init(ctx: _Context) -> None:
+    global _ctx
+    _ctx = ctx
+
+
+def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary:
+    """Ingest one batch of NIH ChestX-ray14 PNGs. See the module docstring for the flow."""
+    files = list_sources(cfg.image_root, [".png"])
+    if not files:
+        raise ConfigError(f"no .png files under {cfg.image_root}")
+    entries, problems = read_nih_entries(cfg.labels)
+    ctx = _Context(
+        entries=entries,
+        boxes=read_nih_bboxes(cfg.bbox) if cfg.bbox else {},
+        train_val=frozenset(read_split_list(cfg.train_val_list)) if cfg.train_val_list else
+        frozenset(),
+        test=frozenset(read_split_list(cfg.test_list)) if cfg.test_list else frozenset(),
+    )
+    store = open_store(cfg.batch.out)
+    inputs = input_fingerprint(files, cfg.labels, cfg.bbox, cfg.train_val_list, cfg.test_list)
+    batch = cfg.batch.batch or f"b{inputs[:12]}"
+    if batch in manifest.committed_batches(store, DATASET):
+        return already_committed(store, DATASET, batch, inputs, len(files))
+    writer = BatchWriter(store, cfg.batch, DATASET, batch, inputs=inputs)
+    for p in problems:  # a bad row with a known image id is reported with its image below
+        if p.image_id is None:
+            writer.reject(p.source, p.reason)
+    bad_rows = {p.image_id: p for p in problems if p.image_id}
+    results = run_ordered(
+        _process, files, workers=cfg.batch.workers, initializer=_init, initargs=(ctx,)
+    )
+    for done, result in enumerate(results, 1):
+        if isinstance(result, Rejected):
+            problem = bad_rows.get(result.image_id or "")
+            reason = f"{problem.source}: {problem.reason}" if problem else result.reason
+            writer.reject(result.source, reason)
+        else:
+            writer.add(result)
+        if progress:
+            progress(done, len(files))
+    return writer.commit()
+
+
+def _process(src: SourceFile) -> Sample | Rejected:
+    assert _ctx is not None  # set by _init in every worker
+    found = _INDEX.search(Path(src.rel).name)
+    if not found:
+        return Rejected(src.name, "file name has no NIH image index (NNNNNNNN_NNN)")
+    index = found.group(1) + ".png"
+    entry = _ctx.entries.get(index)
+    if entry is None:
+        return Rejected(src.name, f"no row for {index} in Data_Entry", index)
+    try:
+        data, rows, cols, bit_depth = stored_png(read_source(src))
+    except ValueError as e:
+        return Rejected(src.name, str(e), index)
+    except OSError as e:
+        return Rejected(src.name, f"cannot read file: {e.strerror or e}", index)
+    return _sample(index, entry, data, rows, cols, bit_depth)
+
+
+def _sample(index: str, entry: NihEntry, data: bytes, rows: int, cols: int,
+            bit_depth: int) -> Sample:
+    assert _ctx is not None
+    boxes = _ctx.boxes.get(index, [])
+    meta = {
+        "image_id": index,
+        "has_ptx": entry.has_ptx,
+        "n_instances": None,
+        "mask_area_px": None,
+        "rows": rows,
+        "cols": cols,
+        "view_position": entry.view_position,
+        "sex": entry.sex,
+        "age_years": entry.age_years,
+        "content_sha256": hashlib.sha256(data).hexdigest(),
+        "image_format": "png",
+        "bit_depth": bit_depth,
+        "transfer_syntax": "png",
+        "findings": list(entry.findings),
+        "follow_up": entry.follow_up,
+        "n_boxes": len(boxes),
+        "boxes": [
+            {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h} for b in boxes
+        ],
+    }
+    forced = "test" if index in _ctx.test else ("trainval" if index in _ctx.train_val else None)
+    return Sample(key=layout.sample_key(index.removesuffix(".png")), image_id=index,
+                  members={"png": data}, meta=meta, raw_patient=("nih", entry.patient_id),
+                  forced_split=forced)
+
+
+def stored_png(data: bytes) -> tuple[bytes, int, int, int]:
+    """The PNG bytes to store, its rows, cols and bit depth.
+
+    An 8- or 16-bit grey PNG is stored exactly as it came; anything else (RGB, RGBA,
+    palette: a few ChestX-ray14 files) keeps its first channel, re-encoded as grey PNG.
+
+    Raises:
+        ValueError: empty, not a PNG, or truncated (no IEND chunk).
+    """
+    if not data:
+        raise ValueError("file is empty")
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG file")
+    if b"IEND" not in data[-12:]:
+        raise ValueError("truncated PNG (no IEND chunk)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    cols, rows = img.size
+    if img.mode == "L":
+        return data, rows, cols, 8
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        return data, rows, cols, 16
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"cannot decode PNG (mode {img.mode})")
+    first = arr if arr.ndim == 2 else arr[..., 2 if arr.shape[-1] >= 3 else 0]  # BGR(A): R first
+    log.debug("PNG of mode %s: keeping its first channel", img.mode)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(first))
+    if not ok:
+        raise ValueError("cannot re-encode PNG")
+    return buf.tobytes(), rows, cols, 16 if first.dtype == np.uint16 else 8

@@ -1,0 +1,203 @@
+"""``pneumo ingest siim``: SIIM-ACR DICOMs + RLE label CSV -> one batch of shards.
+
+The flow, top to bottom: list the DICOMs, read the labels, then for every file (on
+``--workers`` processes) read the header, keep the JPEG frame as it is (or decode other
+transfer syntaxes to PNG), build the mask from the label rows; the parent dedupes, assigns
+the patient-level split and writes the shards; the manifest part commits the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ingest.batch import (
+    BatchConfig,
+    BatchSummary,
+    BatchWriter,
+    Progress,
+    Rejected,
+    Sample,
+    already_committed,
+    input_fingerprint,
+)
+from ingest.dicom import BadInput, DicomImage, read_dicom
+from ingest.labels import LabelProblem, SiimLabel, read_nih_xref, read_siim_labels, read_split_list
+from ingest.rle import RLEError, combine_masks
+from ingest.sources import SourceFile, list_sources, read_source, run_ordered
+from shards import layout, manifest
+from shards.errors import ConfigError
+from shards.store import open_store
+
+log = logging.getLogger(__name__)
+
+DATASET = "siim"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiimConfig:
+    dicom_root: str  # folder or s3:// prefix, searched recursively for *.dcm
+    labels: Path | None = None  # any SIIM label CSV variant (.csv or .csv.gz)
+    nih_xref: Path | None = None  # SIIM ImageId -> NIH image: patient_key becomes the NIH patient
+    test_list: Path | None = None  # ImageIds forced into the test split
+    batch: BatchConfig
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every worker needs, inherited once through fork."""
+
+    labels: dict[str, SiimLabel]
+    bad_labels: dict[str, LabelProblem]
+    xref: dict[str, str]
+    test_ids: frozenset[str]
+
+
+_ctx: _Context | None = None
+
+
+def _init(ctx: _Context) -> None:
+    global _ctx
+    _ctx = ctx
+
+
+def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
+    """Ingest one batch of SIIM DICOMs. See the module docstring for the flow."""
+    files = list_sources(cfg.dicom_root, [".dcm"])
+    if not files:
+        raise ConfigError(f"no .dcm files under {cfg.dicom_root}")
+    labels, problems = read_siim_labels(cfg.labels) if cfg.labels else ({}, [])
+    ctx = _Context(
+        labels=labels,
+        bad_labels={p.image_id: p for p in problems if p.image_id},
+        xref=read_nih_xref(cfg.nih_xref) if cfg.nih_xref else {},
+        test_ids=frozenset(read_split_list(cfg.test_list)) if cfg.test_list else frozenset(),
+    )
+    store = open_store(cfg.batch.out)
+    inputs = input_fingerprint(files, cfg.labels)
+    batch = cfg.batch.batch or f"b{inputs[:12]}"
+    if batch in manifest.committed_batches(store, DATASET):
+        return already_committed(store, DATASET, batch, inputs, len(files))
+    writer = BatchWriter(store, cfg.batch, DATASET, batch, inputs=inputs)
+    for p in problems:
+        if not p.image_id:  # rows we could not even attach to an image
+            writer.reject(p.source, p.reason)
+    seen: set[str] = set()  # image ids that came in this batch, stored or not
+    results = run_ordered(
+        _process, files, workers=cfg.batch.workers, initializer=_init, initargs=(ctx,)
+    )
+    for done, result in enumerate(results, 1):
+        if result.image_id:
+            seen.add(result.image_id)
+        if isinstance(result, Rejected):
+            writer.reject(result.source, result.reason)
+        else:
+            writer.add(result)
+        if progress:
+            progress(done, len(files))
+    labels_name = cfg.labels.name if cfg.labels else "labels"
+    _reject_orphan_labels(writer, labels, ctx.bad_labels, seen, labels_name)
+    return writer.commit()
+
+
+def _process(src: SourceFile) -> Sample | Rejected:
+    assert _ctx is not None  # set by _init in every worker
+    try:
+        img = read_dicom(read_source(src), src.name)
+    except BadInput as e:
+        return Rejected(src.name, str(e))
+    except OSError as e:
+        return Rejected(src.name, f"cannot read file: {e.strerror or e}")
+    bad = _ctx.bad_labels.get(img.image_id)
+    if bad is not None:
+        return Rejected(src.name, f"bad label ({bad.source}): {bad.reason}", img.image_id)
+    label = _ctx.labels.get(img.image_id)
+    try:
+        mask_png, area = _mask(label, img)
+    except RLEError as e:
+        rows = ",".join(map(str, label.rows)) if label else "?"
+        return Rejected(src.name, f"bad label (rows {rows}): {e}", img.image_id)
+    return _sample(img, label, mask_png, area)
+
+
+def _sample(img: DicomImage, label: SiimLabel | None, mask_png: bytes | None, area: int | None):
+    assert _ctx is not None
+    ext = "jpg" if img.image_format == "jpeg" else "png"
+    members = {ext: img.image_bytes}
+    if mask_png is not None:
+        members[layout.MASK_SUFFIX] = mask_png
+    has_ptx = None if label is None else label.has_ptx
+    meta = {
+        "image_id": img.image_id,
+        "has_ptx": has_ptx,
+        "n_instances": None if label is None else len(label.rles),
+        "mask_area_px": area,
+        "rows": img.rows,
+        "cols": img.cols,
+        "view_position": img.view_position,
+        "sex": img.sex,
+        "age_years": img.age_years,
+        "content_sha256": hashlib.sha256(img.image_bytes).hexdigest(),
+        "image_format": img.image_format,
+        "bit_depth": img.bit_depth,
+        "bits_stored": img.bits_stored,
+        "transfer_syntax": img.transfer_syntax,
+        "photometric_source": img.photometric,
+        "pixel_spacing": list(img.pixel_spacing) if img.pixel_spacing else None,
+        "findings": None if has_ptx is None else (["Pneumothorax"] if has_ptx else []),
+    }
+    nih_patient = _ctx.xref.get(img.image_id)
+    if nih_patient is not None:
+        raw = ("nih", nih_patient)
+    elif img.raw_patient_id:
+        raw = ("siim", img.raw_patient_id)
+    else:  # stage-2 test files have an empty PatientID: each image is its own patient
+        raw = ("siim-image", img.image_id)
+    forced = "test" if img.image_id in _ctx.test_ids else None
+    key = layout.sample_key(img.image_id)
+    return Sample(key=key, image_id=img.image_id, members=members, meta=meta, raw_patient=raw,
+                  forced_split=forced)
+
+
+_empty_masks: dict[tuple[int, int], bytes] = {}
+
+
+def _mask(label: SiimLabel | None, img: DicomImage) -> tuple[bytes | None, int | None]:
+    """The OR of the image's instance masks as a 0/255 PNG, and its area in pixels."""
+    if label is None:
+        return None, None
+    if not label.rles:  # negatives are most images: encode their empty mask once
+        shape = (img.rows, img.cols)
+        if shape not in _empty_masks:
+            _empty_masks[shape] = encode_mask(np.zeros(shape, dtype=np.uint8))
+        return _empty_masks[shape], 0
+    mask = combine_masks(list(label.rles), img.rows, img.cols)
+    return encode_mask(mask), int(mask.sum())
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """0/1 mask -> 8-bit PNG with values 0/255 (fast zlib level: masks compress well anyway)."""
+    ok, buf = cv2.imencode(".png", mask * np.uint8(255), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise RLEError("could not encode the mask as PNG")
+    return buf.tobytes()
+
+
+def _reject_orphan_labels(writer: BatchWriter, labels: dict[str, SiimLabel],
+                          bad: dict[str, LabelProblem], seen: set[str], labels_name: str) -> None:
+    """A label row whose image never came is quarantined (unless stored in an earlier batch)."""
+    for image_id in sorted(set(labels) | set(bad)):
+        if image_id in seen or image_id in writer.seen_ids:
+            continue
+        if image_id in bad:
+            writer.reject(bad[image_id].source, bad[image_id].reason)
+            continue
+        rows = labels[image_id].rows
+        where = f"{labels_name}:{rows[0]}" if rows else labels_name
+        writer.reject(where, f"label row for image {image_id}, which is not in this batch")
+        writer.summary.orphan_labels += 1

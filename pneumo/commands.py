@@ -1,0 +1,1 @@
+"""The commands that run models: ``train``, ``evaluate``, ``predict``, ``bench``, ``demo``."""

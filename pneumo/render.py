@@ -1,0 +1,71 @@
+"""How the CLI shows things: progress bars, tables, and errors as one line."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import IO, Any, TypeVar
+
+import typer
+from tqdm import tqdm
+
+from shards.errors import PneumoError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ProgressBar:
+    """A tqdm bar on stderr (silent when stderr is not a terminal) fed by library callbacks."""
+
+    def __init__(self, desc: str, *, unit: str = "it", total: int | None = None) -> None:
+        self.bar = tqdm(desc=desc, unit=unit, total=total, disable=None, dynamic_ncols=True)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def update_to(self, done: int, total: int | None = None, **postfix: Any) -> None:
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+
+
+def fail_on_errors(fn: F) -> F:
+    """Our own errors (and a missing file) become ``error: ...`` and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (PneumoError, FileNotFoundError, PermissionError) as e:
+            if fail_on_errors.verbose:  # type: ignore[attr-defined]
+                logging.getLogger("pneumo").exception("failed")
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+fail_on_errors.verbose = False  # type: ignore[attr-defined]
+
+
+def print_table(table: Any, out: IO[str], max_width: int = 48) -> None:
+    """A pyarrow table as aligned text columns."""
+    names = table.column_names
+    rows = [[_cell(v, max_width) for v in row.values()] for row in table.to_pylist()]
+    widths = [max([len(n)] + [len(r[i]) for r in rows]) for i, n in enumerate(names)]
+    out.write("  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)).rstrip() + "\n")
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    out.write(f"({table.num_rows} rows)\n")
+
+
+def _cell(value: Any, max_width: int) -> str:
+    text = "" if value is None else (",".join(map(str, value)) if isinstance(value, list)
+                                     else str(value))
+    return text if len(text) <= max_width else text[: max_width - 1] + "…"
