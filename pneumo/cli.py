@@ -5,6 +5,7 @@ the traceback).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -196,8 +197,8 @@ def _write_table(result: Any, fmt: str, output: Path | None) -> None:
     out = open(output, "w") if output else sys.stdout  # noqa: SIM115
     try:
         if fmt == "csv":
-            buf = __import__("io").BytesIO()
-            pacsv.write_csv(result, buf)
+            buf = io.BytesIO()
+            pacsv.write_csv(_flatten_lists(result), buf)
             out.write(buf.getvalue().decode())
         elif fmt == "json":
             for row in result.to_pylist():
@@ -207,6 +208,17 @@ def _write_table(result: Any, fmt: str, output: Path | None) -> None:
     finally:
         if output:
             out.close()
+
+
+def _flatten_lists(table: Any) -> Any:
+    """CSV has no list type: list columns (NIH findings) become ``A|B`` strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_list(f.type):
+            table = table.set_column(i, f.name, pc.binary_join(table.column(i), "|"))
+    return table
 
 
 @app.command("demo-data")

@@ -1,0 +1,166 @@
+"""The SIIM ingest run on the real files: shards, manifest, quarantine, re-runs, privacy."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pydicom
+import pytest
+from PIL import Image
+
+from ingest.batch import BatchConfig
+from ingest.rle import combine_masks
+from ingest.siim import SiimConfig, ingest_siim
+from shards import layout, manifest
+from shards.errors import ConfigError
+from shards.store import open_store
+
+
+def _all_siim_dicoms(shared: Path) -> list[Path]:
+    siim = shared / "siim"
+    return sorted(siim.glob("sample_images/*.dcm")) + sorted(siim.glob("dicom_train/*.dcm")) + \
+        sorted(siim.glob("stage2_test/*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def siim_dataset(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("siim") / "ds"
+    cfg = SiimConfig(
+        dicom_root=str(shared_data / "siim"),
+        labels=shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz",
+        batch=BatchConfig(out=str(out), batch="first", shard_max_samples=4),
+    )
+    summary = ingest_siim(cfg)
+    assert summary.committed and summary.ingested == 21
+    return out
+
+
+def _samples(dataset: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for tar in sorted(dataset.glob("shards/**/*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                key, _, ext = m.name.partition(".")
+                out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return out
+
+
+def test_every_real_dicom_is_stored_with_its_jpeg_frame_untouched(siim_dataset, shared_data):
+    table = manifest.read(open_store(siim_dataset))
+    samples = _samples(siim_dataset)
+    assert table.num_rows == 21 == len(samples)
+    for path in _all_siim_dicoms(shared_data):
+        dcm = pydicom.dcmread(path)
+        key = layout.sample_key(str(dcm.SOPInstanceUID))
+        assert "." not in key
+        frame = next(pydicom.encaps.generate_frames(dcm.PixelData, number_of_frames=1))
+        assert samples[key]["jpg"] == frame.rstrip(b"\x00") or samples[key]["jpg"] == frame
+
+
+def test_masks_are_the_or_of_the_label_rows(siim_dataset, shared_data):
+    from ingest.labels import read_siim_labels
+
+    labels, _ = read_siim_labels(shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz")
+    table = manifest.read(open_store(siim_dataset)).to_pylist()
+    samples = _samples(siim_dataset)
+    positives = 0
+    for row in table:
+        label = labels.get(row["image_id"])
+        if label is None:  # stage-2 test images: unlabelled, no mask
+            assert row["has_ptx"] is None and "mask.png" not in samples[row["key"]]
+            continue
+        mask = np.array(Image.open(io.BytesIO(samples[row["key"]]["mask.png"]))) > 0
+        expected = combine_masks(list(label.rles), 1024, 1024).astype(bool)
+        assert (mask == expected).all()
+        assert row["has_ptx"] == label.has_ptx
+        assert row["mask_area_px"] == int(expected.sum())
+        assert row["n_instances"] == len(label.rles)
+        positives += label.has_ptx
+    assert positives == 5
+
+
+def test_manifest_opens_with_plain_pyarrow_and_has_the_documented_columns(siim_dataset):
+    table = ds.dataset(siim_dataset / "manifest", format="parquet", partitioning="hive").to_table()
+    for col in ("key", "image_id", "dataset", "batch", "shard", "split", "has_ptx",
+                "n_instances", "mask_area_px", "rows", "cols", "patient_key", "view_position",
+                "sex", "age_years", "content_sha256"):
+        assert col in table.column_names
+    rows = table.to_pylist()
+    assert {r["dataset"] for r in rows} == {"siim"} and {r["batch"] for r in rows} == {"first"}
+    for r in rows:
+        assert (siim_dataset / r["shard"]).is_file()
+        assert r["split"] in ("train", "val", "test")
+        assert f"-{r['split']}-" in r["shard"]
+
+
+def test_no_patient_identifier_reaches_shards_or_manifest(siim_dataset, shared_data):
+    secrets = set()
+    for path in _all_siim_dicoms(shared_data):
+        dcm = pydicom.dcmread(path, stop_before_pixels=True)
+        for tag in ("PatientID", "PatientName"):
+            value = str(dcm.get(tag, "") or "")
+            if len(value) >= 6:
+                secrets.add(value.encode())
+    assert secrets, "the real files carry patient ids: the check must look for them"
+    for f in siim_dataset.rglob("*"):
+        if f.is_file():
+            data = f.read_bytes()
+            for s in secrets:
+                assert s not in data, f"patient id found in {f}"
+
+
+def test_rerunning_a_committed_batch_adds_nothing(siim_dataset, shared_data):
+    before = sorted(p.read_bytes() for p in siim_dataset.rglob("*.parquet"))
+    cfg = SiimConfig(
+        dicom_root=str(shared_data / "siim"),
+        labels=shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz",
+        batch=BatchConfig(out=str(siim_dataset), batch="first", shard_max_samples=4),
+    )
+    summary = ingest_siim(cfg)
+    assert summary.already_committed and summary.ingested == 0 and summary.skipped == 21
+    assert sorted(p.read_bytes() for p in siim_dataset.rglob("*.parquet")) == before
+
+
+def test_a_new_batch_skips_images_already_in_the_dataset(siim_dataset, shared_data, tmp_path):
+    out = tmp_path / "ds"
+    shutil.copytree(siim_dataset, out)
+    src = tmp_path / "new"
+    src.mkdir()
+    for p in sorted((shared_data / "siim" / "sample_images").glob("*.dcm"))[:3]:
+        shutil.copy(p, src / p.name)  # already in the dataset (same SOPInstanceUID)
+    clone = pydicom.dcmread(next((shared_data / "siim" / "dicom_train").glob("*.dcm")))
+    clone.SOPInstanceUID = "1.2.3.4.5.6"  # a new UID, but the same pixels
+    clone.save_as(src / "renamed.dcm")
+    summary = ingest_siim(SiimConfig(dicom_root=str(src), batch=BatchConfig(out=str(out))))
+    assert (summary.ingested, summary.skipped) == (0, 4)
+    assert manifest.read(open_store(out)).num_rows == 21
+
+
+def test_same_batch_name_with_other_inputs_is_refused(siim_dataset, shared_data, tmp_path):
+    src = tmp_path / "other"
+    src.mkdir()
+    shutil.copy(next((shared_data / "siim" / "stage2_test").glob("*.dcm")), src / "a.dcm")
+    cfg = SiimConfig(dicom_root=str(src), batch=BatchConfig(out=str(siim_dataset), batch="first"))
+    with pytest.raises(ConfigError, match="already committed with other inputs"):
+        ingest_siim(cfg)
+
+
+def test_same_input_gives_the_same_bytes(shared_data, tmp_path):
+    def run(out: Path, workers: int) -> dict[str, bytes]:
+        cfg = SiimConfig(
+            dicom_root=str(shared_data / "siim" / "sample_images"),
+            labels=shared_data / "siim" / "sample_images" / "train-rle-sample.csv",
+            batch=BatchConfig(out=str(out), workers=workers, shard_max_samples=3),
+        )
+        ingest_siim(cfg)
+        return {p.relative_to(out).as_posix(): p.read_bytes()
+                for p in out.rglob("*") if p.is_file() and ".scratch" not in p.parts}
+
+    one, two = run(tmp_path / "a", 1), run(tmp_path / "b", 2)
+    assert one.keys() == two.keys() and len([k for k in one if k.endswith(".tar")]) >= 4
+    assert one == two
