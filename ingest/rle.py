@@ -24,38 +24,43 @@ class RLEError(PneumoError):
     """An RLE string is malformed or runs past the end of the image."""
 
 
+def rle_runs(rle: str, height: int, width: int) -> list[tuple[int, int]]:
+    """The ``(start, end)`` runs of one RLE string, as flat column-major pixel positions.
+
+    Raises:
+        RLEError: odd number of values, a non-integer or negative value, a run of length 0,
+            or a run past the end of the image.
+    """
+    text = rle.strip()
+    if text in ("", EMPTY):
+        return []
+    try:
+        values = [int(v) for v in text.split()]
+    except ValueError as e:
+        raise RLEError(f"not a list of integers ({text[:40]!r}...)") from e
+    if len(values) % 2:
+        raise RLEError(f"odd number of values ({len(values)}): expected gap/length pairs")
+    runs, pos = [], 0
+    for gap, length in zip(values[0::2], values[1::2], strict=True):
+        if gap < 0 or length < 0:
+            raise RLEError(f"negative gap or length ({gap} {length})")
+        if length == 0:
+            raise RLEError("a run of length 0")
+        start = pos + gap  # relative: each gap counts from the end of the previous run
+        pos = start + length
+        runs.append((start, pos))
+    if pos > height * width:
+        raise RLEError(f"run ends at pixel {pos}, past the {height}x{width} image")
+    return runs
+
+
 def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
     """Decode one SIIM RLE string into a ``(height, width)`` uint8 mask of 0/1.
 
     Raises:
-        RLEError: odd number of values, a non-integer or negative value, or a run past the
-            end of the image.
+        RLEError: see :func:`rle_runs`.
     """
-    text = rle.strip()
-    mask = np.zeros(width * height, dtype=np.uint8)
-    if text in ("", EMPTY):
-        return mask.reshape(width, height).T
-    try:
-        values = np.array([int(v) for v in text.split()], dtype=np.int64)
-    except ValueError as e:
-        raise RLEError(f"not a list of integers ({text[:40]!r}...)") from e
-    if values.size % 2:
-        raise RLEError(f"odd number of values ({values.size}): expected gap/length pairs")
-    if (values < 0).any():
-        raise RLEError("negative gap or length")
-    gaps, lengths = values[0::2], values[1::2]
-    if (lengths == 0).any():
-        raise RLEError("a run of length 0")
-    starts = np.cumsum(gaps + np.concatenate(([0], lengths[:-1])))
-    ends = starts + lengths
-    if ends[-1] > mask.size:
-        raise RLEError(f"run ends at pixel {int(ends[-1])}, past the {height}x{width} image")
-    # Mark run boundaries (+1 at a start, -1 at an end) and integrate: O(pixels), no loop.
-    edges = np.zeros(mask.size + 1, dtype=np.int32)
-    np.add.at(edges, starts, 1)
-    np.add.at(edges, ends, -1)
-    mask[:] = np.cumsum(edges[:-1]) > 0
-    return mask.reshape(width, height).T
+    return combine_masks([rle], height, width)
 
 
 def rle_encode(mask: np.ndarray) -> str:
@@ -78,8 +83,13 @@ def rle_encode(mask: np.ndarray) -> str:
 
 
 def combine_masks(rles: list[str], height: int, width: int) -> np.ndarray:
-    """OR the instance masks of one image (183 SIIM images have overlapping instances)."""
-    out = np.zeros((height, width), dtype=np.uint8)
+    """OR the instance masks of one image (183 SIIM images have overlapping instances).
+
+    Runs are written straight into one flat column-major buffer: a slice per run costs far
+    less than any per-pixel pass over the 1024x1024 image.
+    """
+    flat = np.zeros(width * height, dtype=np.uint8)
     for rle in rles:
-        np.bitwise_or(out, rle_decode(rle, height, width), out=out)
-    return out
+        for start, end in rle_runs(rle, height, width):
+            flat[start:end] = 1
+    return flat.reshape(width, height).T

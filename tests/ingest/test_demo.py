@@ -1,0 +1,259 @@
+"""The synthetic demo archives: exact SIIM / NIH on-disk formats, masks, determinism."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import uuid
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.encaps import generate_frames
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
+
+from ingest.demo import NIH_FINDINGS, DemoSummary, synth_chest, write_nih_demo, write_siim_demo
+from ingest.rle import combine_masks, rle_decode
+from shards.errors import ConfigError
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SEED, N, SIZE = 3, 6, 256
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _siim_rows(summary: DemoSummary) -> dict[str, list[str]]:
+    """ImageId -> its EncodedPixels values, in file order (dicts keep insertion order)."""
+    rows: dict[str, list[str]] = {}
+    for line in summary.labels_csv.read_text().splitlines()[1:]:
+        image_id, rle = line.split(",")
+        rows.setdefault(image_id, []).append(rle)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def siim(tmp_path_factory: pytest.TempPathFactory) -> DemoSummary:
+    return write_siim_demo(tmp_path_factory.mktemp("siim"), n=N, seed=SEED, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def nih(tmp_path_factory: pytest.TempPathFactory) -> DemoSummary:
+    return write_nih_demo(tmp_path_factory.mktemp("nih"), n=N, seed=SEED, size=SIZE)
+
+
+# ---------------------------------------------------------------- SIIM
+
+
+def test_siim_dicoms_have_the_siim_format(siim: DemoSummary) -> None:
+    paths = sorted(siim.image_root.rglob("*.dcm"))
+    assert len(paths) == siim.n_images == N
+    for path in paths:
+        raw = path.read_bytes()
+        assert raw[:128] == bytes(128) and raw[128:132] == b"DICM"
+        ds = pydicom.dcmread(path)
+        study, series = path.parent.parent.name, path.parent.name
+        assert (ds.StudyInstanceUID, ds.SeriesInstanceUID) == (study, series)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+        assert re.fullmatch(r"1\.2\.276\.0\.7230010\.3\.1\.4\.8323329\.\d+\.\d+\.\d+", path.stem)
+        assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+        assert ds.SOPClassUID == SecondaryCaptureImageStorage
+        assert (ds.Modality, ds.BodyPartExamined, ds.StudyDate) == ("CR", "CHEST", "19010101")
+        assert (ds.BitsAllocated, ds.BitsStored, ds.SamplesPerPixel) == (8, 8, 1)
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert (ds.Rows, ds.Columns) == (SIZE, SIZE)
+        assert ds.PatientID == str(ds.PatientName) == str(uuid.UUID(ds.PatientID))
+        assert re.fullmatch(r"\d{1,2}", ds.PatientAge)  # bare number, as in SIIM
+        assert ds.ViewPosition in ("PA", "AP") and ds.PatientSex in ("M", "F")
+        assert ds.LossyImageCompression == "01" and len(ds.PixelSpacing) == 2
+        assert ds["PixelData"].is_undefined_length
+        assert ds.pixel_array.shape == (SIZE, SIZE) and ds.pixel_array.dtype == np.uint8
+
+
+def test_siim_frame_is_a_baseline_jpeg_that_round_trips(siim: DemoSummary) -> None:
+    for path in siim.image_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        assert frame[:4] == b"\xff\xd8\xff\xdb"  # SOI then DQT: no JFIF segment, as in SIIM
+        assert frame.rstrip(b"\x00").endswith(b"\xff\xd9") and len(frame) % 2 == 0
+        assert b"\xff\xc0" in frame and b"\xff\xc2" not in frame  # baseline, not progressive
+        with Image.open(io.BytesIO(frame)) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "L", (SIZE, SIZE))
+            decoded = np.asarray(im)
+        # JPEG decoders may differ by 1 (Pillow vs libjpeg): pydicom may pick either.
+        assert np.abs(ds.pixel_array.astype(np.int16) - decoded).max() <= 1
+
+
+def test_siim_csv_is_stage_1_style(siim: DemoSummary) -> None:
+    raw = siim.labels_csv.read_bytes()
+    assert raw.startswith(b"ImageId, EncodedPixels\n") and raw.endswith(b"\n")
+    assert b"\r" not in raw
+    lines = raw.decode().splitlines()[1:]
+    assert all(re.fullmatch(r"[\d.]+, (-1|\d+( \d+)*)", line) for line in lines)
+    rows = _siim_rows(siim)
+    stems = {p.stem for p in siim.image_root.rglob("*.dcm")}
+    assert set(rows) == stems
+    positives = [rles for rles in rows.values() if rles != [" -1"]]
+    assert len(positives) == siim.n_positive == round(N * 0.5)
+    assert all(" -1" not in rles for rles in positives)
+
+
+def test_siim_labels_are_the_generated_masks(siim: DemoSummary) -> None:
+    by_id = {p.stem: p for p in siim.image_root.rglob("*.dcm")}
+    for i, (image_id, rles) in enumerate(_siim_rows(siim).items()):
+        positive = rles != [" -1"]
+        image, mask = synth_chest(np.random.default_rng([SEED, i]), SIZE, positive=positive)
+        np.testing.assert_array_equal(combine_masks(rles, SIZE, SIZE), mask)
+        pixels = pydicom.dcmread(by_id[image_id]).pixel_array.astype(np.int16)
+        assert np.abs(pixels - image).mean() < 1.5  # only JPEG loss between them
+        if positive:
+            inside = mask.astype(bool)
+            ring = cv2.dilate(mask, np.ones((3, 3), np.uint8), iterations=6).astype(bool)
+            assert pixels[inside].mean() + 15 < pixels[ring & ~inside].mean()
+
+
+def test_siim_separate_pieces_can_be_separate_rows(tmp_path: Path) -> None:
+    multi = []
+    for seed in range(4):
+        summary = write_siim_demo(tmp_path / str(seed), n=12, seed=seed, size=128)
+        multi += [rles for rles in _siim_rows(summary).values() if len(rles) > 1]
+    assert multi, "no image written as several rows"
+    for rles in multi:
+        masks = [rle_decode(rle, 128, 128) for rle in rles]
+        assert int(sum(m.astype(int) for m in masks).max()) == 1  # instances are disjoint
+        for m in masks:  # each instance is one connected piece
+            assert cv2.connectedComponents(m, connectivity=8)[0] == 2
+
+
+# ---------------------------------------------------------------- NIH
+
+
+def test_nih_images_are_grey_pngs_of_the_generated_chests(nih: DemoSummary) -> None:
+    lines = nih.labels_csv.read_bytes().decode().split("\r\n")[1:-1]
+    assert len(lines) == nih.n_images == N
+    for i, line in enumerate(lines):
+        name, findings = line.split(",")[:2]
+        path = nih.image_root / "images_001" / "images" / name
+        with Image.open(path) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "L", (SIZE, SIZE))
+            pixels = np.asarray(im)
+        expected, _ = synth_chest(
+            np.random.default_rng([SEED, i]), SIZE, positive="Pneumothorax" in findings
+        )
+        np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.skipif(not (SHARED / "nih").is_dir(), reason="shared real data not present")
+def test_nih_header_is_the_real_2017_header(nih: DemoSummary) -> None:
+    with gzip.open(SHARED / "nih" / "Data_Entry_2017.csv.gz", "rb") as f:
+        real = f.readline()
+    assert nih.labels_csv.read_bytes().split(b"\n", 1)[0] + b"\n" == real
+
+
+def test_nih_rows_have_the_2017_format(nih: DemoSummary) -> None:
+    raw = nih.labels_csv.read_bytes()
+    assert raw.endswith(b"\r\n") and raw.count(b"\n") == raw.count(b"\r\n") == N + 1
+    names = sorted(p.name for p in (nih.image_root / "images_001" / "images").glob("*.png"))
+    rows = [line.split(",") for line in raw.decode().split("\r\n")[1:-1]]
+    assert [r[0] for r in rows] == names  # sorted like the real file, one row per image
+    known = set(NIH_FINDINGS)
+    for name, findings, follow, patient, age, sex, view, w, h, sx, sy in rows:
+        assert re.fullmatch(r"\d{8}_\d{3}\.png", name) and name == f"{patient}_{follow}.png"
+        labels = findings.split("|")
+        assert findings == "No Finding" or (set(labels) <= known and labels == sorted(labels))
+        assert re.fullmatch(r"\d{3}Y", age) and sex in "MF" and view in ("PA", "AP")
+        assert w.isdigit() and h.isdigit() and sx == sy and float(sx) > 0
+    positives = [r for r in rows if "Pneumothorax" in r[1].split("|")]
+    assert len(positives) == nih.n_positive == round(N * 0.3)
+
+
+def test_nih_split_lists_are_patient_disjoint(nih: DemoSummary) -> None:
+    lists = {}
+    for name in ("train_val_list.txt", "test_list.txt"):
+        raw = (nih.out_dir / name).read_bytes()
+        assert not raw.endswith(b"\n")  # like the official lists
+        lists[name] = raw.decode().split("\n")
+    train, test = lists["train_val_list.txt"], lists["test_list.txt"]
+    assert train and test and test[0]
+    images = {p.name for p in (nih.image_root / "images_001" / "images").glob("*.png")}
+    assert sorted(train + test) == sorted(images)
+    assert not {n.split("_")[0] for n in train} & {n.split("_")[0] for n in test}
+
+
+# ---------------------------------------------------------------- both
+
+
+@pytest.mark.parametrize("writer", [write_siim_demo, write_nih_demo])
+def test_same_seed_same_bytes_other_seed_other_bytes(writer, tmp_path: Path) -> None:
+    first = _files(writer(tmp_path / "a", n=4, seed=7, size=128).out_dir)
+    again = _files(writer(tmp_path / "b", n=4, seed=7, size=128).out_dir)
+    other = _files(writer(tmp_path / "c", n=4, seed=8, size=128).out_dir)
+    assert first == again
+    images = [k for k in first if k.endswith((".dcm", ".png"))]
+    assert len(images) == 4
+    other_images = {v for k, v in other.items() if k.endswith((".dcm", ".png"))}
+    assert not {first[k] for k in images} & other_images
+
+
+@pytest.mark.parametrize("writer", [write_siim_demo, write_nih_demo])
+def test_progress_counts_images(writer, tmp_path: Path) -> None:
+    seen: list[int] = []
+    writer(tmp_path, n=3, size=64, progress=seen.append)
+    assert seen == [1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", [{"n": 0}, {"size": 32}, {"positive_fraction": 1.5}])
+def test_bad_settings_raise_config_error(bad: dict, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        write_siim_demo(tmp_path, **{"n": 2, "size": 64, **bad})
+    assert not any(tmp_path.iterdir())
+
+
+def _high_freq(image: np.ndarray) -> np.ndarray:
+    f = image.astype(np.float32)
+    return np.abs(f - cv2.GaussianBlur(f, (0, 0), 2))
+
+
+@pytest.mark.parametrize("size", [64, 256, 1024])
+def test_synth_chest_pneumothorax_is_exactly_the_mask(size: int) -> None:
+    """Same rng state without the pneumothorax: the images differ exactly on the mask
+    (darker) and on the thin pleural line just outside it (brighter)."""
+    line = max(2, round(size / 128)) + 1
+    for i in range(4):
+        image, mask = synth_chest(np.random.default_rng([11, i]), size, positive=True)
+        plain, empty = synth_chest(np.random.default_rng([11, i]), size, positive=False)
+        assert image.shape == mask.shape == (size, size) and image.dtype == mask.dtype == np.uint8
+        assert set(np.unique(mask)) == {0, 1} and not empty.any()
+        assert 0.005 < mask.mean() < 0.12
+        inside = mask.astype(bool)
+        diff = plain.astype(np.int16) - image
+        assert (diff[inside] > 0).all() and diff[inside].mean() > 25
+        near = cv2.dilate(mask, np.ones((3, 3), np.uint8), iterations=line).astype(bool)
+        assert (diff[~inside] <= 0).all() and not diff[~near].any()
+        assert (diff[near & ~inside] < 0).any()  # the pleural line
+
+
+def test_synth_chest_pneumothorax_has_no_lung_markings() -> None:
+    with_air, without = 0.0, 0.0
+    for i in range(12):
+        image, mask = synth_chest(np.random.default_rng([12, i]), 256, positive=True)
+        plain, _ = synth_chest(np.random.default_rng([12, i]), 256, positive=False)
+        core = cv2.erode(mask, np.ones((3, 3), np.uint8), iterations=3).astype(bool)
+        with_air += _high_freq(image)[core].sum()
+        without += _high_freq(plain)[core].sum()
+    assert with_air < 0.85 * without
+
+
+def test_synth_chest_is_seeded_by_its_rng_only() -> None:
+    first, again, other = (
+        synth_chest(np.random.default_rng(s), 256, positive=True)[0] for s in (5, 5, 6)
+    )
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first.astype(int) - other).mean() > 1
+    negative = synth_chest(np.random.default_rng(5), 256, positive=False)[0]
+    assert negative.std() > 20  # a chest, not a blank
