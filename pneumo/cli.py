@@ -246,7 +246,3 @@ def main() -> None:
     from pneumo import commands  # noqa: F401 - registers train/evaluate/predict/bench
 
     app()
-
-
-if __name__ == "__main__":
-    main()

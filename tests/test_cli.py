@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 def pneumo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "pneumo.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pneumo", *args], capture_output=True,
                           text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"pneumo {args} failed ({proc.returncode}):\n{proc.stderr}")

@@ -127,7 +127,7 @@ def test_sigkill_at_any_moment_leaves_a_consistent_dataset(tmp_path):
 
     demo = write_siim_demo(tmp_path / "demo", n=40, seed=3, size=256)
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "pneumo.cli", "ingest", "siim", str(demo.image_root),
+    cmd = [sys.executable, "-m", "pneumo", "ingest", "siim", str(demo.image_root),
            "--labels", str(demo.labels_csv), "--out", str(out), "--shard-size", "2"]
     killed_mid_batch = 0
     for shards_before_kill in (1, 5, 12):  # kill once that many shards are stored
