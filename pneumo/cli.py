@@ -56,6 +56,8 @@ def main_options(
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom logs a decoder's traceback at ERROR for a file we quarantine anyway.
+    logging.getLogger("pydicom").setLevel(logging.INFO if verbose else logging.CRITICAL)
     fail_on_errors.verbose = verbose
 
 
