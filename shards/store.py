@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -201,6 +202,66 @@ def _s3_client(settings: S3Settings) -> Any:
     )
 
 
+class _ResumingReader(io.RawIOBase):
+    """An S3 object read front to back; a connection dropped mid-way is picked up again
+    with a ranged GET from the last byte received (pinned to the object's ETag, so a
+    replaced object is an error, never a splice of two versions)."""
+
+    RETRIES = 5
+
+    def __init__(self, store: S3Store, key: str) -> None:
+        super().__init__()
+        self.store, self.key, self.pos = store, key, 0
+        self.etag: str | None = None
+        self.body = self._open()
+
+    def _open(self) -> Any:
+        from botocore.exceptions import ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
+        if self.pos:
+            kwargs.update(Range=f"bytes={self.pos}-", IfMatch=self.etag)
+        try:
+            response = self.store.client.get_object(**kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "?")
+            url = f"s3://{self.store.bucket}/{self.key}"
+            raise StoreError(f"cannot read {url} (S3 error {code})") from e
+        self.etag = self.etag or response.get("ETag")
+        return response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(self.RETRIES + 1):
+            try:
+                data = self.body.read() if size is None or size < 0 else self.body.read(size)
+                self.pos += len(data)
+                return data
+            except (BotoCoreError, HTTPError, ConnectionError) as e:
+                if attempt == self.RETRIES:
+                    raise StoreError(f"lost s3://{self.store.bucket}/{self.key} at byte "
+                                     f"{self.pos} after {self.RETRIES} retries: {e}") from e
+                log.warning("s3://%s/%s: connection lost at byte %d (%s); resuming",
+                            self.store.bucket, self.key, self.pos, type(e).__name__)
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+                self.body = self._open()
+        raise AssertionError("unreachable")
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.body.close()
+        super().close()
+
+
 class S3Store:
     """``s3://bucket/prefix`` through boto3 (retries with backoff, multipart uploads)."""
 
@@ -247,14 +308,8 @@ class S3Store:
         return self.open_read(path).read()
 
     def open_read(self, path: str) -> IO[bytes]:
-        from botocore.exceptions import ClientError
-
-        try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._k(path))["Body"]
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            raise StoreError(f"cannot read {self.url_of(path)} (S3 error {code})") from e
-        return body  # botocore StreamingBody: read(n), close()
+        """A stream of the object that survives dropped connections (see _ResumingReader)."""
+        return _ResumingReader(self, self._k(path))  # type: ignore[return-value]
 
     def put(self, path: str, data: bytes) -> None:
         if len(data) > MULTIPART_THRESHOLD:

@@ -56,3 +56,42 @@ def test_unreachable_or_missing_bucket_is_one_clear_error(s3_endpoint):
         open_store("s3://no-such-bucket/x")
     with pytest.raises(StoreError, match="names no bucket"):
         open_store("s3:///x")
+
+
+def test_a_dropped_connection_resumes_with_a_ranged_get(s3_bucket, monkeypatch):
+    from urllib3.exceptions import ProtocolError
+
+    store = open_store(f"{s3_bucket}/r")
+    data = bytes(range(256)) * 4096  # 1 MiB
+    store.put("obj.bin", data)
+    real_get = store.client.get_object
+    ranges = []
+
+    class Flaky:
+        """A body that breaks after 300 kB, the first time only."""
+
+        def __init__(self, body):
+            self.body, self.sent = body, 0
+
+        def read(self, n=-1):
+            if not ranges and self.sent > 300_000:
+                raise ProtocolError("connection reset")
+            chunk = self.body.read(n)
+            self.sent += len(chunk)
+            return chunk
+
+        def close(self):
+            self.body.close()
+
+    def get_object(**kw):
+        response = real_get(**kw)
+        if "Range" in kw:
+            ranges.append(kw["Range"])
+            return response
+        return {**response, "Body": Flaky(response["Body"])}
+
+    monkeypatch.setattr(store.client, "get_object", get_object)
+    with store.open_read("obj.bin") as f:
+        got = b"".join(iter(lambda: f.read(65536), b""))
+    assert got == data
+    assert len(ranges) == 1 and ranges[0].startswith("bytes=3")

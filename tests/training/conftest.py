@@ -1,0 +1,165 @@
+"""Small datasets of real chest X-rays for the data-loading tests.
+
+Images: the JPEG frames of the 21 real SIIM DICOMs in ``shared/data/siim`` (stored as the
+ingest stores them: the compressed frame as it is), the real NIH PNGs downscaled to 256
+pixels, and 16-bit PNGs made from those (no real 16-bit chest PNG is at hand). Masks are
+ellipses, as 0/255 or 0/1 PNGs. 40 samples: 32 train (2 of them unlabelled), 8 val.
+
+``dataset``: shards by split and label, at most 4 samples each; ``one_shard_dataset``: all
+40 samples in one shard; ``s3_dataset``: ``dataset`` in a bucket of a loopback moto server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import generate_frames
+
+from shards import layout, manifest
+from shards.store import open_store
+from shards.tario import ShardWriter
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+BATCH = "b0"
+N_SAMPLES = 40
+
+
+@dataclass
+class Dataset:
+    url: str
+    rows: list[dict] = field(default_factory=list)
+    members: dict[str, dict[str, bytes]] = field(default_factory=dict)  # key -> tar members
+
+    def keys(self, split: str, labelled_only: bool = True) -> set[str]:
+        return {
+            r["key"]
+            for r in self.rows
+            if r["split"] == split and (r["has_ptx"] is not None or not labelled_only)
+        }
+
+    def row(self, key: str) -> dict:
+        return next(r for r in self.rows if r["key"] == key)
+
+
+def _siim_frames() -> list[bytes]:
+    frames = []
+    for path in sorted((DATA / "siim").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        frames.append(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    return frames
+
+
+def _nih_pngs() -> list[np.ndarray]:
+    paths = sorted((DATA / "nih" / "images_downscaled").glob("*_256px_*.png"))
+    return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", pixels)
+    assert ok
+    return data.tobytes()
+
+
+def _ellipse_mask(side: int, i: int, one: bool) -> bytes:
+    mask = np.zeros((side, side), np.uint8)
+    centre = (side // 3 + (i * 7) % (side // 3), side // 3 + (i * 13) % (side // 3))
+    cv2.ellipse(mask, centre, (side // 8, side // 5), 15, 0, 360, 1 if one else 255, -1)
+    return _png(mask)
+
+
+def make_samples() -> tuple[list[dict], dict[str, dict[str, bytes]]]:
+    """Manifest rows (without shard) and tar members for the 40 samples."""
+    frames, pngs = _siim_frames(), _nih_pngs()
+    rows, members = [], {}
+    for i in range(N_SAMPLES):
+        key = f"s{i:03d}"
+        if i % 4 == 1:
+            image, fmt, depth = pngs[i % len(pngs)], "png", 8
+        elif i % 4 == 3:  # 12 bits used of 16, like most 16-bit X-ray PNGs
+            image, fmt, depth = pngs[i % len(pngs)].astype(np.uint16) * 16 + 100, "png", 16
+        else:
+            image, fmt, depth = frames[i % len(frames)], "jpeg", 8
+        data = image if isinstance(image, bytes) else _png(image)
+        side = 1024 if fmt == "jpeg" else 256
+        has_ptx = None if i in (7, 22) else i % 3 == 0
+        members[key] = {"jpg" if fmt == "jpeg" else "png": data}
+        if has_ptx:
+            members[key]["mask.png"] = _ellipse_mask(side, i, one=i % 2 == 1)
+        rows.append({
+            "key": key, "image_id": f"1.2.276.0.{i}", "dataset": "siim", "batch": BATCH,
+            "split": "val" if i % 5 == 4 else "train", "has_ptx": has_ptx,
+            "rows": side, "cols": side, "image_format": fmt, "bit_depth": depth,
+            "content_sha256": hashlib.sha256(data).hexdigest(),
+        })  # fmt: skip
+    return rows, members
+
+
+def write_dataset(root: Path, *, per_shard: int, one_shard: bool) -> Dataset:
+    rows, members = make_samples()
+    store = open_store(str(root))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        group = ("all", "mix") if one_shard else (row["split"], layout.label_group(row["has_ptx"]))
+        groups.setdefault(group, []).append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        for (split, group), grouped in sorted(groups.items()):
+            for start in range(0, len(grouped), per_shard):
+                path = layout.shard_path("siim", BATCH, split, group, start // per_shard)
+                writer = ShardWriter(path, tmp)
+                for row in grouped[start : start + per_shard]:
+                    writer.write({"__key__": row["key"], **members[row["key"]], "json": b"{}"})
+                    row["shard"] = path
+                writer.close()
+                store.put_file(path, writer.tmp_path)
+                os.unlink(writer.tmp_path)
+    manifest.write_part(store, layout.manifest_part("siim", BATCH), manifest.to_table(rows))
+    return Dataset(url=str(root), rows=rows, members=members)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return write_dataset(tmp_path_factory.mktemp("data-many"), per_shard=4, one_shard=False)
+
+
+@pytest.fixture(scope="session")
+def one_shard_dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return write_dataset(tmp_path_factory.mktemp("data-one"), per_shard=N_SAMPLES, one_shard=True)
+
+
+@pytest.fixture(scope="session")
+def _s3_bucket(dataset: Dataset):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+    client.create_bucket(Bucket="pneumo-data")
+    root = Path(dataset.url)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), "pneumo-data", f"many/{path.relative_to(root).as_posix()}")
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_dataset(_s3_bucket: str, dataset: Dataset, monkeypatch: pytest.MonkeyPatch) -> Dataset:
+    """``dataset`` in ``s3://pneumo-data/many``, with the AWS_* variables pointing at it."""
+    env = {"AWS_ENDPOINT_URL": _s3_bucket, "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    return Dataset(url="s3://pneumo-data/many", rows=dataset.rows, members=dataset.members)
