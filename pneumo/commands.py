@@ -7,6 +7,7 @@ imported inside the commands, so ``pneumo ingest`` and ``pneumo manifest`` start
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Annotated, Any
 
@@ -103,7 +104,8 @@ def _train(cfg: Any) -> dict[str, Any] | None:
     from training.runs import DistEnv
     from training.segment import train_segment
 
-    if DistEnv.from_env().rank != 0:  # one progress bar, from rank 0
+    if DistEnv.from_env().rank != 0:  # one progress bar and one log, from rank 0
+        logging.getLogger().setLevel(logging.WARNING)
         train_segment(cfg)
         return None
     with ProgressBar("train segment", unit="step") as bar:
@@ -233,7 +235,8 @@ def demo_cmd(
     with ProgressBar("ingest siim", unit="img") as bar:
         batch = ingest_siim(ingest_cfg, progress=bar.update_to)
     splits = ", ".join(f"{k} {v}" for k, v in sorted(batch.splits.items()))
-    typer.echo(f"2/4 ingested {batch.ingested} ({splits}) into {root}/dataset")
+    typer.echo(f"2/4 batch {batch.batch} already in {root}/dataset" if batch.already_committed
+               else f"2/4 ingested {batch.ingested} ({splits}) into {root}/dataset")
     run = f"{root}/runs/unet-r34-{size}px-{steps}steps-seed{seed}"
     epochs = max(1, steps // 50)
     train_cfg = SegmentConfig(dataset=f"{root}/dataset", out=run, size=size, epochs=epochs,

@@ -7,8 +7,11 @@ already points at a server (a MinIO from infra/, say): then the same tests run a
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,25 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"pneumo-test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+def run_pneumo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real ``pneumo`` command (``python -m pneumo``) and capture its output."""
+    proc = subprocess.run([sys.executable, "-m", "pneumo", *args], capture_output=True,
+                          text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pneumo {args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pneumo() -> Callable[..., subprocess.CompletedProcess[str]]:
+    return run_pneumo
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -18,16 +16,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def pneumo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "pneumo", *args], capture_output=True,
-                          text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"pneumo {args} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc
-
-
 @pytest.fixture(scope="module")
-def local_dataset(shared_data: Path, tmp_path_factory) -> Path:
+def local_dataset(shared_data: Path, tmp_path_factory, pneumo) -> Path:
     out = tmp_path_factory.mktemp("cli") / "ds"
     siim = shared_data / "siim"
     proc = pneumo("ingest", "siim", str(siim / "sample_images"), "--labels",
@@ -37,7 +27,7 @@ def local_dataset(shared_data: Path, tmp_path_factory) -> Path:
     return out
 
 
-def test_manifest_formats(local_dataset):
+def test_manifest_formats(local_dataset, pneumo):
     text = pneumo("manifest", str(local_dataset), "--where", "has_ptx", "--columns",
                   "image_id,has_ptx,mask_area_px").stdout
     assert "(5 rows)" in text
@@ -59,14 +49,14 @@ def test_manifest_formats(local_dataset):
     (["--where", "__import__('os')"], "unsupported syntax"),
     (["--table", "other"], "expected samples or quarantine"),
 ])
-def test_bad_queries_fail_with_one_line(local_dataset, args, message):
+def test_bad_queries_fail_with_one_line(local_dataset, args, message, pneumo):
     proc = pneumo("manifest", str(local_dataset), *args, check=False)
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_unusable_inputs_fail_with_one_line(tmp_path, s3_endpoint):
+def test_unusable_inputs_fail_with_one_line(tmp_path, s3_endpoint, pneumo):
     proc = pneumo("ingest", "siim", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
                   check=False)
     assert proc.returncode == 1 and "is not a folder" in proc.stderr
@@ -75,7 +65,7 @@ def test_unusable_inputs_fail_with_one_line(tmp_path, s3_endpoint):
     assert "Traceback" not in proc.stderr and "testing" not in proc.stderr  # no credentials
 
 
-def test_s3_ingest_from_s3_and_plain_pyarrow_query(shared_data, s3_bucket, s3_endpoint):
+def test_s3_ingest_from_s3_and_plain_pyarrow_query(shared_data, s3_bucket, s3_endpoint, pneumo):
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     bucket = s3_bucket.removeprefix("s3://")
     for p in sorted((shared_data / "siim" / "stage2_test").glob("*.dcm"))[:4]:
