@@ -1,5 +1,6 @@
 """One ingest run = one batch: samples in, shards + quarantine + manifest part out.
 
+The input files are processed in units on ``--workers`` processes (see ``ingest.units``).
 The order of writes is what makes a batch safe to kill at any moment (SIGKILL included):
 
 1. shards, each uploaded whole (atomic put) under ``shards/<dataset>/<batch>/``;
@@ -14,25 +15,40 @@ shards and writes it again from the start: same input, same bytes, no duplicates
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
-import os
+import multiprocessing as mp
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ingest.sources import run_ordered
+from ingest.units import (
+    UNIT_FILES,
+    Rejected,
+    Sample,
+    UnitContext,
+    UnitResult,
+    init_worker,
+    json_bytes,
+    patient_key,
+    run_unit,
+    split_of,
+)
 from shards import layout, manifest
 from shards.errors import ConfigError
 from shards.store import Store
-from shards.tario import ShardUploader, ShardWriter
+from shards.tario import Piece, ShardUploader, ShardWriter
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+__all__ = ["BatchConfig", "BatchRun", "BatchSummary", "Rejected", "Sample", "patient_key",
+           "split_of"]
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 # A public default keeps the demo working out of the box; production sets its own secret.
 DEFAULT_PATIENT_SECRET = "pneumo-public-default-key"  # noqa: S105 - documented, not a credential
@@ -69,26 +85,6 @@ def check_fractions(fractions: tuple[float, float, float]) -> None:
 
 
 @dataclass(kw_only=True)
-class Sample:
-    """A processed input, ready for a shard: its files and its manifest row."""
-
-    key: str
-    image_id: str
-    members: dict[str, bytes]  # {"jpg" | "png": ..., "mask.png": ..., }
-    meta: dict[str, Any]  # the sample's JSON, also the base of its manifest row
-    raw_patient: tuple[str, str]  # (namespace, id) for the keyed hash; never stored
-    # Official split lists: "test", or "trainval" (train or val by patient hash, never test).
-    forced_split: str | None = None
-
-
-@dataclass(frozen=True)
-class Rejected:
-    source: str
-    reason: str
-    image_id: str | None = None  # when the file was readable enough to tell
-
-
-@dataclass(kw_only=True)
 class BatchSummary:
     dataset: str
     batch: str
@@ -100,22 +96,6 @@ class BatchSummary:
     committed: bool = False
     already_committed: bool = False
     splits: dict[str, int] = field(default_factory=dict)
-
-
-def patient_key(secret: str, namespace: str, raw_id: str) -> str:
-    """Keyed hash (HMAC-SHA256) of a patient id: linkable within pneumo, not reversible."""
-    msg = f"{namespace}:{raw_id.strip()}".encode()
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()[:20]
-
-
-def split_of(patient: str, fractions: tuple[float, float, float]) -> str:
-    """Patient-level split: a fixed function of ``patient_key``, the same in every batch."""
-    u = int(hashlib.sha256(f"split:{patient}".encode()).hexdigest()[:12], 16) / 16**12
-    if u < fractions[2]:
-        return "test"
-    if u < fractions[2] + fractions[1]:
-        return "val"
-    return "train"
 
 
 def input_fingerprint(files: Iterable[Any], *label_files: Path | None) -> str:
@@ -166,8 +146,8 @@ def resolve_fractions(store: Store, wanted: tuple[float, float, float] | None) -
     return stored
 
 
-class BatchWriter:
-    """Dedupes samples, assigns splits, writes the shards and commits the batch."""
+class BatchRun:
+    """One batch being written: units of files on worker processes, then the commit."""
 
     def __init__(
         self, store: Store, cfg: BatchConfig, dataset: str, batch: str, *, inputs: str
@@ -180,20 +160,14 @@ class BatchWriter:
             store, columns=["image_id", "content_sha256", "patient_key", "split"]
         )
         self.seen_ids = set(existing.column("image_id").to_pylist())
-        self.seen_content = set(existing.column("content_sha256").to_pylist())
-        # A patient keeps the split of their first image, in every later batch too.
+        self.seen_content = frozenset(existing.column("content_sha256").to_pylist())
         self.patient_split = dict(
             zip(existing.column("patient_key").to_pylist(), existing.column("split").to_pylist(),
                 strict=True)
         )
         self.rows: list[dict[str, Any]] = []
         self.rejected: list[Rejected] = []
-        self.writers: dict[tuple[str, str], ShardWriter] = {}
-        self.next_index: dict[tuple[str, str], int] = {}
-        self.uploader = ShardUploader(store)
         self._discard_uncommitted_leftovers()
-        scratch = store.scratch_dir()
-        self.tmp = tempfile.mkdtemp(prefix=f"ingest-{batch}-", dir=scratch)
 
     def _discard_uncommitted_leftovers(self) -> None:
         leftovers = self.store.list(layout.batch_shard_prefix(self.dataset, self.batch))
@@ -211,64 +185,59 @@ class BatchWriter:
         self.rejected.append(Rejected(source, reason))
         log.debug("quarantined %s: %s", source, reason)
 
-    def add(self, sample: Sample) -> None:
-        sha = sample.meta["content_sha256"]
-        if sample.image_id in self.seen_ids or sha in self.seen_content:
-            self.summary.skipped += 1
-            return
-        self.seen_ids.add(sample.image_id)
-        self.seen_content.add(sha)
-        patient = patient_key(self.cfg.patient_secret, *sample.raw_patient)
-        split = self._split(patient, sample)
-        group = layout.label_group(sample.meta.get("has_ptx"))
-        writer = self._writer(split, group)
-        meta = {**sample.meta, "patient_key": patient, "split": split, "dataset": self.dataset}
-        members = {"__key__": sample.key, **sample.members, "json": _json_bytes(meta)}
-        writer.write(members)
-        row = {k: meta.get(k) for k in manifest.SAMPLES_SCHEMA.names}
-        row.update(key=sample.key, image_id=sample.image_id, batch=self.batch, shard=writer.path)
-        self.rows.append(row)
-        self.summary.ingested += 1
-        self.summary.splits[split] = self.summary.splits.get(split, 0) + 1
-        if writer.count >= self.cfg.shard_max_samples or writer.nbytes >= self.cfg.shard_max_bytes:
-            self._finish(split, group)
+    def process(
+        self,
+        files: Sequence[Any],
+        process: Callable[[Any], Sample | Rejected],
+        format_init: Callable[[Any], None],
+        format_ctx: Any,
+        progress: Progress | None = None,
+    ) -> set[str]:
+        """Run every unit of ``files``; returns the image ids that came (stored or not)."""
+        # Units never span two shards' worth of files: with a small --shard-size, small units.
+        size = min(UNIT_FILES, self.cfg.shard_max_samples)
+        units = [(i, files[start : start + size]) for i, start in
+                 enumerate(range(0, len(files), size))]
+        scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=self.store.scratch_dir())
+        ctx = UnitContext(
+            scratch=scratch, dataset=self.dataset, batch=self.batch, fractions=self.fractions,
+            secret=self.cfg.patient_secret, seen_ids=frozenset(self.seen_ids),
+            seen_content=self.seen_content, patient_split=self.patient_split, process=process,
+            counter=mp.get_context("fork").Value("l", 0),
+        )
+        came: set[str] = set()
+        assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch, scratch)
+        try:
+            with _ProgressPoller(ctx.counter, len(files), progress):
+                results = run_ordered(run_unit, units, workers=self.cfg.workers,
+                                      initializer=init_worker,
+                                      initargs=(ctx, format_init, format_ctx))
+                for result in results:
+                    came.update(result.came)
+                    self._merge(result, assembler)
+            self.summary.shards = assembler.finish()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return came
 
-    def _split(self, patient: str, sample: Sample) -> str:
-        fractions = self.fractions
-        if sample.forced_split == "test":
-            fractions = (0.0, 0.0, 1.0)
-        elif sample.forced_split == "trainval":
-            train, val, _ = self.fractions
-            fractions = (train / (train + val), val / (train + val), 0.0) if train + val else (
-                1.0, 0.0, 0.0)
-        wanted = split_of(patient, fractions)
-        split = self.patient_split.setdefault(patient, wanted)
-        if split != wanted and sample.forced_split:
-            log.warning("%s: the split list says %s, but its patient is already in %s; kept %s",
-                        sample.image_id, sample.forced_split, split, split)
-        return split
-
-    def _writer(self, split: str, group: str) -> ShardWriter:
-        slot = (split, group)
-        if slot not in self.writers:
-            index = self.next_index.get(slot, 0)
-            self.next_index[slot] = index + 1
-            path = layout.shard_path(self.dataset, self.batch, split, group, index)
-            self.writers[slot] = ShardWriter(path, self.tmp)
-        return self.writers[slot]
-
-    def _finish(self, split: str, group: str) -> None:
-        self.uploader.submit(self.writers.pop((split, group)))
-        self.summary.shards += 1
+    def _merge(self, unit: UnitResult, assembler: _Assembler) -> None:
+        """Add a unit's pieces and rows; an image already added by an earlier unit is not
+        referenced again (its bytes stay, never read, in the shard)."""
+        self.summary.skipped += unit.skipped
+        self.rejected.extend(unit.rejected)
+        shard_of = {slot: assembler.add(slot, piece) for slot, piece in unit.pieces.items()}
+        for row in unit.rows:
+            if row["image_id"] in self.seen_ids:
+                self.summary.skipped += 1
+                continue
+            self.seen_ids.add(row["image_id"])
+            row["shard"] = shard_of[row["shard"]]
+            self.rows.append(row)
+            self.summary.ingested += 1
+            self.summary.splits[row["split"]] = self.summary.splits.get(row["split"], 0) + 1
 
     def commit(self) -> BatchSummary:
-        """Upload the last shards, then the quarantine part, then the manifest part."""
-        for slot in sorted(self.writers):
-            self._finish(*slot)
-        try:
-            self.uploader.wait()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        """The quarantine part, the batch record, then the manifest part: the commit."""
         q_rows = [
             {"source": r.source, "reason": r.reason, "dataset": self.dataset, "batch": self.batch}
             for r in self.rejected
@@ -281,7 +250,7 @@ class BatchWriter:
         record = {"dataset": self.dataset, "batch": self.batch, "inputs": self.inputs,
                   "ingested": self.summary.ingested, "skipped": self.summary.skipped,
                   "quarantined": len(self.rejected), "shards": self.summary.shards}
-        self.store.put(layout.batch_record(self.dataset, self.batch), _json_bytes(record))
+        self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(record))
         table = manifest.to_table(self.rows, "samples")
         manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), table)
         self.summary.quarantined = len(self.rejected)
@@ -289,13 +258,60 @@ class BatchWriter:
         return self.summary
 
 
-def _json_bytes(meta: dict[str, Any]) -> bytes:
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+class _Assembler:
+    """Concatenates the units' pieces, in unit order, into shards of the final size and
+    uploads each finished shard in the background."""
+
+    def __init__(self, store: Store, cfg: BatchConfig, dataset: str, batch: str,
+                 scratch: str) -> None:
+        self.cfg, self.dataset, self.batch, self.scratch = cfg, dataset, batch, scratch
+        self.uploader = ShardUploader(store)
+        self.open: dict[tuple[str, str], ShardWriter] = {}
+        self.next_index: dict[tuple[str, str], int] = {}
+        self.done = 0
+
+    def add(self, slot: tuple[str, str], piece: Piece) -> str:
+        """Append ``piece`` to its group's shard; returns that shard's path."""
+        if slot not in self.open:
+            index = self.next_index.get(slot, 0)
+            self.next_index[slot] = index + 1
+            path = layout.shard_path(self.dataset, self.batch, *slot, index)
+            self.open[slot] = ShardWriter(path, self.scratch)
+        writer = self.open[slot]
+        writer.append(piece)
+        if (writer.count >= self.cfg.shard_max_samples
+                or writer.nbytes >= self.cfg.shard_max_bytes):
+            self.uploader.submit(self.open.pop(slot))
+            self.done += 1
+        return writer.path
+
+    def finish(self) -> int:
+        for slot in sorted(self.open):
+            self.uploader.submit(self.open.pop(slot))
+            self.done += 1
+        self.uploader.wait()
+        return self.done
 
 
-def default_workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+class _ProgressPoller:
+    """Reports the workers' shared file counter to ``progress`` a few times a second."""
 
+    def __init__(self, counter: Any, total: int, progress: Progress | None) -> None:
+        self.counter, self.total, self.progress = counter, total, progress
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
 
-def is_hidden(path: Path) -> bool:
-    return any(part.startswith(".") for part in path.parts)
+    def _run(self) -> None:
+        while not self.done.wait(0.25):
+            self.progress(self.counter.value, self.total)  # type: ignore[misc]
+
+    def __enter__(self) -> _ProgressPoller:
+        if self.progress is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        if self.progress is not None:
+            self.thread.join()
+            self.progress(self.counter.value, self.total)

@@ -21,16 +21,23 @@ from PIL import Image
 
 from ingest.batch import (
     BatchConfig,
+    BatchRun,
     BatchSummary,
-    BatchWriter,
     Progress,
     Rejected,
     Sample,
     already_committed,
     input_fingerprint,
 )
-from ingest.labels import Box, NihEntry, read_nih_bboxes, read_nih_entries, read_split_list
-from ingest.sources import SourceFile, list_sources, read_source, run_ordered
+from ingest.labels import (
+    Box,
+    LabelProblem,
+    NihEntry,
+    read_nih_bboxes,
+    read_nih_entries,
+    read_split_list,
+)
+from ingest.sources import SourceFile, list_sources, read_source
 from shards import layout, manifest
 from shards.errors import ConfigError
 from shards.store import open_store
@@ -59,6 +66,7 @@ class NihConfig:
 @dataclass(frozen=True)
 class _Context:
     entries: dict[str, NihEntry]
+    bad_rows: dict[str, LabelProblem]
     boxes: dict[str, list[Box]]
     train_val: frozenset[str]
     test: frozenset[str]
@@ -80,6 +88,7 @@ def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary
     entries, problems = read_nih_entries(cfg.labels)
     ctx = _Context(
         entries=entries,
+        bad_rows={p.image_id: p for p in problems if p.image_id},
         boxes=read_nih_bboxes(cfg.bbox) if cfg.bbox else {},
         train_val=frozenset(read_split_list(cfg.train_val_list)) if cfg.train_val_list else
         frozenset(),
@@ -90,24 +99,12 @@ def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary
     batch = cfg.batch.batch or f"b{inputs[:12]}"
     if batch in manifest.committed_batches(store, DATASET):
         return already_committed(store, DATASET, batch, inputs, len(files))
-    writer = BatchWriter(store, cfg.batch, DATASET, batch, inputs=inputs)
-    for p in problems:  # a bad row with a known image id is reported with its image below
+    run = BatchRun(store, cfg.batch, DATASET, batch, inputs=inputs)
+    for p in problems:  # a bad row with a known image id is reported with its image
         if p.image_id is None:
-            writer.reject(p.source, p.reason)
-    bad_rows = {p.image_id: p for p in problems if p.image_id}
-    results = run_ordered(
-        _process, files, workers=cfg.batch.workers, initializer=_init, initargs=(ctx,)
-    )
-    for done, result in enumerate(results, 1):
-        if isinstance(result, Rejected):
-            problem = bad_rows.get(result.image_id or "")
-            reason = f"{problem.source}: {problem.reason}" if problem else result.reason
-            writer.reject(result.source, reason)
-        else:
-            writer.add(result)
-        if progress:
-            progress(done, len(files))
-    return writer.commit()
+            run.reject(p.source, p.reason)
+    run.process(files, _process, _init, ctx, progress)
+    return run.commit()
 
 
 def _process(src: SourceFile) -> Sample | Rejected:
@@ -118,7 +115,10 @@ def _process(src: SourceFile) -> Sample | Rejected:
     index = found.group(1) + ".png"
     entry = _ctx.entries.get(index)
     if entry is None:
-        return Rejected(src.name, f"no row for {index} in Data_Entry", index)
+        problem = _ctx.bad_rows.get(index)
+        reason = f"{problem.source}: {problem.reason}" if problem else (
+            f"no row for {index} in Data_Entry")
+        return Rejected(src.name, reason, index)
     try:
         data, rows, cols, bit_depth = stored_png(read_source(src))
     except ValueError as e:

@@ -19,8 +19,8 @@ import numpy as np
 
 from ingest.batch import (
     BatchConfig,
+    BatchRun,
     BatchSummary,
-    BatchWriter,
     Progress,
     Rejected,
     Sample,
@@ -30,7 +30,7 @@ from ingest.batch import (
 from ingest.dicom import BadInput, DicomImage, read_dicom
 from ingest.labels import LabelProblem, SiimLabel, read_nih_xref, read_siim_labels, read_split_list
 from ingest.rle import RLEError, combine_masks
-from ingest.sources import SourceFile, list_sources, read_source, run_ordered
+from ingest.sources import SourceFile, list_sources, read_source
 from shards import layout, manifest
 from shards.errors import ConfigError
 from shards.store import open_store
@@ -84,26 +84,14 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     batch = cfg.batch.batch or f"b{inputs[:12]}"
     if batch in manifest.committed_batches(store, DATASET):
         return already_committed(store, DATASET, batch, inputs, len(files))
-    writer = BatchWriter(store, cfg.batch, DATASET, batch, inputs=inputs)
+    run = BatchRun(store, cfg.batch, DATASET, batch, inputs=inputs)
     for p in problems:
         if not p.image_id:  # rows we could not even attach to an image
-            writer.reject(p.source, p.reason)
-    seen: set[str] = set()  # image ids that came in this batch, stored or not
-    results = run_ordered(
-        _process, files, workers=cfg.batch.workers, initializer=_init, initargs=(ctx,)
-    )
-    for done, result in enumerate(results, 1):
-        if result.image_id:
-            seen.add(result.image_id)
-        if isinstance(result, Rejected):
-            writer.reject(result.source, result.reason)
-        else:
-            writer.add(result)
-        if progress:
-            progress(done, len(files))
+            run.reject(p.source, p.reason)
+    came = run.process(files, _process, _init, ctx, progress)
     labels_name = cfg.labels.name if cfg.labels else "labels"
-    _reject_orphan_labels(writer, labels, ctx.bad_labels, seen, labels_name)
-    return writer.commit()
+    _reject_orphan_labels(run, labels, ctx.bad_labels, came, labels_name)
+    return run.commit()
 
 
 def _process(src: SourceFile) -> Sample | Rejected:
@@ -205,16 +193,16 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def _reject_orphan_labels(writer: BatchWriter, labels: dict[str, SiimLabel],
+def _reject_orphan_labels(run: BatchRun, labels: dict[str, SiimLabel],
                           bad: dict[str, LabelProblem], seen: set[str], labels_name: str) -> None:
     """A label row whose image never came is quarantined (unless stored in an earlier batch)."""
     for image_id in sorted(set(labels) | set(bad)):
-        if image_id in seen or image_id in writer.seen_ids:
+        if image_id in seen or image_id in run.seen_ids:
             continue
         if image_id in bad:
-            writer.reject(bad[image_id].source, bad[image_id].reason)
+            run.reject(bad[image_id].source, bad[image_id].reason)
             continue
         rows = labels[image_id].rows
         where = f"{labels_name}:{rows[0]}" if rows else labels_name
-        writer.reject(where, f"label row for image {image_id}, which is not in this batch")
-        writer.summary.orphan_labels += 1
+        run.reject(where, f"label row for image {image_id}, which is not in this batch")
+        run.summary.orphan_labels += 1

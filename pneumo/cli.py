@@ -34,7 +34,10 @@ Batch = Annotated[
     typer.Option(help="Batch name (letters, digits, _ -). Default: derived from the inputs, "
                  "so re-running the same command resumes the same batch."),
 ]
-ShardSize = Annotated[int, typer.Option(help="Samples per tar shard at most.", min=1)]
+ShardSize = Annotated[int, typer.Option(
+    help="Samples per tar shard: a shard is closed once it holds this many (it may hold up "
+    "to 127 more: work is split in runs of 128 files that never straddle two shards).",
+    min=1)]
 Fractions = Annotated[
     str | None,
     typer.Option(help="train,val,test fractions for patient-level splits, e.g. 0.8,0.1,0.1. "
