@@ -10,9 +10,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +87,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _write_shards(
+    root: Path,
+    rows: list[dict[str, Any]],
+    members_of: Callable[[dict[str, Any]], dict[str, bytes]],
+    *,
+    per_shard: int,
+    one_shard: bool,
+    batch: str = "b0",
+) -> None:
+    """A dataset written directly (no ingest): ``rows`` (manifest values; ``shard`` and
+    ``batch`` are filled in) in shards grouped by split and label of ``per_shard`` samples,
+    or all in one shard."""
+    from shards import layout, manifest
+    from shards.store import open_store
+    from shards.tario import ShardWriter
+
+    store = open_store(str(root))
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        group = ("all", "mix") if one_shard else (row["split"], layout.label_group(row["has_ptx"]))
+        groups.setdefault(group, []).append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        for (split, group), grouped in sorted(groups.items()):
+            for start in range(0, len(grouped), per_shard):
+                path = layout.shard_path("siim", batch, split, group, start // per_shard)
+                writer = ShardWriter(path, tmp)
+                for row in grouped[start : start + per_shard]:
+                    writer.write({"__key__": row["key"], **members_of(row)})
+                    row.update(shard=path, batch=batch)
+                store.move_file(path, writer.close().tmp_path)
+    manifest.write_part(store, layout.manifest_part("siim", batch), manifest.to_table(rows))
+
+
+@pytest.fixture(scope="session")
+def write_shards() -> Callable[..., None]:
+    return _write_shards

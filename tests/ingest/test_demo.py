@@ -20,7 +20,6 @@ from ingest.demo import NIH_FINDINGS, DemoSummary, synth_chest, write_nih_demo, 
 from ingest.rle import combine_masks, rle_decode
 from shards.errors import ConfigError
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SEED, N, SIZE = 3, 6, 256
 
 
@@ -148,9 +147,8 @@ def test_nih_images_are_grey_pngs_of_the_generated_chests(nih: DemoSummary) -> N
         np.testing.assert_array_equal(pixels, expected)
 
 
-@pytest.mark.skipif(not (SHARED / "nih").is_dir(), reason="shared real data not present")
-def test_nih_header_is_the_real_2017_header(nih: DemoSummary) -> None:
-    with gzip.open(SHARED / "nih" / "Data_Entry_2017.csv.gz", "rb") as f:
+def test_nih_header_is_the_real_2017_header(nih: DemoSummary, shared_data: Path) -> None:
+    with gzip.open(shared_data / "nih" / "Data_Entry_2017.csv.gz", "rb") as f:
         real = f.readline()
     assert nih.labels_csv.read_bytes().split(b"\n", 1)[0] + b"\n" == real
 

@@ -23,7 +23,7 @@ DATA = Path(
     os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
 )
 if not DATA.is_dir():
-    pytest.skip(f"real test data not found at {DATA}", allow_module_level=True)
+    raise FileNotFoundError(f"real test data not found at {DATA} (set PNEUMO_SHARED_DATA)")
 SIIM = DATA / "siim"
 NIH = DATA / "nih"
 TRAIN_RLE = SIIM / "siim-pneumothorax-train-rle.csv.gz"

@@ -20,7 +20,7 @@ DATA = Path(
 )
 TRAIN_RLE = DATA / "siim" / "siim-pneumothorax-train-rle.csv.gz"
 if not DATA.is_dir():
-    pytest.skip(f"real test data not found at {DATA}", allow_module_level=True)
+    raise FileNotFoundError(f"real test data not found at {DATA} (set PNEUMO_SHARED_DATA)")
 
 
 def _rows() -> list[tuple[str, str]]:

@@ -7,18 +7,15 @@ keys; ``training/test_data.py`` streams real images.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import boto3
 import pytest
 
-from shards import layout, manifest, stream
+from shards import manifest, stream
 from shards.errors import ConfigError, ManifestError
 from shards.store import open_store
-from shards.tario import ShardWriter
 
 BATCH = "b0"
 
@@ -32,40 +29,22 @@ def _rows(n_pos: int, n_neg: int, n_unl: int, split: str, start: int) -> list[di
     ]  # fmt: skip
 
 
-def write_dataset(root: Path, rows: list[dict], per_shard: int, *, one_shard: bool) -> None:
-    """Shards by split and label (``per_shard`` samples each), or all rows in one shard."""
-    store = open_store(str(root))
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        group = ("all", "mix") if one_shard else (row["split"], layout.label_group(row["has_ptx"]))
-        groups.setdefault(group, []).append(row)
-    with tempfile.TemporaryDirectory() as tmp:
-        for (split, group), members in sorted(groups.items()):
-            for index in range(0, len(members), per_shard):
-                path = layout.shard_path("siim", BATCH, split, group, index // per_shard)
-                writer = ShardWriter(path, tmp)
-                for row in members[index : index + per_shard]:
-                    sample = {"__key__": row["key"], "jpg": f"img-{row['key']}".encode()}
-                    if row["has_ptx"]:
-                        sample["mask.png"] = f"mask-{row['key']}".encode()
-                    sample["json"] = b"{}"
-                    writer.write(sample)
-                    row.update(shard=path, batch=BATCH)
-                writer.close()
-                store.put_file(path, writer.tmp_path)
-                os.unlink(writer.tmp_path)
-    table = manifest.to_table(rows)
-    manifest.write_part(store, layout.manifest_part("siim", BATCH), table)
+def _members(row: dict) -> dict[str, bytes]:
+    """Small byte strings named after the key: the stream never decodes."""
+    out = {"jpg": f"img-{row['key']}".encode(), "json": b"{}"}
+    if row["has_ptx"]:
+        out["mask.png"] = f"mask-{row['key']}".encode()
+    return out
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def datasets(tmp_path_factory: pytest.TempPathFactory, write_shards) -> dict[str, Path]:
     """``many``: 7 train shards (6 labelled) and 2 val shards; ``one``: similar rows, one shard."""
     base = tmp_path_factory.mktemp("stream")
     many = _rows(10, 22, 3, "train", 0) + _rows(3, 6, 0, "val", 100)
-    write_dataset(base / "many", many, per_shard=6, one_shard=False)
+    write_shards(base / "many", many, _members, per_shard=6, one_shard=False)
     one = _rows(4, 8, 1, "train", 0) + _rows(2, 3, 0, "val", 100)
-    write_dataset(base / "one", one, per_shard=100, one_shard=True)
+    write_shards(base / "one", one, _members, per_shard=100, one_shard=True)
     return {"many": base / "many", "one": base / "one"}
 
 
@@ -309,35 +288,15 @@ def test_eval_covers_every_selected_sample_exactly_once(datasets, variant):
 # ---------------------------------------------------------------- the same from S3
 
 
-@pytest.fixture(scope="module")
-def s3_dataset(datasets):
-    """The ``many`` dataset uploaded to a bucket on a loopback moto server."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
-    client.create_bucket(Bucket="pneumo-stream")
+@pytest.fixture
+def s3_url(datasets, s3_bucket, s3_endpoint):
+    """The ``many`` dataset uploaded to a fresh bucket of the session's S3 server."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    bucket = s3_bucket.removeprefix("s3://")
     root = datasets["many"]
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        client.upload_file(str(path), "pneumo-stream", f"ds/{path.relative_to(root).as_posix()}")
-    yield endpoint, "s3://pneumo-stream/ds"
-    server.stop()
-
-
-@pytest.fixture
-def s3_url(s3_dataset, monkeypatch):
-    endpoint, url = s3_dataset
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    return url
+        client.upload_file(str(path), bucket, f"ds/{path.relative_to(root).as_posix()}")
+    return f"{s3_bucket}/ds"
 
 
 @pytest.mark.integration

@@ -12,8 +12,6 @@ ellipses, as 0/255 or 0/1 PNGs. 40 samples: 32 train (2 of them unlabelled), 8 v
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +22,6 @@ import pydicom
 import pytest
 from pydicom.encaps import generate_frames
 
-from shards import layout, manifest
-from shards.store import open_store
-from shards.tario import ShardWriter
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 BATCH = "b0"
 N_SAMPLES = 40
 
@@ -50,16 +43,16 @@ class Dataset:
         return next(r for r in self.rows if r["key"] == key)
 
 
-def _siim_frames() -> list[bytes]:
+def _siim_frames(data: Path) -> list[bytes]:
     frames = []
-    for path in sorted((DATA / "siim").rglob("*.dcm")):
+    for path in sorted((data / "siim").rglob("*.dcm")):
         ds = pydicom.dcmread(path)
         frames.append(next(generate_frames(ds.PixelData, number_of_frames=1)))
     return frames
 
 
-def _nih_pngs() -> list[np.ndarray]:
-    paths = sorted((DATA / "nih" / "images_downscaled").glob("*_256px_*.png"))
+def _nih_pngs(data: Path) -> list[np.ndarray]:
+    paths = sorted((data / "nih" / "images_downscaled").glob("*_256px_*.png"))
     return [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in paths]
 
 
@@ -76,9 +69,9 @@ def _ellipse_mask(side: int, i: int, one: bool) -> bytes:
     return _png(mask)
 
 
-def make_samples() -> tuple[list[dict], dict[str, dict[str, bytes]]]:
+def make_samples(data: Path) -> tuple[list[dict], dict[str, dict[str, bytes]]]:
     """Manifest rows (without shard) and tar members for the 40 samples."""
-    frames, pngs = _siim_frames(), _nih_pngs()
+    frames, pngs = _siim_frames(data), _nih_pngs(data)
     rows, members = [], {}
     for i in range(N_SAMPLES):
         key = f"s{i:03d}"
@@ -103,63 +96,39 @@ def make_samples() -> tuple[list[dict], dict[str, dict[str, bytes]]]:
     return rows, members
 
 
-def write_dataset(root: Path, *, per_shard: int, one_shard: bool) -> Dataset:
-    rows, members = make_samples()
-    store = open_store(str(root))
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        group = ("all", "mix") if one_shard else (row["split"], layout.label_group(row["has_ptx"]))
-        groups.setdefault(group, []).append(row)
-    with tempfile.TemporaryDirectory() as tmp:
-        for (split, group), grouped in sorted(groups.items()):
-            for start in range(0, len(grouped), per_shard):
-                path = layout.shard_path("siim", BATCH, split, group, start // per_shard)
-                writer = ShardWriter(path, tmp)
-                for row in grouped[start : start + per_shard]:
-                    writer.write({"__key__": row["key"], **members[row["key"]], "json": b"{}"})
-                    row["shard"] = path
-                writer.close()
-                store.put_file(path, writer.tmp_path)
-                os.unlink(writer.tmp_path)
-    manifest.write_part(store, layout.manifest_part("siim", BATCH), manifest.to_table(rows))
+def write_dataset(root: Path, data: Path, write_shards, *, per_shard: int,
+                  one_shard: bool) -> Dataset:
+    rows, members = make_samples(data)
+    write_shards(root, rows, lambda row: {**members[row["key"]], "json": b"{}"},
+                 per_shard=per_shard, one_shard=one_shard, batch=BATCH)
     return Dataset(url=str(root), rows=rows, members=members)
 
 
 @pytest.fixture(scope="session")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    return write_dataset(tmp_path_factory.mktemp("data-many"), per_shard=4, one_shard=False)
+def dataset(tmp_path_factory: pytest.TempPathFactory, shared_data, write_shards) -> Dataset:
+    return write_dataset(tmp_path_factory.mktemp("data-many"), shared_data, write_shards,
+                         per_shard=4, one_shard=False)
 
 
 @pytest.fixture(scope="session")
-def one_shard_dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    return write_dataset(tmp_path_factory.mktemp("data-one"), per_shard=N_SAMPLES, one_shard=True)
+def one_shard_dataset(tmp_path_factory: pytest.TempPathFactory, shared_data,
+                      write_shards) -> Dataset:
+    return write_dataset(tmp_path_factory.mktemp("data-one"), shared_data, write_shards,
+                         per_shard=N_SAMPLES, one_shard=True)
 
 
 @pytest.fixture(scope="session")
-def _s3_bucket(dataset: Dataset):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="test", aws_secret_access_key="test")  # fmt: skip
+def _s3_copy(dataset: Dataset, s3_endpoint: str) -> str:
+    """``dataset`` uploaded once to a bucket of the session's S3 server."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
     client.create_bucket(Bucket="pneumo-data")
     root = Path(dataset.url)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         client.upload_file(str(path), "pneumo-data", f"many/{path.relative_to(root).as_posix()}")
-    yield endpoint
-    server.stop()
+    return "s3://pneumo-data/many"
 
 
 @pytest.fixture
-def s3_dataset(_s3_bucket: str, dataset: Dataset, monkeypatch: pytest.MonkeyPatch) -> Dataset:
-    """``dataset`` in ``s3://pneumo-data/many``, with the AWS_* variables pointing at it."""
-    env = {"AWS_ENDPOINT_URL": _s3_bucket, "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    return Dataset(url="s3://pneumo-data/many", rows=dataset.rows, members=dataset.members)
+def s3_dataset(_s3_copy: str, dataset: Dataset) -> Dataset:
+    """``dataset`` in ``s3://pneumo-data/many`` (the AWS_* variables point at its server)."""
+    return Dataset(url=_s3_copy, rows=dataset.rows, members=dataset.members)
