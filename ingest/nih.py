@@ -2,7 +2,7 @@
 
 The same flow as SIIM: list the PNGs (any folder depth), read the label tables, check each
 PNG on ``--workers`` processes (stored as it is when it is already 8/16-bit grey, else its
-first channel re-encoded), then dedupe, split and write in the parent process.
+first channel re-encoded); ``ingest.units`` dedupes, splits and writes the shards.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ingest.labels import (
 )
 from ingest.sources import SourceFile, list_sources, read_source
 from shards import layout, manifest
-from shards.errors import ConfigError
+from shards.errors import ConfigError, StoreError
 from shards.store import open_store
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,9 @@ def _process(src: SourceFile) -> Sample | Rejected:
         data, rows, cols, bit_depth = stored_png(read_source(src))
     except ValueError as e:
         return Rejected(src.name, str(e), index)
-    except OSError as e:
-        return Rejected(src.name, f"cannot read file: {e.strerror or e}", index)
+    except (OSError, StoreError) as e:
+        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}",
+                        index)
     return _sample(index, entry, data, rows, cols, bit_depth)
 
 

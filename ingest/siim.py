@@ -1,9 +1,9 @@
 """``pneumo ingest siim``: SIIM-ACR DICOMs + RLE label CSV -> one batch of shards.
 
 The flow, top to bottom: list the DICOMs, read the labels, then for every file (on
-``--workers`` processes) read the header, keep the JPEG frame as it is (or decode other
-transfer syntaxes to PNG), build the mask from the label rows; the parent dedupes, assigns
-the patient-level split and writes the shards; the manifest part commits the batch.
+``--workers`` processes, see ``ingest.units``) read the header, keep the JPEG frame as it
+is (or decode other transfer syntaxes to PNG) and build the mask from the label rows;
+label rows whose image never came are quarantined; the manifest part commits the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ingest.labels import LabelProblem, SiimLabel, read_nih_xref, read_siim_labe
 from ingest.rle import RLEError, combine_masks
 from ingest.sources import SourceFile, list_sources, read_source
 from shards import layout, manifest
-from shards.errors import ConfigError
+from shards.errors import ConfigError, StoreError
 from shards.store import open_store
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ def _process(src: SourceFile) -> Sample | Rejected:
         img = read_dicom(read_source(src), src.name)
     except BadInput as e:
         return Rejected(src.name, str(e))
-    except OSError as e:
-        return Rejected(src.name, f"cannot read file: {e.strerror or e}")
+    except (OSError, StoreError) as e:
+        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}")
     bad = _ctx.bad_labels.get(img.image_id)
     if bad is not None:
         return Rejected(src.name, f"bad label ({bad.source}): {bad.reason}", img.image_id)
