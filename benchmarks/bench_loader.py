@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.s3sim import s3_server, set_latency  # noqa: E402
 from shards import layout, manifest, stream  # noqa: E402
 from shards.store import open_store  # noqa: E402
 from shards.tario import ShardWriter  # noqa: E402
@@ -45,7 +46,6 @@ from training import data  # noqa: E402
 log = logging.getLogger("bench_loader")
 SIIM = ROOT.parent / "shared" / "data" / "siim"
 BUCKET = "pneumo-bench"
-_latency_s = [0.0]  # read by the S3 hook, in this process and in forked loader workers
 
 
 # ---------------------------------------------------------------- the dataset
@@ -192,34 +192,6 @@ def timed(batches: Iterator[Any], seconds: float) -> float:
 # ---------------------------------------------------------------- S3
 
 
-def install_latency_hook() -> None:
-    """Every boto3 client made from now on (forked workers included) sleeps before a request."""
-    original = boto3.session.Session.client
-
-    def client(self: Any, *args: Any, **kwargs: Any) -> Any:
-        made = original(self, *args, **kwargs)
-        made.meta.events.register("before-send.s3", _sleep)
-        return made
-
-    boto3.session.Session.client = client  # type: ignore[method-assign]
-
-
-def _sleep(**_: Any) -> None:
-    if _latency_s[0]:
-        time.sleep(_latency_s[0])
-
-
-def start_s3(monkey_env: dict[str, str]) -> Any:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkey_env.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
-    return server
-
-
 def upload(folder: Path, prefix: str) -> None:
     client = boto3.session.Session().client("s3")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -244,23 +216,14 @@ def parse() -> argparse.Namespace:
 
 
 def main() -> None:
-    import os
-
     args = parse()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     tmp = Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    env: dict[str, str] = {}
-    server = start_s3(env)
-    os.environ.update(env)
-    for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        os.environ.pop(name, None)
-    install_latency_hook()
-    boto3.session.Session().client("s3").create_bucket(Bucket=BUCKET)
     try:
-        run(args, tmp)
+        with s3_server(BUCKET):
+            run(args, tmp)
     finally:
-        server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -296,11 +259,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     ]  # fmt: skip
     for round_ in range(args.rounds):  # interleaved rounds, best kept: others share the CPU
         for name, delay, measure in contenders:
-            _latency_s[0] = delay
+            set_latency(delay)
             rate = measure()
             rates[name] = max(rates.get(name, 0.0), rate)
             print(f"round {round_ + 1}  {name:<28} samples/s: {rate:8.1f}", flush=True)
-    _latency_s[0] = 0.0
+    set_latency(0.0)
     for name, *_ in contenders:
         print(f"{name:<28} samples/s: {rates[name]:8.1f}  (best of {args.rounds})")
     lat = f" +{args.s3_latency_ms:g}ms"
