@@ -188,12 +188,12 @@ class BatchRun:
     def process(
         self,
         files: Sequence[Any],
-        process: Callable[[Any], Sample | Rejected],
-        format_init: Callable[[Any], None],
+        process: Callable[[Any, Any], Sample | Rejected],
         format_ctx: Any,
         progress: Progress | None = None,
     ) -> set[str]:
-        """Run every unit of ``files``; returns the image ids that came (stored or not)."""
+        """Run every unit of ``files`` through ``process(format_ctx, file)``; returns the
+        image ids that came (stored or not)."""
         # Units never span two shards' worth of files: with a small --shard-size, small units.
         size = min(UNIT_FILES, self.cfg.shard_max_samples)
         units = [(i, files[start : start + size]) for i, start in
@@ -203,15 +203,14 @@ class BatchRun:
             scratch=scratch, dataset=self.dataset, batch=self.batch, fractions=self.fractions,
             secret=self.cfg.patient_secret, seen_ids=frozenset(self.seen_ids),
             seen_content=self.seen_content, patient_split=self.patient_split, process=process,
-            counter=mp.get_context("fork").Value("l", 0),
+            format_ctx=format_ctx, counter=mp.get_context("fork").Value("l", 0),
         )
         came: set[str] = set()
         assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch, scratch)
         try:
             with _ProgressPoller(ctx.counter, len(files), progress):
                 results = run_ordered(run_unit, units, workers=self.cfg.workers,
-                                      initializer=init_worker,
-                                      initargs=(ctx, format_init, format_ctx))
+                                      initializer=init_worker, initargs=(ctx,))
                 for result in results:
                     came.update(result.came)
                     self._merge(result, assembler)

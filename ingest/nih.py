@@ -72,14 +72,6 @@ class _Context:
     test: frozenset[str]
 
 
-_ctx: _Context | None = None
-
-
-def _init(ctx: _Context) -> None:
-    global _ctx
-    _ctx = ctx
-
-
 def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary:
     """Ingest one batch of NIH ChestX-ray14 PNGs. See the module docstring for the flow."""
     files = list_sources(cfg.image_root, [".png"])
@@ -103,19 +95,18 @@ def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary
     for p in problems:  # a bad row with a known image id is reported with its image
         if p.image_id is None:
             run.reject(p.source, p.reason)
-    run.process(files, _process, _init, ctx, progress)
+    run.process(files, _process, ctx, progress)
     return run.commit()
 
 
-def _process(src: SourceFile) -> Sample | Rejected:
-    assert _ctx is not None  # set by _init in every worker
+def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
     found = _INDEX.search(Path(src.rel).name)
     if not found:
         return Rejected(src.name, "file name has no NIH image index (NNNNNNNN_NNN)")
     index = found.group(1) + ".png"
-    entry = _ctx.entries.get(index)
+    entry = ctx.entries.get(index)
     if entry is None:
-        problem = _ctx.bad_rows.get(index)
+        problem = ctx.bad_rows.get(index)
         reason = f"{problem.source}: {problem.reason}" if problem else (
             f"no row for {index} in Data_Entry")
         return Rejected(src.name, reason, index)
@@ -126,13 +117,12 @@ def _process(src: SourceFile) -> Sample | Rejected:
     except (OSError, StoreError) as e:
         return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}",
                         index)
-    return _sample(index, entry, data, rows, cols, bit_depth)
+    return _sample(ctx, index, entry, data, rows, cols, bit_depth)
 
 
-def _sample(index: str, entry: NihEntry, data: bytes, rows: int, cols: int,
+def _sample(ctx: _Context, index: str, entry: NihEntry, data: bytes, rows: int, cols: int,
             bit_depth: int) -> Sample:
-    assert _ctx is not None
-    boxes = _ctx.boxes.get(index, [])
+    boxes = ctx.boxes.get(index, [])
     meta = {
         "image_id": index,
         "has_ptx": entry.has_ptx,
@@ -154,7 +144,7 @@ def _sample(index: str, entry: NihEntry, data: bytes, rows: int, cols: int,
             {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h} for b in boxes
         ],
     }
-    forced = "test" if index in _ctx.test else ("trainval" if index in _ctx.train_val else None)
+    forced = "test" if index in ctx.test else ("trainval" if index in ctx.train_val else None)
     return Sample(key=layout.sample_key(index.removesuffix(".png")), image_id=index,
                   members={"png": data}, meta=meta, raw_patient=("nih", entry.patient_id),
                   forced_split=forced)

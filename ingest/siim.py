@@ -59,14 +59,6 @@ class _Context:
     test_ids: frozenset[str]
 
 
-_ctx: _Context | None = None
-
-
-def _init(ctx: _Context) -> None:
-    global _ctx
-    _ctx = ctx
-
-
 def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
     """Ingest one batch of SIIM DICOMs. See the module docstring for the flow."""
     files = list_sources(cfg.dicom_root, [".dcm"])
@@ -88,34 +80,33 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     for p in problems:
         if not p.image_id:  # rows we could not even attach to an image
             run.reject(p.source, p.reason)
-    came = run.process(files, _process, _init, ctx, progress)
+    came = run.process(files, _process, ctx, progress)
     labels_name = cfg.labels.name if cfg.labels else "labels"
     _reject_orphan_labels(run, labels, ctx.bad_labels, came, labels_name)
     return run.commit()
 
 
-def _process(src: SourceFile) -> Sample | Rejected:
-    assert _ctx is not None  # set by _init in every worker
+def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
     try:
         img = read_dicom(read_source(src), src.name)
     except BadInput as e:
         return Rejected(src.name, str(e))
     except (OSError, StoreError) as e:
         return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}")
-    bad = _ctx.bad_labels.get(img.image_id)
+    bad = ctx.bad_labels.get(img.image_id)
     if bad is not None:
         return Rejected(src.name, f"bad label ({bad.source}): {bad.reason}", img.image_id)
-    label = _ctx.labels.get(img.image_id)
+    label = ctx.labels.get(img.image_id)
     try:
         mask_png, area = _mask(label, img)
     except RLEError as e:
         rows = ",".join(map(str, label.rows)) if label else "?"
         return Rejected(src.name, f"bad label (rows {rows}): {e}", img.image_id)
-    return _sample(img, label, mask_png, area)
+    return _sample(ctx, img, label, mask_png, area)
 
 
-def _sample(img: DicomImage, label: SiimLabel | None, mask_png: bytes | None, area: int | None):
-    assert _ctx is not None
+def _sample(ctx: _Context, img: DicomImage, label: SiimLabel | None, mask_png: bytes | None,
+            area: int | None) -> Sample:
     ext = "jpg" if img.image_format == "jpeg" else "png"
     members = {ext: img.image_bytes}
     if mask_png is not None:
@@ -140,14 +131,14 @@ def _sample(img: DicomImage, label: SiimLabel | None, mask_png: bytes | None, ar
         "pixel_spacing": list(img.pixel_spacing) if img.pixel_spacing else None,
         "findings": None if has_ptx is None else (["Pneumothorax"] if has_ptx else []),
     }
-    nih_patient = _ctx.xref.get(img.image_id)
+    nih_patient = ctx.xref.get(img.image_id)
     if nih_patient is not None:
         raw = ("nih", nih_patient)
     elif img.raw_patient_id:
         raw = ("siim", img.raw_patient_id)
     else:  # stage-2 test files have an empty PatientID: each image is its own patient
         raw = ("siim-image", img.image_id)
-    forced = "test" if img.image_id in _ctx.test_ids else None
+    forced = "test" if img.image_id in ctx.test_ids else None
     key = layout.sample_key(img.image_id)
     return Sample(key=key, image_id=img.image_id, members=members, meta=meta, raw_patient=raw,
                   forced_split=forced)

@@ -58,7 +58,8 @@ class UnitContext:
     seen_ids: frozenset[str]  # already in the dataset
     seen_content: frozenset[str]
     patient_split: dict[str, str]  # a patient keeps the split of their first image
-    process: Callable[[Any], Sample | Rejected]
+    process: Callable[[Any, Any], Sample | Rejected]  # (format_ctx, source file)
+    format_ctx: Any  # the format's label tables, read once in the parent
     counter: Any  # multiprocessing.Value: files done, for the parent's progress bar
 
 
@@ -93,10 +94,9 @@ def split_of(patient: str, fractions: Sequence[float]) -> str:
 _ctx: UnitContext | None = None
 
 
-def init_worker(ctx: UnitContext, format_init: Callable[[Any], None], format_ctx: Any) -> None:
+def init_worker(ctx: UnitContext) -> None:
     global _ctx
     _ctx = ctx
-    format_init(format_ctx)
 
 
 def run_unit(unit: tuple[int, Sequence[Any]]) -> UnitResult:
@@ -106,7 +106,7 @@ def run_unit(unit: tuple[int, Sequence[Any]]) -> UnitResult:
     index, files = unit
     writer = _UnitWriter(_ctx, index)
     for src in files:
-        writer.take(_ctx.process(src))
+        writer.take(_ctx.process(_ctx.format_ctx, src))
         with _ctx.counter.get_lock():
             _ctx.counter.value += 1
     return writer.finish()
