@@ -33,9 +33,8 @@ from ingest.dicom import BadInput, read_dicom
 from ingest.rle import rle_encode
 from ingest.sources import SourceFile, list_sources, read_source
 from shards.errors import ConfigError, StoreError
-from shards.store import is_s3_url, open_store
+from shards.store import is_s3_url, open_store, write_url
 from training.data import decode_image
-from training.runs import write_url
 
 log = logging.getLogger(__name__)
 

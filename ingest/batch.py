@@ -35,20 +35,15 @@ from ingest.units import (
     UnitResult,
     init_worker,
     json_bytes,
-    patient_key,
     run_unit,
-    split_of,
 )
 from shards import layout, manifest
-from shards.errors import ConfigError
+from shards.errors import ConfigError, StoreError
 from shards.store import Store
 from shards.tario import Piece, ShardUploader, ShardWriter
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-__all__ = ["BatchConfig", "BatchRun", "BatchSummary", "Rejected", "Sample", "patient_key",
-           "split_of"]
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 # A public default keeps the demo working out of the box; production sets its own secret.
 DEFAULT_PATIENT_SECRET = "pneumo-public-default-key"  # noqa: S105 - documented, not a credential
@@ -116,9 +111,11 @@ def already_committed(
     store: Store, dataset: str, batch: str, inputs: str, n_files: int
 ) -> BatchSummary:
     """A committed batch is never written again; other inputs under its name are an error."""
-    record = store.get(layout.batch_record(dataset, batch)) if store.exists(
-        layout.batch_record(dataset, batch)) else None
-    if record is not None and json.loads(record).get("inputs") != inputs:
+    try:
+        record = json.loads(store.get(layout.batch_record(dataset, batch)))
+    except StoreError:  # committed before batch records existed: nothing to compare
+        record = {"inputs": inputs}
+    if record.get("inputs") != inputs:
         raise ConfigError(
             f"batch {batch!r} is already committed with other inputs; "
             "give the new files a new --batch name"

@@ -24,8 +24,6 @@ from ingest.batch import (
     BatchRun,
     BatchSummary,
     Progress,
-    Rejected,
-    Sample,
     already_committed,
     input_fingerprint,
 )
@@ -38,6 +36,7 @@ from ingest.labels import (
     read_split_list,
 )
 from ingest.sources import SourceFile, list_sources, read_source
+from ingest.units import Rejected, Sample
 from shards import layout, manifest
 from shards.errors import ConfigError, StoreError
 from shards.store import open_store

@@ -22,8 +22,6 @@ from ingest.batch import (
     BatchRun,
     BatchSummary,
     Progress,
-    Rejected,
-    Sample,
     already_committed,
     input_fingerprint,
 )
@@ -31,6 +29,7 @@ from ingest.dicom import BadInput, DicomImage, read_dicom
 from ingest.labels import LabelProblem, SiimLabel, read_nih_xref, read_siim_labels, read_split_list
 from ingest.rle import RLEError, combine_masks
 from ingest.sources import SourceFile, list_sources, read_source
+from ingest.units import Rejected, Sample
 from shards import layout, manifest
 from shards.errors import ConfigError, StoreError
 from shards.store import open_store

@@ -30,10 +30,8 @@ MANIFEST_DIR = "manifest"
 QUARANTINE_DIR = "quarantine"
 SHARDS_DIR = "shards"
 
-# Member suffixes, as webdataset sees them (everything after the key's first dot).
-IMAGE_SUFFIXES = ("jpg", "png")
+# The mask member's suffix, as webdataset sees it (everything after the key's first dot).
 MASK_SUFFIX = "mask.png"
-META_SUFFIX = "json"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

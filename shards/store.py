@@ -65,6 +65,38 @@ def open_store(url: str | os.PathLike[str], *, create: bool = True) -> Store:
     return LocalStore(Path(url), create=create)
 
 
+def _split_url(url: str) -> tuple[str, str]:
+    """``s3://b/dir/x.pt`` -> (``s3://b/dir``, ``x.pt``); a local path -> (folder, name)."""
+    if not is_s3_url(url):
+        path = Path(url).expanduser()
+        return str(path.parent), path.name
+    parent, _, name = str(url).rstrip("/").rpartition("/")
+    if not name or parent in ("s3:/", "s3:"):
+        raise StoreError(f"{url!r} does not name an object")
+    return parent, name
+
+
+def read_url(url: str) -> bytes:
+    """The bytes of a local file or an ``s3://bucket/key`` object.
+
+    Raises:
+        StoreError: it does not exist or cannot be read.
+    """
+    if is_s3_url(url):
+        parent, name = _split_url(url)
+        return open_store(parent, create=False).get(name)
+    try:
+        return Path(url).expanduser().read_bytes()
+    except OSError as e:
+        raise StoreError(f"cannot read {url}: {e.strerror}") from e
+
+
+def write_url(url: str, data: bytes) -> None:
+    """Write ``data`` atomically to a local file or an ``s3://bucket/key`` object."""
+    parent, name = _split_url(url)
+    open_store(parent).put(name, data)
+
+
 def _clean(path: str) -> str:
     parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):

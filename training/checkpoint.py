@@ -37,9 +37,8 @@ import torch
 from torch import nn
 
 from shards.errors import PneumoError
-from shards.store import open_store
+from shards.store import open_store, read_url
 from training.model import build_unet
-from training.runs import read_url
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from shards.errors import PneumoError
-from training.runs import read_url
+from shards.store import read_url
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""What every training run shares: the process group, the RUN folder, objects named by URL.
+"""What every training run shares: the process group and the RUN folder.
 
 A RUN is a store (a local folder or ``s3://bucket/prefix``, see :mod:`shards.store`)::
 
@@ -25,15 +25,14 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from shards.errors import ConfigError, StoreError
-from shards.store import Store, is_s3_url, open_store
+from shards.errors import ConfigError
+from shards.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -41,41 +40,6 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 POSTPROCESS_FILE = "postprocess.json"
-
-
-# --- objects named by URL ---------------------------------------------------------------
-
-
-def _split_url(url: str) -> tuple[str, str]:
-    """``s3://b/dir/x.pt`` -> (``s3://b/dir``, ``x.pt``); a local path -> (folder, name)."""
-    if not is_s3_url(url):
-        path = Path(url).expanduser()
-        return str(path.parent), path.name
-    parent, _, name = str(url).rstrip("/").rpartition("/")
-    if not name or parent in ("s3:/", "s3:"):
-        raise StoreError(f"{url!r} does not name an object")
-    return parent, name
-
-
-def read_url(url: str) -> bytes:
-    """The bytes of a local file or an ``s3://bucket/key`` object.
-
-    Raises:
-        StoreError: it does not exist or cannot be read.
-    """
-    if is_s3_url(url):
-        parent, name = _split_url(url)
-        return open_store(parent, create=False).get(name)
-    try:
-        return Path(url).expanduser().read_bytes()
-    except OSError as e:
-        raise StoreError(f"cannot read {url}: {e.strerror}") from e
-
-
-def write_url(url: str, data: bytes) -> None:
-    """Write ``data`` atomically to a local file or an ``s3://bucket/key`` object."""
-    parent, name = _split_url(url)
-    open_store(parent).put(name, data)
 
 
 # --- the process group ------------------------------------------------------------------
