@@ -55,9 +55,13 @@ def per_file_baseline(files: list[Path], labels_csv: Path, out: Path) -> float:
 def pneumo_ingest(root: Path, labels_csv: Path, out: str, workers: int) -> float:
     start = time.perf_counter()
     # Shards of 200 samples: a handful of uploads even for a small benchmark batch.
-    summary = ingest_siim(SiimConfig(dicom_root=str(root), labels=labels_csv,
-                                     batch=BatchConfig(out=out, workers=workers,
-                                                       shard_max_samples=200)))
+    summary = ingest_siim(
+        SiimConfig(
+            dicom_root=str(root),
+            labels=labels_csv,
+            batch=BatchConfig(out=out, workers=workers, shard_max_samples=200),
+        )
+    )
     elapsed = time.perf_counter() - start
     if not summary.committed or summary.quarantined:
         raise SystemExit(f"ingest did not run cleanly: {summary}")
@@ -68,8 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=300, help="DICOMs (1024x1024 JPEG Baseline)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--s3-latency-ms", type=float, default=20.0,
-                        help="simulated time to first byte of every S3 request")
+    parser.add_argument(
+        "--s3-latency-ms",
+        type=float,
+        default=20.0,
+        help="simulated time to first byte of every S3 request",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -97,10 +105,13 @@ def main() -> None:
                 set_latency(latency / 1000)
                 for w in args.workers:
                     out = f"{bucket}/ds{w}-{latency:g}ms"
-                    rate = len(files) / pneumo_ingest(Path(demo.image_root), demo.labels_csv,
-                                                      out, w)
-                    print(f"pneumo ingest --workers {w} into S3 +{latency:g} ms: {rate:8.1f} "
-                          f"DICOMs/s ({rate / results[w]:.2f}x the local folder)")
+                    rate = len(files) / pneumo_ingest(
+                        Path(demo.image_root), demo.labels_csv, out, w
+                    )
+                    print(
+                        f"pneumo ingest --workers {w} into S3 +{latency:g} ms: {rate:8.1f} "
+                        f"DICOMs/s ({rate / results[w]:.2f}x the local folder)"
+                    )
 
 
 if __name__ == "__main__":

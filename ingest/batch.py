@@ -121,8 +121,9 @@ def already_committed(
             "give the new files a new --batch name"
         )
     log.info("batch %s is already committed: nothing to add", batch)
-    return BatchSummary(dataset=dataset, batch=batch, skipped=n_files, committed=True,
-                        already_committed=True)
+    return BatchSummary(
+        dataset=dataset, batch=batch, skipped=n_files, committed=True, already_committed=True
+    )
 
 
 def resolve_fractions(store: Store, wanted: tuple[float, float, float] | None) -> tuple:
@@ -159,8 +160,11 @@ class BatchRun:
         self.seen_ids = set(existing.column("image_id").to_pylist())
         self.seen_content = frozenset(existing.column("content_sha256").to_pylist())
         self.patient_split = dict(
-            zip(existing.column("patient_key").to_pylist(), existing.column("split").to_pylist(),
-                strict=True)
+            zip(
+                existing.column("patient_key").to_pylist(),
+                existing.column("split").to_pylist(),
+                strict=True,
+            )
         )
         self.rows: list[dict[str, Any]] = []
         self.rejected: list[Rejected] = []
@@ -169,8 +173,9 @@ class BatchRun:
     def _discard_uncommitted_leftovers(self) -> None:
         leftovers = self.store.list(layout.batch_shard_prefix(self.dataset, self.batch))
         if leftovers:
-            log.info("batch %s was interrupted: rewriting it (%d old shards)", self.batch,
-                     len(leftovers))
+            log.info(
+                "batch %s was interrupted: rewriting it (%d old shards)", self.batch, len(leftovers)
+            )
         for path in leftovers:
             self.store.delete(path)
         scratch = self.store.scratch_dir()
@@ -193,21 +198,34 @@ class BatchRun:
         image ids that came (stored or not)."""
         # Units never span two shards' worth of files: with a small --shard-size, small units.
         size = min(UNIT_FILES, self.cfg.shard_max_samples)
-        units = [(i, files[start : start + size]) for i, start in
-                 enumerate(range(0, len(files), size))]
+        units = [
+            (i, files[start : start + size]) for i, start in enumerate(range(0, len(files), size))
+        ]
         scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=self.store.scratch_dir())
         ctx = UnitContext(
-            scratch=scratch, dataset=self.dataset, batch=self.batch, fractions=self.fractions,
-            secret=self.cfg.patient_secret, seen_ids=frozenset(self.seen_ids),
-            seen_content=self.seen_content, patient_split=self.patient_split, process=process,
-            format_ctx=format_ctx, counter=mp.get_context("fork").Value("l", 0),
+            scratch=scratch,
+            dataset=self.dataset,
+            batch=self.batch,
+            fractions=self.fractions,
+            secret=self.cfg.patient_secret,
+            seen_ids=frozenset(self.seen_ids),
+            seen_content=self.seen_content,
+            patient_split=self.patient_split,
+            process=process,
+            format_ctx=format_ctx,
+            counter=mp.get_context("fork").Value("l", 0),
         )
         came: set[str] = set()
         assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch, scratch)
         try:
             with _ProgressPoller(ctx.counter, len(files), progress):
-                results = run_ordered(run_unit, units, workers=self.cfg.workers,
-                                      initializer=init_worker, initargs=(ctx,))
+                results = run_ordered(
+                    run_unit,
+                    units,
+                    workers=self.cfg.workers,
+                    initializer=init_worker,
+                    initargs=(ctx,),
+                )
                 for result in results:
                     came.update(result.came)
                     self._merge(result, assembler)
@@ -243,9 +261,15 @@ class BatchRun:
             manifest.write_part(self.store, q_path, manifest.to_table(q_rows, "quarantine"))
         elif self.store.exists(q_path):  # a stale part from an interrupted earlier attempt
             self.store.delete(q_path)
-        record = {"dataset": self.dataset, "batch": self.batch, "inputs": self.inputs,
-                  "ingested": self.summary.ingested, "skipped": self.summary.skipped,
-                  "quarantined": len(self.rejected), "shards": self.summary.shards}
+        record = {
+            "dataset": self.dataset,
+            "batch": self.batch,
+            "inputs": self.inputs,
+            "ingested": self.summary.ingested,
+            "skipped": self.summary.skipped,
+            "quarantined": len(self.rejected),
+            "shards": self.summary.shards,
+        }
         self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(record))
         table = manifest.to_table(self.rows, "samples")
         manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), table)
@@ -258,8 +282,9 @@ class _Assembler:
     """Concatenates the units' pieces, in unit order, into shards of the final size and
     uploads each finished shard in the background."""
 
-    def __init__(self, store: Store, cfg: BatchConfig, dataset: str, batch: str,
-                 scratch: str) -> None:
+    def __init__(
+        self, store: Store, cfg: BatchConfig, dataset: str, batch: str, scratch: str
+    ) -> None:
         self.cfg, self.dataset, self.batch, self.scratch = cfg, dataset, batch, scratch
         self.uploader = ShardUploader(store)
         self.open: dict[tuple[str, str], ShardWriter] = {}
@@ -275,8 +300,7 @@ class _Assembler:
             self.open[slot] = ShardWriter(path, self.scratch)
         writer = self.open[slot]
         writer.append(piece)
-        if (writer.count >= self.cfg.shard_max_samples
-                or writer.nbytes >= self.cfg.shard_max_bytes):
+        if writer.count >= self.cfg.shard_max_samples or writer.nbytes >= self.cfg.shard_max_bytes:
             self.uploader.submit(self.open.pop(slot))
             self.done += 1
         return writer.path

@@ -81,8 +81,9 @@ def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary
         entries=entries,
         bad_rows={p.image_id: p for p in problems if p.image_id},
         boxes=read_nih_bboxes(cfg.bbox) if cfg.bbox else {},
-        train_val=frozenset(read_split_list(cfg.train_val_list)) if cfg.train_val_list else
-        frozenset(),
+        train_val=frozenset(read_split_list(cfg.train_val_list))
+        if cfg.train_val_list
+        else frozenset(),
         test=frozenset(read_split_list(cfg.test_list)) if cfg.test_list else frozenset(),
     )
     store = open_store(cfg.batch.out)
@@ -106,21 +107,24 @@ def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
     entry = ctx.entries.get(index)
     if entry is None:
         problem = ctx.bad_rows.get(index)
-        reason = f"{problem.source}: {problem.reason}" if problem else (
-            f"no row for {index} in Data_Entry")
+        reason = (
+            f"{problem.source}: {problem.reason}"
+            if problem
+            else (f"no row for {index} in Data_Entry")
+        )
         return Rejected(src.name, reason, index)
     try:
         data, rows, cols, bit_depth = stored_png(read_source(src))
     except ValueError as e:
         return Rejected(src.name, str(e), index)
     except (OSError, StoreError) as e:
-        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}",
-                        index)
+        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}", index)
     return _sample(ctx, index, entry, data, rows, cols, bit_depth)
 
 
-def _sample(ctx: _Context, index: str, entry: NihEntry, data: bytes, rows: int, cols: int,
-            bit_depth: int) -> Sample:
+def _sample(
+    ctx: _Context, index: str, entry: NihEntry, data: bytes, rows: int, cols: int, bit_depth: int
+) -> Sample:
     boxes = ctx.boxes.get(index, [])
     meta = {
         "image_id": index,
@@ -139,14 +143,17 @@ def _sample(ctx: _Context, index: str, entry: NihEntry, data: bytes, rows: int, 
         "findings": list(entry.findings),
         "follow_up": entry.follow_up,
         "n_boxes": len(boxes),
-        "boxes": [
-            {"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h} for b in boxes
-        ],
+        "boxes": [{"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h} for b in boxes],
     }
     forced = "test" if index in ctx.test else ("trainval" if index in ctx.train_val else None)
-    return Sample(key=layout.sample_key(index.removesuffix(".png")), image_id=index,
-                  members={"png": data}, meta=meta, raw_patient=("nih", entry.patient_id),
-                  forced_split=forced)
+    return Sample(
+        key=layout.sample_key(index.removesuffix(".png")),
+        image_id=index,
+        members={"png": data},
+        meta=meta,
+        raw_patient=("nih", entry.patient_id),
+        forced_split=forced,
+    )
 
 
 def stored_png(data: bytes) -> tuple[bytes, int, int, int]:

@@ -104,8 +104,13 @@ def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
     return _sample(ctx, img, label, mask_png, area)
 
 
-def _sample(ctx: _Context, img: DicomImage, label: SiimLabel | None, mask_png: bytes | None,
-            area: int | None) -> Sample:
+def _sample(
+    ctx: _Context,
+    img: DicomImage,
+    label: SiimLabel | None,
+    mask_png: bytes | None,
+    area: int | None,
+) -> Sample:
     ext = "jpg" if img.image_format == "jpeg" else "png"
     members = {ext: img.image_bytes}
     if mask_png is not None:
@@ -139,8 +144,14 @@ def _sample(ctx: _Context, img: DicomImage, label: SiimLabel | None, mask_png: b
         raw = ("siim-image", img.image_id)
     forced = "test" if img.image_id in ctx.test_ids else None
     key = layout.sample_key(img.image_id)
-    return Sample(key=key, image_id=img.image_id, members=members, meta=meta, raw_patient=raw,
-                  forced_split=forced)
+    return Sample(
+        key=key,
+        image_id=img.image_id,
+        members=members,
+        meta=meta,
+        raw_patient=raw,
+        forced_split=forced,
+    )
 
 
 _empty_masks: dict[tuple[int, int], bytes] = {}
@@ -170,12 +181,14 @@ def encode_mask(mask: np.ndarray) -> bytes:
     scanlines = np.zeros((height, packed.shape[1] + 1), dtype=np.uint8)  # filter byte 0: none
     scanlines[:, 1:] = packed
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
-    return b"".join((
-        b"\x89PNG\r\n\x1a\n",
-        _png_chunk(b"IHDR", header),
-        _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 1)),
-        _png_chunk(b"IEND", b""),
-    ))
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 1)),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -183,8 +196,13 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def _reject_orphan_labels(run: BatchRun, labels: dict[str, SiimLabel],
-                          bad: dict[str, LabelProblem], seen: set[str], labels_name: str) -> None:
+def _reject_orphan_labels(
+    run: BatchRun,
+    labels: dict[str, SiimLabel],
+    bad: dict[str, LabelProblem],
+    seen: set[str],
+    labels_name: str,
+) -> None:
     """A label row whose image never came is quarantined (unless stored in an earlier batch)."""
     for image_id in sorted(set(labels) | set(bad)):
         if image_id in seen or image_id in run.seen_ids:

@@ -128,8 +128,12 @@ class _UnitWriter:
             self.result.rejected.append(item)
             return
         sha = item.meta["content_sha256"]
-        if (item.image_id in self.ids or item.image_id in self.ctx.seen_ids
-                or sha in self.content or sha in self.ctx.seen_content):
+        if (
+            item.image_id in self.ids
+            or item.image_id in self.ctx.seen_ids
+            or sha in self.content
+            or sha in self.ctx.seen_content
+        ):
             self.result.skipped += 1
             return
         self.ids.add(item.image_id)
@@ -143,13 +147,14 @@ class _UnitWriter:
         if (split, group) not in self.writers:
             name = f"unit{self.index:06d}-{split}-{group}"
             self.writers[(split, group)] = ShardWriter(name, self.ctx.scratch)
-        meta = {**sample.meta, "patient_key": patient, "split": split,
-                "dataset": self.ctx.dataset}
+        meta = {**sample.meta, "patient_key": patient, "split": split, "dataset": self.ctx.dataset}
         self.writers[(split, group)].write(
-            {"__key__": sample.key, **sample.members, "json": json_bytes(meta)})
+            {"__key__": sample.key, **sample.members, "json": json_bytes(meta)}
+        )
         row = {k: meta.get(k) for k in manifest.SAMPLES_SCHEMA.names}
-        row.update(key=sample.key, image_id=sample.image_id, batch=self.ctx.batch,
-                   shard=(split, group))
+        row.update(
+            key=sample.key, image_id=sample.image_id, batch=self.ctx.batch, shard=(split, group)
+        )
         self.result.rows.append(row)
 
     def _split(self, patient: str, sample: Sample) -> str:
@@ -162,8 +167,13 @@ class _UnitWriter:
             fractions = (train / (train + val), val / (train + val), 0.0)
         wanted = split_of(patient, fractions)
         if known is not None and known != wanted and sample.forced_split:
-            log.warning("%s: the split list says %s, but its patient is already in %s; kept %s",
-                        sample.image_id, sample.forced_split, known, known)
+            log.warning(
+                "%s: the split list says %s, but its patient is already in %s; kept %s",
+                sample.image_id,
+                sample.forced_split,
+                known,
+                known,
+            )
         split = known or wanted
         self.patients[patient] = split
         return split

@@ -1,21 +1,19 @@
-"""``pneumo``: the command line. Each command turns its options into a config object and
-makes one library call; errors of ours become one line and exit code 1 (``--verbose`` for
-the traceback).
+"""``pneumo``: the command line, assembled from one module per sub-app.
+
+Each command turns its options into a config object and makes one library call; errors of
+ours become one line and exit code 1 (``--verbose`` for the traceback). Run it as
+``pneumo``, ``python -m pneumo``, or under torchrun as ``torchrun ... $(which pneumo) ...``.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import sys
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from pneumo.render import ProgressBar, fail_on_errors, print_table
-from shards.errors import ConfigError
+from pneumo.commands import bench, demo, evaluate, ingest, manifest, train
+from pneumo.render import fail_on_errors
 
 app = typer.Typer(
     help="pneumo: chest X-ray archives -> WebDataset shards -> pneumothorax models.",
@@ -23,37 +21,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-ingest_app = typer.Typer(help="Ingest a batch of images and labels into a dataset.",
-                         no_args_is_help=True)
-app.add_typer(ingest_app, name="ingest")
-
-Dataset = Annotated[str, typer.Option("--out", help="Dataset: a folder or s3://bucket/prefix.")]
-Workers = Annotated[int, typer.Option(help="Decoding processes.", min=1)]
-Batch = Annotated[
-    str | None,
-    typer.Option(help="Batch name (letters, digits, _ -). Default: derived from the inputs, "
-                 "so re-running the same command resumes the same batch."),
-]
-ShardSize = Annotated[int, typer.Option(
-    help="Samples per tar shard: a shard is closed once it holds this many (it may hold up "
-    "to 127 more: work is split in runs of 128 files that never straddle two shards).",
-    min=1)]
-Fractions = Annotated[
-    str | None,
-    typer.Option(help="train,val,test fractions for patient-level splits, e.g. 0.8,0.1,0.1. "
-                 "Fixed by the dataset's first batch."),
-]
-Secret = Annotated[
-    str | None,
-    typer.Option(envvar="PNEUMO_PATIENT_KEY", show_default=False, show_envvar=True,
-                 help="Secret for the keyed hash of patient ids (keep it apart from the data)."),
-]
+app.add_typer(ingest.app, name="ingest")
+app.add_typer(train.app, name="train")
+app.add_typer(evaluate.app, name="evaluate")
+app.add_typer(bench.app, name="bench")
+app.command("manifest")(manifest.manifest_cmd)
+app.command("demo-data")(ingest.demo_data_cmd)
+app.command("predict")(evaluate.predict_cmd)
+app.command("demo")(demo.demo_cmd)
 
 
 @app.callback()
 def main_options(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details, tracebacks.")]
-    = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log details, tracebacks.")
+    ] = False,
 ) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -64,190 +46,9 @@ def main_options(
     fail_on_errors.verbose = verbose
 
 
-def _batch_config(out: str, batch: str | None, workers: int, shard_size: int,
-                  fractions: str | None, secret: str | None) -> Any:
-    from ingest.batch import DEFAULT_PATIENT_SECRET, BatchConfig
-
-    if secret is None:
-        logging.getLogger("pneumo").warning(
-            "PNEUMO_PATIENT_KEY is not set: patient keys use the public default secret"
-        )
-    parsed = None
-    if fractions:
-        try:
-            parsed = tuple(float(x) for x in fractions.split(","))
-        except ValueError as e:
-            raise ConfigError(f"--split-fractions {fractions!r}: expected three numbers") from e
-    return BatchConfig(out=out, batch=batch, workers=workers, shard_max_samples=shard_size,
-                       split_fractions=parsed, patient_secret=secret or DEFAULT_PATIENT_SECRET)
-
-
-def _report(summary: Any, out: str) -> None:
-    if summary.already_committed:
-        typer.echo(f"batch {summary.batch} is already committed: nothing added "
-                   f"({summary.skipped} files skipped)")
-        return
-    splits = ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items())) or "none"
-    typer.echo(f"batch {summary.batch} committed: ingested {summary.ingested} "
-               f"({splits}), skipped {summary.skipped}, quarantined {summary.quarantined}, "
-               f"{summary.shards} shards")
-    if summary.orphan_labels:
-        typer.echo(f"  of the quarantined, {summary.orphan_labels} are label rows whose image "
-                   "is not in this batch")
-    if summary.quarantined:
-        typer.echo(f"see why: pneumo manifest {out} --table quarantine --where \"batch == "
-                   f"'{summary.batch}'\"")
-
-
-@ingest_app.command("siim")
-@fail_on_errors
-def ingest_siim_cmd(
-    dicom_root: Annotated[str, typer.Argument(help="Folder or s3:// prefix of .dcm files.")],
-    out: Dataset,
-    labels: Annotated[Path | None, typer.Option(help="SIIM RLE label CSV (any stage).",
-                                                exists=True, dir_okay=False)] = None,
-    batch: Batch = None,
-    workers: Workers = 1,
-    nih_xref: Annotated[Path | None, typer.Option(
-        help="CSV mapping SIIM ImageIds to NIH images (Kaggle_ID,NIH_ID): patient_key becomes "
-        "the NIH patient.", exists=True, dir_okay=False)] = None,
-    test_list: Annotated[Path | None, typer.Option(
-        help="File of ImageIds to put in the test split.", exists=True, dir_okay=False)] = None,
-    split_fractions: Fractions = None,
-    shard_size: ShardSize = 1000,
-    patient_key_secret: Secret = None,
-) -> None:
-    """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch."""
-    from ingest.siim import SiimConfig, ingest_siim
-
-    cfg = SiimConfig(
-        dicom_root=dicom_root, labels=labels, nih_xref=nih_xref, test_list=test_list,
-        batch=_batch_config(out, batch, workers, shard_size, split_fractions, patient_key_secret),
-    )
-    with ProgressBar("ingest siim", unit="img") as bar:
-        summary = ingest_siim(cfg, progress=bar.update_to)
-    _report(summary, out)
-
-
-@ingest_app.command("nih")
-@fail_on_errors
-def ingest_nih_cmd(
-    image_root: Annotated[str, typer.Argument(help="Folder or s3:// prefix of .png files.")],
-    labels: Annotated[Path, typer.Option(help="Data_Entry_2017.csv (2017 or v2020).",
-                                         exists=True, dir_okay=False)],
-    out: Dataset,
-    bbox: Annotated[Path | None, typer.Option(help="BBox_List_2017.csv.", exists=True,
-                                              dir_okay=False)] = None,
-    split_lists: Annotated[tuple[Path, Path] | None, typer.Option(
-        help="train_val_list.txt test_list.txt (official patient-wise split).", exists=True,
-        dir_okay=False)] = None,
-    batch: Batch = None,
-    workers: Workers = 1,
-    split_fractions: Fractions = None,
-    shard_size: ShardSize = 1000,
-    patient_key_secret: Secret = None,
-) -> None:
-    """Ingest NIH ChestX-ray14 PNGs (+ Data_Entry labels) as one batch."""
-    from ingest.nih import NihConfig, ingest_nih
-
-    train_val, test = split_lists if split_lists else (None, None)
-    cfg = NihConfig(
-        image_root=image_root, labels=labels, bbox=bbox, train_val_list=train_val,
-        test_list=test,
-        batch=_batch_config(out, batch, workers, shard_size, split_fractions, patient_key_secret),
-    )
-    with ProgressBar("ingest nih", unit="img") as bar:
-        summary = ingest_nih(cfg, progress=bar.update_to)
-    _report(summary, out)
-
-
-@app.command("manifest")
-@fail_on_errors
-def manifest_cmd(
-    dataset: Annotated[str, typer.Argument(help="Dataset: folder or s3://bucket/prefix.")],
-    where: Annotated[str | None, typer.Option(
-        help="Filter, e.g. \"split == 'train' and has_ptx\"; see README.")] = None,
-    columns: Annotated[str | None, typer.Option(help="Comma-separated columns.")] = None,
-    table: Annotated[str, typer.Option(help="samples | quarantine")] = "samples",
-    fmt: Annotated[str, typer.Option("--format", help="table | csv | json | parquet")] = "table",
-    output: Annotated[Path | None, typer.Option(help="Write to this file (parquet needs one "
-                                                "unless stdout is a pipe).")] = None,
-    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
-) -> None:
-    """Query a dataset's manifest (or its quarantine table)."""
-    from shards.manifest import read
-    from shards.store import open_store
-
-    if table not in ("samples", "quarantine"):
-        raise ConfigError(f"--table {table!r}: expected samples or quarantine")
-    if fmt not in ("table", "csv", "json", "parquet"):
-        raise ConfigError(f"--format {fmt!r}: expected table, csv, json or parquet")
-    cols = [c.strip() for c in columns.split(",")] if columns else None
-    result = read(open_store(dataset, create=False), where=where, columns=cols,
-                  table=table)  # type: ignore[arg-type]
-    if limit is not None:
-        result = result.slice(0, limit)
-    _write_table(result, fmt, output)
-
-
-def _write_table(result: Any, fmt: str, output: Path | None) -> None:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    if fmt == "parquet":
-        if output is None and sys.stdout.isatty():
-            raise ConfigError("--format parquet writes binary: give --output FILE or a pipe")
-        pq.write_table(result, output or sys.stdout.buffer)
-        return
-    out = open(output, "w") if output else sys.stdout  # noqa: SIM115
-    try:
-        if fmt == "csv":
-            buf = io.BytesIO()
-            pacsv.write_csv(_flatten_lists(result), buf)
-            out.write(buf.getvalue().decode())
-        elif fmt == "json":
-            for row in result.to_pylist():
-                out.write(json.dumps(row, default=str) + "\n")
-        else:
-            print_table(result, out)
-    finally:
-        if output:
-            out.close()
-
-
-def _flatten_lists(table: Any) -> Any:
-    """CSV has no list type: list columns (NIH findings) become ``A|B`` strings."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    for i, f in enumerate(table.schema):
-        if pa.types.is_list(f.type):
-            table = table.set_column(i, f.name, pc.binary_join(table.column(i), "|"))
-    return table
-
-
-@app.command("demo-data")
-@fail_on_errors
-def demo_data_cmd(
-    kind: Annotated[str, typer.Argument(help="siim | nih")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write into.")],
-    n: Annotated[int, typer.Option(help="Number of images.", min=1)] = 64,
-    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
-    size: Annotated[int, typer.Option(help="Image side in pixels.", min=32)] = 1024,
-) -> None:
-    """Write a synthetic batch in the exact on-disk formats (SIIM DICOM+CSV, NIH PNG+CSV)."""
-    from ingest.demo import write_nih_demo, write_siim_demo
-
-    writers = {"siim": write_siim_demo, "nih": write_nih_demo}
-    if kind not in writers:
-        raise ConfigError(f"demo-data {kind!r}: expected siim or nih")
-    with ProgressBar(f"demo-data {kind}", unit="img", total=n) as bar:
-        summary = writers[kind](out_dir, n=n, seed=seed, size=size, progress=bar.update_to)
-    typer.echo(f"wrote {summary.n_images} images ({summary.n_positive} with pneumothorax) "
-               f"under {summary.image_root}; labels: {summary.labels_csv}")
-
-
 def main() -> None:
-    from pneumo import commands  # noqa: F401 - registers train/evaluate/predict/bench
-
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -66,6 +66,9 @@ def print_table(table: Any, out: IO[str], max_width: int = 48) -> None:
 
 
 def _cell(value: Any, max_width: int) -> str:
-    text = "" if value is None else (",".join(map(str, value)) if isinstance(value, list)
-                                     else str(value))
+    text = (
+        ""
+        if value is None
+        else (",".join(map(str, value)) if isinstance(value, list) else str(value))
+    )
     return text if len(text) <= max_width else text[: max_width - 1] + "…"

@@ -276,10 +276,17 @@ class _ResumingReader(io.RawIOBase):
                 return data
             except (BotoCoreError, HTTPError, ConnectionError) as e:
                 if attempt == self.RETRIES:
-                    raise StoreError(f"lost s3://{self.store.bucket}/{self.key} at byte "
-                                     f"{self.pos} after {self.RETRIES} retries: {e}") from e
-                log.warning("s3://%s/%s: connection lost at byte %d (%s); resuming",
-                            self.store.bucket, self.key, self.pos, type(e).__name__)
+                    raise StoreError(
+                        f"lost s3://{self.store.bucket}/{self.key} at byte "
+                        f"{self.pos} after {self.RETRIES} retries: {e}"
+                    ) from e
+                log.warning(
+                    "s3://%s/%s: connection lost at byte %d (%s); resuming",
+                    self.store.bucket,
+                    self.key,
+                    self.pos,
+                    type(e).__name__,
+                )
                 time.sleep(min(2.0, 0.1 * 2**attempt))
                 self.body = self._open()
         raise AssertionError("unreachable")

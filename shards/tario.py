@@ -82,8 +82,9 @@ class ShardWriter:
             try:  # in the kernel, no trip through Python
                 copied = 0
                 while copied < piece.data_end:
-                    n = os.copy_file_range(src.fileno(), self._file.fileno(),
-                                           piece.data_end - copied)
+                    n = os.copy_file_range(
+                        src.fileno(), self._file.fileno(), piece.data_end - copied
+                    )
                     if n == 0:
                         raise OSError(f"{piece.tmp_path} is shorter than {piece.data_end} bytes")
                     copied += n

@@ -21,8 +21,7 @@ import pytest
 SHARED_DATA = Path(
     os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
-_S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION")
+_S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +42,12 @@ def s3_endpoint() -> Iterator[str]:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
-        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="testing",
-                          AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
     try:
         yield os.environ["AWS_ENDPOINT_URL"]
     finally:
@@ -69,8 +72,9 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 def run_pneumo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the real ``pneumo`` command (``python -m pneumo``) and capture its output."""
-    proc = subprocess.run([sys.executable, "-m", "pneumo", *args], capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pneumo", *args], capture_output=True, text=True, timeout=900
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"pneumo {args} failed ({proc.returncode}):\n{proc.stderr}")
     return proc

@@ -20,35 +20,67 @@ pytestmark = pytest.mark.integration
 def local_dataset(shared_data: Path, tmp_path_factory, pneumo) -> Path:
     out = tmp_path_factory.mktemp("cli") / "ds"
     siim = shared_data / "siim"
-    proc = pneumo("ingest", "siim", str(siim / "sample_images"), "--labels",
-                  str(siim / "sample_images" / "train-rle-sample.csv"), "--out", str(out),
-                  "--workers", "2")
+    proc = pneumo(
+        "ingest",
+        "siim",
+        str(siim / "sample_images"),
+        "--labels",
+        str(siim / "sample_images" / "train-rle-sample.csv"),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    )
     assert "ingested 10" in proc.stdout
     return out
 
 
 def test_manifest_formats(local_dataset, pneumo):
-    text = pneumo("manifest", str(local_dataset), "--where", "has_ptx", "--columns",
-                  "image_id,has_ptx,mask_area_px").stdout
+    text = pneumo(
+        "manifest",
+        str(local_dataset),
+        "--where",
+        "has_ptx",
+        "--columns",
+        "image_id,has_ptx,mask_area_px",
+    ).stdout
     assert "(5 rows)" in text
-    rows = [json.loads(x) for x in pneumo("manifest", str(local_dataset), "--format",
-                                          "json").stdout.splitlines()]
+    rows = [
+        json.loads(x)
+        for x in pneumo("manifest", str(local_dataset), "--format", "json").stdout.splitlines()
+    ]
     assert len(rows) == 10 and all("." not in r["key"] for r in rows)
-    csv = pacsv.read_csv(io.BytesIO(pneumo("manifest", str(local_dataset), "--format", "csv",
-                                           "--where", "not has_ptx").stdout.encode()))
+    csv = pacsv.read_csv(
+        io.BytesIO(
+            pneumo(
+                "manifest", str(local_dataset), "--format", "csv", "--where", "not has_ptx"
+            ).stdout.encode()
+        )
+    )
     assert csv.num_rows == 5
     out = local_dataset.parent / "m.parquet"
-    pneumo("manifest", str(local_dataset), "--format", "parquet", "--output", str(out),
-           "--where", "'Pneumothorax' in findings")
+    pneumo(
+        "manifest",
+        str(local_dataset),
+        "--format",
+        "parquet",
+        "--output",
+        str(out),
+        "--where",
+        "'Pneumothorax' in findings",
+    )
     assert pq.read_table(out).num_rows == 5
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--where", "nope == 1"], "unknown column 'nope'"),
-    (["--where", "split = 'train'"], "not a valid expression"),
-    (["--where", "__import__('os')"], "unsupported syntax"),
-    (["--table", "other"], "expected samples or quarantine"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--where", "nope == 1"], "unknown column 'nope'"),
+        (["--where", "split = 'train'"], "not a valid expression"),
+        (["--where", "__import__('os')"], "unsupported syntax"),
+        (["--table", "other"], "expected samples or quarantine"),
+    ],
+)
 def test_bad_queries_fail_with_one_line(local_dataset, args, message, pneumo):
     proc = pneumo("manifest", str(local_dataset), *args, check=False)
     assert proc.returncode == 1
@@ -57,8 +89,9 @@ def test_bad_queries_fail_with_one_line(local_dataset, args, message, pneumo):
 
 
 def test_unusable_inputs_fail_with_one_line(tmp_path, s3_endpoint, pneumo):
-    proc = pneumo("ingest", "siim", str(tmp_path / "missing"), "--out", str(tmp_path / "x"),
-                  check=False)
+    proc = pneumo(
+        "ingest", "siim", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), check=False
+    )
     assert proc.returncode == 1 and "is not a folder" in proc.stderr
     proc = pneumo("manifest", "s3://no-such-bucket-here/ds", check=False)
     assert proc.returncode == 1 and "no-such-bucket-here" in proc.stderr
@@ -73,17 +106,46 @@ def test_s3_ingest_from_s3_and_plain_pyarrow_query(shared_data, s3_bucket, s3_en
     for p in sorted((shared_data / "siim" / "sample_images").glob("*.dcm")):
         s3.upload_file(str(p), bucket, f"incoming/{p.name}")
     labels = shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz"
-    proc = pneumo("ingest", "siim", f"{s3_bucket}/incoming", "--labels", str(labels), "--out",
-                  f"{s3_bucket}/datasets/siim", "--workers", "2", "--shard-size", "3")
+    proc = pneumo(
+        "ingest",
+        "siim",
+        f"{s3_bucket}/incoming",
+        "--labels",
+        str(labels),
+        "--out",
+        f"{s3_bucket}/datasets/siim",
+        "--workers",
+        "2",
+        "--shard-size",
+        "3",
+    )
     assert "ingested 14" in proc.stdout
-    again = pneumo("ingest", "siim", f"{s3_bucket}/incoming", "--labels", str(labels), "--out",
-                   f"{s3_bucket}/datasets/siim", "--shard-size", "3")
+    again = pneumo(
+        "ingest",
+        "siim",
+        f"{s3_bucket}/incoming",
+        "--labels",
+        str(labels),
+        "--out",
+        f"{s3_bucket}/datasets/siim",
+        "--shard-size",
+        "3",
+    )
     assert "already committed" in again.stdout
     # The README's pyarrow example, as a user would run it against MinIO.
-    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, access_key="testing",
-                           secret_key="testing", region="us-east-1", scheme="http")
-    table = ds.dataset(f"{bucket}/datasets/siim/manifest", filesystem=fs, format="parquet",
-                       partitioning="hive").to_table(filter=ds.field("has_ptx") == True)  # noqa: E712
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_endpoint,
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+        scheme="http",
+    )
+    table = ds.dataset(
+        f"{bucket}/datasets/siim/manifest", filesystem=fs, format="parquet", partitioning="hive"
+    ).to_table(filter=ds.field("has_ptx") == True)  # noqa: E712
     assert table.num_rows == 5
-    assert pneumo("manifest", f"{s3_bucket}/datasets/siim", "--where",
-                  "has_ptx is None").stdout.strip().endswith("(4 rows)")
+    assert (
+        pneumo("manifest", f"{s3_bucket}/datasets/siim", "--where", "has_ptx is None")
+        .stdout.strip()
+        .endswith("(4 rows)")
+    )

@@ -18,18 +18,42 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def dataset(tmp_path_factory, pneumo) -> Path:
     root = tmp_path_factory.mktemp("cli-train")
     pneumo("demo-data", "siim", str(root / "raw"), "--n", "40", "--size", "256")
-    pneumo("ingest", "siim", str(root / "raw" / "dicom-images-train"), "--labels",
-           str(root / "raw" / "train-rle.csv"), "--out", str(root / "ds"),
-           "--split-fractions", "0.6,0.2,0.2")
+    pneumo(
+        "ingest",
+        "siim",
+        str(root / "raw" / "dicom-images-train"),
+        "--labels",
+        str(root / "raw" / "train-rle.csv"),
+        "--out",
+        str(root / "ds"),
+        "--split-fractions",
+        "0.6,0.2,0.2",
+    )
     return root / "ds"
 
 
 @pytest.fixture(scope="module")
 def run(dataset, pneumo) -> Path:
     out = dataset.parent / "run"
-    proc = pneumo("train", "segment", str(dataset), "--out", str(out), "--size", "64",
-                  "--epochs", "2", "--steps-per-epoch", "3", "--workers", "0",
-                  "--batch-size", "4", "--warmup-steps", "1")
+    proc = pneumo(
+        "train",
+        "segment",
+        str(dataset),
+        "--out",
+        str(out),
+        "--size",
+        "64",
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "3",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--warmup-steps",
+        "1",
+    )
     assert "step 6/6" in proc.stdout
     return out
 
@@ -43,8 +67,11 @@ def test_train_writes_a_self_describing_run(run):
 
 
 def test_evaluate_json(run, pneumo):
-    summary = json.loads(pneumo("evaluate", "segment", str(run), "--split", "test",
-                                "--format", "json", "--workers", "0").stdout)
+    summary = json.loads(
+        pneumo(
+            "evaluate", "segment", str(run), "--split", "test", "--format", "json", "--workers", "0"
+        ).stdout
+    )
     assert {"dice", "dice_pos", "n_images"} <= set(summary)
     assert summary["n_images"] > 0 and 0.0 <= summary["dice"] <= 1.0
     table = pneumo("evaluate", "segment", str(run), "--tta", "--workers", "0").stdout
@@ -56,20 +83,35 @@ def test_predict_real_dicoms_to_a_submission(run, shared_data, tmp_path, pneumo)
     shutil.copytree(shared_data / "siim" / "stage2_test", src)
     (src / "broken.dcm").write_bytes(b"not a dicom")
     out = tmp_path / "submission.csv"
-    proc = pneumo("predict", str(run), str(src), "--out", str(out), "--overlays",
-                  str(tmp_path / "overlays"))
+    proc = pneumo(
+        "predict", str(run), str(src), "--out", str(out), "--overlays", str(tmp_path / "overlays")
+    )
     assert "broken.dcm" in proc.stderr  # reported, and the rest went on
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and all(r["ImageId"].startswith("ID_") for r in rows)
-    assert all(r["EncodedPixels"] == "-1" or len(r["EncodedPixels"].split()) % 2 == 0
-               for r in rows)
+    assert all(r["EncodedPixels"] == "-1" or len(r["EncodedPixels"].split()) % 2 == 0 for r in rows)
     assert len(list((tmp_path / "overlays").glob("*.png"))) == 10
 
 
 def test_bench_loader_last_line(dataset, pneumo):
-    out = pneumo("bench", "loader", str(dataset), "--size", "64", "--seconds", "1",
-                 "--workers", "0", "--batch-size", "4").stdout.strip().splitlines()
+    out = (
+        pneumo(
+            "bench",
+            "loader",
+            str(dataset),
+            "--size",
+            "64",
+            "--seconds",
+            "1",
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     assert out[-1].startswith("samples/s: ") and float(out[-1].split()[-1]) > 0
 
 
@@ -79,10 +121,33 @@ def test_torchrun_two_processes_run_the_same_command(dataset, tmp_path, free_por
     assert script, "the pneumo console script is installed next to the interpreter"
     out = tmp_path / "ddp-run"
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port), script, "train",
-         "segment", str(dataset), "--out", str(out), "--size", "64", "--epochs", "1",
-         "--steps-per-epoch", "2", "--workers", "1", "--batch-size", "2"],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port),
+            script,
+            "train",
+            "segment",
+            str(dataset),
+            "--out",
+            str(out),
+            "--size",
+            "64",
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--workers",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["batches_per_rank"] == [2, 2]

@@ -67,7 +67,7 @@ class DistEnv:
         if env.world_size > 1 and not os.environ.get("MASTER_ADDR"):
             raise ConfigError(
                 "WORLD_SIZE > 1 but MASTER_ADDR is not set: start multi-process training "
-                "with torchrun (e.g. torchrun --nproc-per-node 2 -m pneumo.cli train segment ...)"
+                "with torchrun (e.g. torchrun --nproc-per-node 2 $(which pneumo) train segment ...)"
             )
         return env
 

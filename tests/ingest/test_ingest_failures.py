@@ -63,8 +63,9 @@ def messy_batch(shared_data: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_bad_inputs_go_to_quarantine_and_the_rest_is_stored(messy_batch, tmp_path):
     root, labels = messy_batch
     out = tmp_path / "ds"
-    summary = ingest_siim(SiimConfig(dicom_root=str(root), labels=labels,
-                                     batch=BatchConfig(out=str(out))))
+    summary = ingest_siim(
+        SiimConfig(dicom_root=str(root), labels=labels, batch=BatchConfig(out=str(out)))
+    )
     store = open_store(out)
     stored = {r["image_id"]: r for r in manifest.read(store).to_pylist()}
     assert set(stored) >= {UID_POS, UID_NEG}
@@ -72,10 +73,20 @@ def test_bad_inputs_go_to_quarantine_and_the_rest_is_stored(messy_batch, tmp_pat
     robust = [r for r in stored.values() if r["image_format"] == "png"]
     assert len(robust) == 2 and all(r["bit_depth"] == 16 for r in robust)
     assert UID_BAD_RLE not in stored and UID_PAST_END not in stored
-    q = {r["source"].rsplit("/", 1)[-1]: r["reason"] for r in
-         manifest.read(store, table="quarantine").to_pylist()}
-    for name in ("empty.dcm", "garbage.dcm", "truncated.dcm", "pixelless.dcm", "jpegls.dcm",
-                 f"{UID_BAD_RLE}.dcm", f"{UID_PAST_END}.dcm", "labels.csv:6"):
+    q = {
+        r["source"].rsplit("/", 1)[-1]: r["reason"]
+        for r in manifest.read(store, table="quarantine").to_pylist()
+    }
+    for name in (
+        "empty.dcm",
+        "garbage.dcm",
+        "truncated.dcm",
+        "pixelless.dcm",
+        "jpegls.dcm",
+        f"{UID_BAD_RLE}.dcm",
+        f"{UID_PAST_END}.dcm",
+        "labels.csv:6",
+    ):
         assert name in q, f"{name} not quarantined: {sorted(q)}"
         assert q[name].strip()
     assert "past" in q[f"{UID_PAST_END}.dcm"]
@@ -127,8 +138,20 @@ def test_sigkill_at_any_moment_leaves_a_consistent_dataset(tmp_path):
 
     demo = write_siim_demo(tmp_path / "demo", n=40, seed=3, size=256)
     out = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "pneumo", "ingest", "siim", str(demo.image_root),
-           "--labels", str(demo.labels_csv), "--out", str(out), "--shard-size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pneumo",
+        "ingest",
+        "siim",
+        str(demo.image_root),
+        "--labels",
+        str(demo.labels_csv),
+        "--out",
+        str(out),
+        "--shard-size",
+        "2",
+    ]
     killed_mid_batch = 0
     for shards_before_kill in (1, 5, 12):  # kill once that many shards are stored
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

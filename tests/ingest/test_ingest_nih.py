@@ -19,8 +19,12 @@ from shards.store import open_store
 
 def _cfg(shared: Path, root: Path, out: Path, **kw) -> NihConfig:
     nih = shared / "nih"
-    return NihConfig(image_root=str(root), labels=nih / "Data_Entry_2017.csv.gz",
-                     batch=BatchConfig(out=str(out)), **kw)
+    return NihConfig(
+        image_root=str(root),
+        labels=nih / "Data_Entry_2017.csv.gz",
+        batch=BatchConfig(out=str(out)),
+        **kw,
+    )
 
 
 def test_real_pngs_with_official_splits_and_boxes(shared_data, tmp_path):
@@ -29,9 +33,16 @@ def test_real_pngs_with_official_splits_and_boxes(shared_data, tmp_path):
     root.mkdir(parents=True)
     for p in (nih / "images").glob("*.png"):
         shutil.copy(p, root / p.name)
-    summary = ingest_nih(_cfg(shared_data, tmp_path, tmp_path / "ds", bbox=nih /
-                              "BBox_List_2017.csv", train_val_list=nih / "train_val_list.txt",
-                              test_list=nih / "test_list.txt"))
+    summary = ingest_nih(
+        _cfg(
+            shared_data,
+            tmp_path,
+            tmp_path / "ds",
+            bbox=nih / "BBox_List_2017.csv",
+            train_val_list=nih / "train_val_list.txt",
+            test_list=nih / "test_list.txt",
+        )
+    )
     assert summary.ingested == 3 and summary.quarantined == 0
     rows = {r["image_id"]: r for r in manifest.read(open_store(tmp_path / "ds")).to_pylist()}
     test_names = set((nih / "test_list.txt").read_text().split())
@@ -56,8 +67,15 @@ def test_real_pngs_with_official_splits_and_boxes(shared_data, tmp_path):
 def test_a_patient_keeps_one_split_across_batches(shared_data, tmp_path):
     nih = shared_data / "nih"
     out = tmp_path / "ds"
-    ingest_nih(_cfg(shared_data, nih / "images", out, train_val_list=nih /
-                    "train_val_list.txt", test_list=nih / "test_list.txt"))
+    ingest_nih(
+        _cfg(
+            shared_data,
+            nih / "images",
+            out,
+            train_val_list=nih / "train_val_list.txt",
+            test_list=nih / "test_list.txt",
+        )
+    )
     ingest_nih(_cfg(shared_data, nih / "images_downscaled", out))  # no lists this time
     rows = manifest.read(open_store(out)).to_pylist()
     by_patient: dict[str, set[str]] = {}
@@ -76,15 +94,18 @@ def test_odd_pngs_are_converted_or_quarantined(shared_data, tmp_path):
     rgba = np.stack([grey, grey // 2, grey // 3, np.full_like(grey, 255)], axis=-1)
     Image.fromarray(rgba, "RGBA").save(root / "00000002_000.png")
     (root / "00000013_003.png").write_bytes(
-        (shared_data / "nih" / "images" / "00000013_003.png").read_bytes()[:5000])
+        (shared_data / "nih" / "images" / "00000013_003.png").read_bytes()[:5000]
+    )
     shutil.copy(shared_data / "nih" / "images" / "00000001_000.png", root / "99999999_000.png")
     (root / "notes.png").write_bytes(b"hello")
     out = tmp_path / "ds"
     summary = ingest_nih(_cfg(shared_data, root, out))
     store = open_store(out)
     assert summary.ingested == 1
-    q = {Path(r["source"]).name: r["reason"] for r in
-         manifest.read(store, table="quarantine").to_pylist()}
+    q = {
+        Path(r["source"]).name: r["reason"]
+        for r in manifest.read(store, table="quarantine").to_pylist()
+    }
     assert "truncated" in q["00000013_003.png"]
     assert "no row" in q["99999999_000.png"]
     assert "index" in q["notes.png"]

@@ -23,8 +23,11 @@ from shards.store import open_store
 
 def _all_siim_dicoms(shared: Path) -> list[Path]:
     siim = shared / "siim"
-    return sorted(siim.glob("sample_images/*.dcm")) + sorted(siim.glob("dicom_train/*.dcm")) + \
-        sorted(siim.glob("stage2_test/*.dcm"))
+    return (
+        sorted(siim.glob("sample_images/*.dcm"))
+        + sorted(siim.glob("dicom_train/*.dcm"))
+        + sorted(siim.glob("stage2_test/*.dcm"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +89,24 @@ def test_masks_are_the_or_of_the_label_rows(siim_dataset, shared_data):
 
 def test_manifest_opens_with_plain_pyarrow_and_has_the_documented_columns(siim_dataset):
     table = ds.dataset(siim_dataset / "manifest", format="parquet", partitioning="hive").to_table()
-    for col in ("key", "image_id", "dataset", "batch", "shard", "split", "has_ptx",
-                "n_instances", "mask_area_px", "rows", "cols", "patient_key", "view_position",
-                "sex", "age_years", "content_sha256"):
+    for col in (
+        "key",
+        "image_id",
+        "dataset",
+        "batch",
+        "shard",
+        "split",
+        "has_ptx",
+        "n_instances",
+        "mask_area_px",
+        "rows",
+        "cols",
+        "patient_key",
+        "view_position",
+        "sex",
+        "age_years",
+        "content_sha256",
+    ):
         assert col in table.column_names
     rows = table.to_pylist()
     assert {r["dataset"] for r in rows} == {"siim"} and {r["batch"] for r in rows} == {"first"}
@@ -158,8 +176,11 @@ def test_same_input_gives_the_same_bytes(shared_data, tmp_path):
             batch=BatchConfig(out=str(out), workers=workers, shard_max_samples=3),
         )
         ingest_siim(cfg)
-        return {p.relative_to(out).as_posix(): p.read_bytes()
-                for p in out.rglob("*") if p.is_file() and ".scratch" not in p.parts}
+        return {
+            p.relative_to(out).as_posix(): p.read_bytes()
+            for p in out.rglob("*")
+            if p.is_file() and ".scratch" not in p.parts
+        }
 
     one, two = run(tmp_path / "a", 1), run(tmp_path / "b", 2)
     assert one.keys() == two.keys() and len([k for k in one if k.endswith(".tar")]) >= 4

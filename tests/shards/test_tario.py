@@ -8,8 +8,15 @@ from shards.tario import ShardWriter
 
 
 def test_webdataset_reads_our_shards(tmp_path):
-    samples = [{"__key__": f"1_2_3_{i}", "jpg": bytes([i]) * (700 + i), "mask.png": b"m" * i,
-                "json": b'{"i": %d}' % i} for i in range(5)]
+    samples = [
+        {
+            "__key__": f"1_2_3_{i}",
+            "jpg": bytes([i]) * (700 + i),
+            "mask.png": b"m" * i,
+            "json": b'{"i": %d}' % i,
+        }
+        for i in range(5)
+    ]
     writer = ShardWriter("x.tar", tmp_path)
     for s in samples:
         writer.write(s)

@@ -96,25 +96,43 @@ def make_samples(data: Path) -> tuple[list[dict], dict[str, dict[str, bytes]]]:
     return rows, members
 
 
-def write_dataset(root: Path, data: Path, write_shards, *, per_shard: int,
-                  one_shard: bool) -> Dataset:
+def write_dataset(
+    root: Path, data: Path, write_shards, *, per_shard: int, one_shard: bool
+) -> Dataset:
     rows, members = make_samples(data)
-    write_shards(root, rows, lambda row: {**members[row["key"]], "json": b"{}"},
-                 per_shard=per_shard, one_shard=one_shard, batch=BATCH)
+    write_shards(
+        root,
+        rows,
+        lambda row: {**members[row["key"]], "json": b"{}"},
+        per_shard=per_shard,
+        one_shard=one_shard,
+        batch=BATCH,
+    )
     return Dataset(url=str(root), rows=rows, members=members)
 
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory, shared_data, write_shards) -> Dataset:
-    return write_dataset(tmp_path_factory.mktemp("data-many"), shared_data, write_shards,
-                         per_shard=4, one_shard=False)
+    return write_dataset(
+        tmp_path_factory.mktemp("data-many"),
+        shared_data,
+        write_shards,
+        per_shard=4,
+        one_shard=False,
+    )
 
 
 @pytest.fixture(scope="session")
-def one_shard_dataset(tmp_path_factory: pytest.TempPathFactory, shared_data,
-                      write_shards) -> Dataset:
-    return write_dataset(tmp_path_factory.mktemp("data-one"), shared_data, write_shards,
-                         per_shard=N_SAMPLES, one_shard=True)
+def one_shard_dataset(
+    tmp_path_factory: pytest.TempPathFactory, shared_data, write_shards
+) -> Dataset:
+    return write_dataset(
+        tmp_path_factory.mktemp("data-one"),
+        shared_data,
+        write_shards,
+        per_shard=N_SAMPLES,
+        one_shard=True,
+    )
 
 
 @pytest.fixture(scope="session")

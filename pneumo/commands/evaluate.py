@@ -1,0 +1,89 @@
+"""``pneumo evaluate ...`` and ``pneumo predict``: trained runs into numbers and masks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from pneumo.commands.options import BatchSize, Checkpoint, LoaderWorkers, RunArg, Tta
+from pneumo.render import ProgressBar, fail_on_errors
+from shards.errors import ConfigError
+
+app = typer.Typer(help="Score a trained run.", no_args_is_help=True)
+
+
+@app.command("segment")
+@fail_on_errors
+def evaluate_segment_cmd(
+    run: RunArg,
+    dataset: Annotated[str | None, typer.Argument(help="Dataset (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    where: Annotated[str | None, typer.Option(help="Rows to score instead of --split.")] = None,
+    tta: Tta = False,
+    checkpoint: Checkpoint = "best",
+    workers: LoaderWorkers = 2,
+    batch_size: BatchSize = 8,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Score a segmentation run with the SIIM Dice (and the classification view)."""
+    from evaluation.evaluate import EvaluateConfig, evaluate_segment
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: expected table or json")
+    cfg = EvaluateConfig(
+        run=run,
+        dataset=dataset,
+        split=split,
+        where=where,
+        tta=tta,
+        checkpoint=checkpoint,
+        workers=workers,
+        batch_size=batch_size,
+    )
+    with ProgressBar("evaluate", unit="img") as bar:
+        summary = evaluate_segment(cfg, progress=lambda p: bar.update_to(p["images"]))
+    if fmt == "json":
+        typer.echo(json.dumps(summary, default=str))
+    else:
+        print_summary(summary, sys.stdout)
+
+
+def print_summary(summary: dict[str, Any], out: Any) -> None:
+    rows = [(k, v) for k, v in summary.items() if isinstance(v, int | float | str)]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.write(
+            f"{k.ljust(width)}  {v:.4f}\n" if isinstance(v, float) else f"{k.ljust(width)}  {v}\n"
+        )
+
+
+@fail_on_errors
+def predict_cmd(
+    run: RunArg,
+    input: Annotated[str, typer.Argument(help="A .dcm file, a folder, or an s3:// prefix.")],
+    out: Annotated[str, typer.Option(help="Submission CSV to write (ImageId,EncodedPixels).")],
+    overlays: Annotated[str | None, typer.Option(help="Folder for mask-over-image PNGs.")] = None,
+    tta: Tta = False,
+    checkpoint: Checkpoint = "best",
+    batch_size: BatchSize = 8,
+) -> None:
+    """Predict pneumothorax masks for DICOMs and write a SIIM submission CSV."""
+    from evaluation.predict import PredictConfig, predict
+
+    cfg = PredictConfig(
+        run=run,
+        input=input,
+        out_csv=out,
+        overlays_dir=overlays,
+        tta=tta,
+        checkpoint=checkpoint,
+        batch_size=batch_size,
+    )
+    with ProgressBar("predict", unit="img") as bar:
+        summary = predict(cfg, progress=lambda p: bar.update_to(p["done"], p["total"]))
+    typer.echo(f"{summary['n_images']} images, {summary['n_positive']} with pneumothorax -> {out}")
+    for failure in summary["failed"]:
+        typer.echo(f"skipped {failure['source']}: {failure['reason']}", err=True)
