@@ -1,4 +1,8 @@
-"""Shared fixtures: the real data in ../shared/data and an S3 protocol server on loopback.
+"""Shared fixtures: the real sample files and an S3 protocol server on loopback.
+
+``shared_data`` is the full sample set (../shared/data or $PNEUMO_SHARED_DATA) or, in a
+fresh clone, the part of it committed in tests/data (tests/sample_data.py says how a test
+that needs a file tests/data lacks is skipped, and counted in one line at the end).
 
 The S3 fixtures start moto's ThreadedMotoServer on 127.0.0.1, unless AWS_ENDPOINT_URL
 already points at a server (a MinIO from infra/, say): then the same tests run against it.
@@ -17,18 +21,47 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sample_data
 
-SHARED_DATA = Path(
-    os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
 _S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    wanted = os.environ.get("PNEUMO_SHARED_DATA")
+    if wanted and not Path(wanted).is_dir():
+        raise pytest.UsageError(f"PNEUMO_SHARED_DATA={wanted} is not a folder")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    full = sample_data.full_set()
+    if full is not None:
+        return f"sample data: {full} (the full set)"
+    return f"sample data: {sample_data.COMMITTED} (part of the full set: see its PROVENANCE.md)"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    sample_data.collection_done = True
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line for every test skipped for want of a sample file (never one line per test)."""
+    skipped = {
+        report.nodeid
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and sample_data.SKIP_REASON in report.longrepr[2]
+    }
+    if skipped:
+        terminalreporter.write_line(
+            f"sample data: {len(skipped)} tests skipped: they need files of the full sample set "
+            "that tests/data does not carry; put it at ../shared/data or set "
+            "PNEUMO_SHARED_DATA=DIR to run them (tests/data/PROVENANCE.md says where it comes from)"
+        )
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the real test data is missing: {SHARED_DATA} (set PNEUMO_SHARED_DATA)")
-    return SHARED_DATA
+    """The real sample files: the full set, or the part of it in tests/data."""
+    return sample_data.root()
 
 
 @pytest.fixture(scope="session")

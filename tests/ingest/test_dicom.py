@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import sample_data
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -24,12 +24,8 @@ from pydicom.uid import (
 
 from ingest.dicom import BadInput, DicomImage, decode_pixels, parse_age, read_dicom
 
-# Same default and override as tests/conftest.py (PNEUMO_SHARED_DATA).
-DATA = Path(
-    os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-)
-if not DATA.is_dir():
-    raise FileNotFoundError(f"real test data not found at {DATA} (set PNEUMO_SHARED_DATA)")
+# The full sample set, or the part of it in tests/data (tests/sample_data.py).
+DATA = sample_data.root()
 SIIM_FILES = sorted((DATA / "siim").glob("*/*.dcm"))
 STAGE2_FILES = sorted((DATA / "siim" / "stage2_test").glob("*.dcm"))
 SIIM_6904 = (

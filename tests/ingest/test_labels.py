@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import os
 import re
 from pathlib import Path
 
 import pytest
+import sample_data
 
 from ingest.dicom import BadInput
 from ingest.labels import (
@@ -18,12 +18,8 @@ from ingest.labels import (
     read_split_list,
 )
 
-# Same default and override as tests/conftest.py (PNEUMO_SHARED_DATA).
-DATA = Path(
-    os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-)
-if not DATA.is_dir():
-    raise FileNotFoundError(f"real test data not found at {DATA} (set PNEUMO_SHARED_DATA)")
+# The full sample set, or the part of it in tests/data (tests/sample_data.py).
+DATA = sample_data.root()
 SIIM = DATA / "siim"
 NIH = DATA / "nih"
 TRAIN_RLE = SIIM / "siim-pneumothorax-train-rle.csv.gz"

@@ -5,22 +5,17 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import pytest
+import sample_data
 
 from ingest.rle import RLEError, combine_masks, rle_decode, rle_encode
 
-# Same default and override as tests/conftest.py (PNEUMO_SHARED_DATA).
-DATA = Path(
-    os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-)
+# The full sample set, or the part of it in tests/data (tests/sample_data.py).
+DATA = sample_data.root()
 TRAIN_RLE = DATA / "siim" / "siim-pneumothorax-train-rle.csv.gz"
-if not DATA.is_dir():
-    raise FileNotFoundError(f"real test data not found at {DATA} (set PNEUMO_SHARED_DATA)")
 
 
 def _rows() -> list[tuple[str, str]]:
