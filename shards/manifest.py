@@ -121,7 +121,8 @@ def read(
     """Read the manifest (or quarantine) table, filtered by a ``--where`` expression.
 
     Raises:
-        ManifestError: an unknown column or a malformed expression.
+        ManifestError: an unknown column, a malformed expression, or ``store`` is not a
+            dataset (neither settings nor manifest).
     """
     schema = _SCHEMAS[table]
     if columns:
@@ -130,12 +131,26 @@ def read(
             raise ManifestError(f"unknown column(s) {unknown}; columns: {', '.join(schema.names)}")
     dataset = open_dataset(store, table)
     if dataset is None:
+        _require_dataset(store)
         return schema.empty_table().select(list(columns) if columns else schema.names)
     expr = parse_where(where, schema) if where else None
-    result = dataset.to_table(filter=expr, columns=list(columns) if columns else None)
+    try:
+        result = dataset.to_table(filter=expr, columns=list(columns) if columns else None)
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:  # parse_where missed a case
+        raise ManifestError(f"--where {where!r}: {str(e).splitlines()[0]}") from e
     first = "key" if table == "samples" else "source"
     order = [(c, "ascending") for c in ("dataset", first) if c in result.column_names]
     return result.sort_by(order) if order else result
+
+
+def _require_dataset(store: Store) -> None:
+    """Nothing committed is fine for a dataset whose first batch is under way, not for a
+    folder that was never one (a typo, the wrong level of a path)."""
+    if not store.exists(layout.SETTINGS_FILE) and not store.list(layout.MANIFEST_DIR + "/"):
+        raise ManifestError(
+            f"{store.url} is not a pneumo dataset (no {layout.SETTINGS_FILE}, no "
+            f"{layout.MANIFEST_DIR}/): give the --out folder or s3:// prefix of `pneumo ingest`"
+        )
 
 
 def committed_batches(store: Store, dataset: str) -> set[str]:

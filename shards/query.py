@@ -34,6 +34,29 @@ _COMPARE = {
 }
 
 
+_EXAMPLES = {
+    "true/false": "write e.g. `has_ptx`, `not has_ptx` or `has_ptx == False`",
+    "whole numbers": "write a number without quotes, e.g. `mask_area_px > 1000`",
+    "numbers": "write a number without quotes, e.g. `age_years >= 18`",
+    "text": "write quoted text, e.g. `split == 'train'`",
+    "lists of text": "test membership, e.g. `'Pneumothorax' in findings`",
+}
+
+
+def _kind(arrow_type: pa.DataType) -> str:
+    if pa.types.is_boolean(arrow_type):
+        return "true/false"
+    if pa.types.is_integer(arrow_type):
+        return "whole numbers"
+    if pa.types.is_floating(arrow_type):
+        return "numbers"
+    if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
+        return "text"
+    if pa.types.is_list(arrow_type):
+        return "lists of text"
+    return str(arrow_type)
+
+
 def parse_where(text: str, schema: pa.Schema) -> ds.Expression:
     """Turn ``text`` into a pyarrow dataset expression over ``schema``'s columns.
 
@@ -87,6 +110,21 @@ class _Builder:
         except (ValueError, SyntaxError) as e:
             raise self.fail(f"{ast.unparse(node)!r} is not a literal value") from e
 
+    def check_type(self, column: str, value: Any) -> None:
+        """A value must suit its column: pyarrow would fail later, with a page of traceback."""
+        kind = _kind(self.schema.field(column).type)
+        fits = {
+            "true/false": isinstance(value, bool),
+            "whole numbers": isinstance(value, int | float) and not isinstance(value, bool),
+            "numbers": isinstance(value, int | float) and not isinstance(value, bool),
+            "text": isinstance(value, str),
+        }.get(kind, False)
+        if not fits:
+            raise self.fail(
+                f"column {column!r} holds {kind} ({self.schema.field(column).type}), "
+                f"so it cannot be compared with {value!r}; {_EXAMPLES.get(kind, '')}".rstrip("; ")
+            )
+
     def compare(self, node: ast.Compare) -> ds.Expression:
         out: ds.Expression | None = None
         left = node.left
@@ -109,25 +147,30 @@ class _Builder:
         fn = _COMPARE.get(type(op))
         if fn is None:
             raise self.fail(f"unsupported operator {type(op).__name__}")
-        if isinstance(left, ast.Name):
-            value = self.value(right)
-            if value is None:
-                raise self.fail("compare with None using `is None` / `is not None`")
-            return fn(self.field(left), value)
-        value = self.value(left)  # `1000 < mask_area_px`
-        return fn(value, self.field(right))
+        name, literal = (left, right) if isinstance(left, ast.Name) else (right, left)
+        field = self.field(name)  # `mask_area_px > 1000` or `1000 < mask_area_px`
+        value = self.value(literal)
+        if value is None:
+            raise self.fail("compare with None using `is None` / `is not None`")
+        self.check_type(name.id, value)  # type: ignore[attr-defined]
+        return fn(field, value) if name is left else fn(value, field)
 
     def membership(self, left: ast.AST, right: ast.AST) -> ds.Expression:
         if isinstance(left, ast.Name):  # column in [values]
             values = self.value(right)
             if not isinstance(values, list | tuple | set):
                 raise self.fail("`in` needs a list of values on its right")
-            return self.field(left).isin(list(values))
+            field = self.field(left)
+            for value in values:
+                self.check_type(left.id, value)
+            return field.isin(list(values))
         # 'value' in list_column
         column = self.field(right)
         value = self.value(left)
         if not pa.types.is_list(self.schema.field(right.id).type):  # type: ignore[attr-defined]
             raise self.fail(f"{right.id!r} is not a list column")  # type: ignore[attr-defined]
+        if not isinstance(value, str):
+            raise self.fail(f"{right.id!r} is a list of text, but {value!r} is not text")  # type: ignore[attr-defined]
         # pyarrow has no list-contains kernel: join the list and match the whole element.
         pattern = r"(^|\|)" + re.escape(str(value)) + r"($|\|)"
         return pc.match_substring_regex(pc.binary_join(column, "|"), pattern)

@@ -79,6 +79,10 @@ def test_manifest_formats(local_dataset, pneumo):
         (["--where", "split = 'train'"], "not a valid expression"),
         (["--where", "__import__('os')"], "unsupported syntax"),
         (["--table", "other"], "expected samples or quarantine"),
+        (["--where", "age_years > '30'"], "column 'age_years' holds numbers (float)"),
+        (["--where", "has_ptx == 'yes'"], "column 'has_ptx' holds true/false (bool)"),
+        (["--where", "split in ['val', 1]"], "column 'split' holds text (string)"),
+        (["--where", "2 in findings"], "'findings' is a list of text, but 2 is not text"),
     ],
 )
 def test_bad_queries_fail_with_one_line(local_dataset, args, message, pneumo):
@@ -86,6 +90,20 @@ def test_bad_queries_fail_with_one_line(local_dataset, args, message, pneumo):
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command", [["manifest", "{dir}"], ["train", "segment", "{dir}", "--out", "{dir}/run"]]
+)
+def test_a_folder_that_is_not_a_dataset_is_refused(tmp_path, command, pneumo):
+    (tmp_path / "notes.txt").write_text("not a dataset\n")
+    proc = pneumo(*(arg.format(dir=tmp_path) for arg in command), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        f"error: {tmp_path} is not a pneumo dataset (no _pneumo.json, no manifest/): "
+        "give the --out folder or s3:// prefix of `pneumo ingest`"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_unusable_inputs_fail_with_one_line(tmp_path, s3_endpoint, pneumo):
