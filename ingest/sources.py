@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,5 +91,13 @@ def run_ordered(
     # fork: workers inherit the parsed label tables without pickling them.
     ctx = mp.get_context("fork")
     chunk = max(1, min(16, len(items) // (workers * 8)))
-    with ctx.Pool(workers, initializer=initializer, initargs=initargs) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(initializer, initargs)) as pool:
         yield from pool.imap(fn, items, chunksize=chunk)
+
+
+def _init_worker(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the parent handles it (and
+    # terminates the pool); a worker would only print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)

@@ -19,6 +19,9 @@ app = typer.Typer(
     help="pneumo: chest X-ray archives -> WebDataset shards -> pneumothorax models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help, not Rich panels: typer 0.29's panels print "<bool>" after flags that take no
+    # value (--verbose, --help); its plain formatter, like every earlier typer's, does not.
+    rich_markup_mode=None,
     add_completion=False,
 )
 app.add_typer(ingest.app, name="ingest")

@@ -35,8 +35,15 @@ class ProgressBar:
             self.bar.set_postfix(postfix, refresh=False)
 
 
+# Commands whose rerun picks up where an interrupted run stopped: ingest rewrites only the
+# uncommitted batch, training continues from the run's last checkpoint (--resume auto).
+_RESUMABLE = ("ingest", "train")
+_GROUPS = ("ingest", "train", "evaluate", "bench", "batch")  # sub-apps: `pneumo ingest siim`
+
+
 def fail_on_errors(fn: F) -> F:
-    """Our own errors (and a missing file) become ``error: ...`` and exit code 1."""
+    """Our own errors (and a missing file) become ``error: ...`` and exit code 1; Ctrl-C
+    becomes one line saying what stopped and how to go on, and exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,11 +54,26 @@ def fail_on_errors(fn: F) -> F:
                 logging.getLogger("pneumo").exception("failed")
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            if fail_on_errors.verbose:  # type: ignore[attr-defined]
+                logging.getLogger("pneumo").exception("interrupted")
+            typer.echo(interrupted_line(fn.__name__), err=True)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 fail_on_errors.verbose = False  # type: ignore[attr-defined]
+
+
+def interrupted_line(function_name: str) -> str:
+    """``ingest_siim_cmd`` -> the line printed when ``pneumo ingest siim`` is interrupted."""
+    group, _, name = function_name.removesuffix("_cmd").partition("_")
+    words = [group, name] if group in _GROUPS and name else [function_name.removesuffix("_cmd")]
+    command = "pneumo " + " ".join(w.replace("_", "-") for w in words)
+    if group in _RESUMABLE:
+        return f"interrupted: {command} stopped; run the same command again to resume it"
+    return f"interrupted: {command} stopped; run the same command again to redo it"
 
 
 def print_table(table: Any, out: IO[str], max_width: int = 48) -> None:

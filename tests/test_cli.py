@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import boto3
@@ -167,3 +175,148 @@ def test_s3_ingest_from_s3_and_plain_pyarrow_query(shared_data, s3_bucket, s3_en
         .stdout.strip()
         .endswith("(4 rows)")
     )
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+def _ctrl_c(args: list[str], ready: Callable[[int], bool]) -> subprocess.CompletedProcess[str]:
+    """Run ``pneumo ARGS`` as a terminal would (its own process group, SIGINT not ignored),
+    and once ``ready(pid)`` send SIGINT to the whole group, as Ctrl-C does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pneumo", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        env={**os.environ, "PNEUMO_PATIENT_KEY": "test-secret"},
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not ready(proc.pid):
+            assert proc.poll() is None, f"ended before Ctrl-C: {proc.communicate()[1]}"
+            assert time.monotonic() < deadline, "never got ready for Ctrl-C"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_during_ingest_is_one_line_and_the_rerun_resumes(shared_data, tmp_path, workers):
+    src, out = tmp_path / "in", tmp_path / "ds"
+    src.mkdir()
+    for p in sorted((shared_data / "siim" / "sample_images").glob("*.dcm")):
+        shutil.copy(p, src / p.name)
+    fifo = src / "zz-stuck.dcm"  # reading it blocks until a writer comes: a DICOM on a slow disk
+    os.mkfifo(fifo)
+    writers: list[int] = []
+
+    def reading_the_fifo(pid: int) -> bool:
+        if not writers:
+            try:  # opens once a reader (the process decoding it) has it open
+                writers.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                return False
+        # Pool workers set themselves up at start: give them time to (fail to) ignore SIGINT.
+        pool = _children(pid)
+        settled = len(pool) >= workers - (workers == 1) and all(map(_ignores_sigint, pool))
+        return settled or time.monotonic() > reading_the_fifo.since + 10  # type: ignore[attr-defined]
+
+    reading_the_fifo.since = time.monotonic()  # type: ignore[attr-defined]
+    args = ["ingest", "siim", str(src), "--out", str(out), "--shard-size", "2"]
+    try:
+        proc = _ctrl_c([*args, "--workers", str(workers)], reading_the_fifo)
+    finally:
+        for fd in writers:
+            os.close(fd)
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == (
+        "interrupted: pneumo ingest siim stopped; run the same command again to resume it"
+    )
+    # The same inputs again (an empty file where the stuck one was): the batch completes.
+    fifo.unlink()
+    fifo.touch()
+    env = {**os.environ, "PNEUMO_PATIENT_KEY": "test-secret"}
+    again = subprocess.run(
+        [sys.executable, "-m", "pneumo", *args, "--workers", str(workers)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "ingested 10" in again.stdout and "quarantined 1" in again.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_is_one_line(shared_data, tmp_path, pneumo):
+    dataset, run = tmp_path / "ds", tmp_path / "run"
+    pneumo(
+        "ingest",
+        "siim",
+        str(shared_data / "siim"),
+        "--labels",
+        str(shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz"),
+        "--out",
+        str(dataset),
+        "--split-fractions",
+        "0.5,0.5,0",
+    )
+
+    def loader_workers_running(pid: int) -> bool:
+        return (run / "config.json").exists() and len(_children(pid)) >= 2
+
+    proc = _ctrl_c(
+        ["train", "segment", str(dataset), "--out", str(run), "--size", "64", "--epochs", "100"]
+        + ["--batch-size", "2", "--workers", "2"],
+        loader_workers_running,
+    )
+    assert proc.returncode == 130
+    assert proc.stderr.strip() == (
+        "interrupted: pneumo train segment stopped; run the same command again to resume it"
+    )
+
+
+def _command_paths(command, path: tuple[str, ...] = ()):
+    yield path
+    for name, child in sorted(getattr(command, "commands", {}).items()):
+        yield from _command_paths(child, (*path, name))
+
+
+def test_help_shows_no_value_placeholder_on_flags():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from pneumo.cli import app
+
+    paths = list(_command_paths(get_command(app)))
+    assert {("ingest", "siim"), ("train", "segment"), ("manifest",)} <= set(paths)
+    for path in paths:
+        result = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, (path, result.output)
+        assert "--help" in result.output
+        # --verbose, --help, --tta... take no value: no <bool> / BOOLEAN after them.
+        assert "<bool>" not in result.output and "BOOLEAN" not in result.output, path
