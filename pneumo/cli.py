@@ -8,6 +8,7 @@ ours become one line and exit code 1 (``--verbose`` for the traceback). Run it a
 from __future__ import annotations
 
 import logging
+import os
 from typing import Annotated
 
 import typer
@@ -40,6 +41,9 @@ def main_options(
         bool, typer.Option("--verbose", "-v", help="Log details, tracebacks.")
     ] = False,
 ) -> None:
+    # albumentations asks the package index for a newer version at import unless told not to:
+    # pneumo runs offline (clusters, CI) and never phones home.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL"):

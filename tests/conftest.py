@@ -27,6 +27,8 @@ _S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "A
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Tests never touch the network: albumentations would ask the package index at import.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     wanted = os.environ.get("PNEUMO_SHARED_DATA")
     if wanted and not Path(wanted).is_dir():
         raise pytest.UsageError(f"PNEUMO_SHARED_DATA={wanted} is not a folder")
