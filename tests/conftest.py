@@ -5,7 +5,9 @@ fresh clone, the part of it committed in tests/data (tests/sample_data.py says h
 that needs a file tests/data lacks is skipped, and counted in one line at the end).
 
 The S3 fixtures start moto's ThreadedMotoServer on 127.0.0.1, unless AWS_ENDPOINT_URL
-already points at a server (a MinIO from infra/, say): then the same tests run against it.
+already points at a server (a MinIO from infra/, say): then the same tests run against it,
+with the credentials boto3 finds the standard way (AWS_ACCESS_KEY_ID, ... or a profile), in
+buckets named for this run and deleted at the end.
 """
 
 from __future__ import annotations
@@ -95,14 +97,56 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[k] = v
 
 
-@pytest.fixture
-def s3_bucket(s3_endpoint: str) -> str:
-    """A fresh bucket for one test, as ``s3://name``."""
-    import boto3
+class Buckets:
+    """Buckets made for this run, with names no other run uses (a MinIO outlives runs), and
+    deleted with everything in them when their test or the session ends."""
 
-    name = f"pneumo-test-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    def __init__(self, endpoint: str) -> None:
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=endpoint)
+        self.run = uuid.uuid4().hex[:8]
+        self.names: list[str] = []
+
+    def new(self) -> str:
+        name = f"pneumo-test-{self.run}-{len(self.names):03d}"
+        region = self.client.meta.region_name
+        extra = {}
+        if region and region != "us-east-1":  # S3's rule; MinIO takes either
+            extra = {"CreateBucketConfiguration": {"LocationConstraint": region}}
+        self.client.create_bucket(Bucket=name, **extra)
+        self.names.append(name)
+        return name
+
+    def delete(self, name: str) -> None:
+        """Empty the bucket (objects, unfinished multipart uploads), then delete it."""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        for upload in self.client.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            self.client.abort_multipart_upload(
+                Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+        self.client.delete_bucket(Bucket=name)
+        self.names.remove(name)
+
+
+@pytest.fixture(scope="session")
+def s3_buckets(s3_endpoint: str) -> Iterator[Buckets]:
+    """Makes buckets (``s3_buckets.new()``); whatever is left is deleted at the end."""
+    buckets = Buckets(s3_endpoint)
+    yield buckets
+    for name in list(buckets.names):
+        buckets.delete(name)
+
+
+@pytest.fixture
+def s3_bucket(s3_buckets: Buckets) -> Iterator[str]:
+    """A fresh bucket for one test, as ``s3://name``; deleted after it."""
+    name = s3_buckets.new()
+    yield f"s3://{name}"
+    s3_buckets.delete(name)
 
 
 def run_pneumo(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -6,7 +6,7 @@ pixels, and 16-bit PNGs made from those (no real 16-bit chest PNG is at hand). M
 ellipses, as 0/255 or 0/1 PNGs. 40 samples: 32 train (2 of them unlabelled), 8 val.
 
 ``dataset``: shards by split and label, at most 4 samples each; ``one_shard_dataset``: all
-40 samples in one shard; ``s3_dataset``: ``dataset`` in a bucket of a loopback moto server.
+40 samples in one shard; ``s3_dataset``: ``dataset`` in a bucket of the session's S3 server.
 """
 
 from __future__ import annotations
@@ -136,17 +136,17 @@ def one_shard_dataset(
 
 
 @pytest.fixture(scope="session")
-def _s3_copy(dataset: Dataset, s3_endpoint: str) -> str:
-    """``dataset`` uploaded once to a bucket of the session's S3 server."""
+def _s3_copy(dataset: Dataset, s3_endpoint: str, s3_buckets) -> str:
+    """``dataset`` uploaded once to a bucket of this run on the session's S3 server."""
     client = boto3.client("s3", endpoint_url=s3_endpoint)
-    client.create_bucket(Bucket="pneumo-data")
+    bucket = s3_buckets.new()
     root = Path(dataset.url)
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        client.upload_file(str(path), "pneumo-data", f"many/{path.relative_to(root).as_posix()}")
-    return "s3://pneumo-data/many"
+        client.upload_file(str(path), bucket, f"many/{path.relative_to(root).as_posix()}")
+    return f"s3://{bucket}/many"
 
 
 @pytest.fixture
 def s3_dataset(_s3_copy: str, dataset: Dataset) -> Dataset:
-    """``dataset`` in ``s3://pneumo-data/many`` (the AWS_* variables point at its server)."""
+    """``dataset`` in ``s3://BUCKET/many`` (the AWS_* variables point at its server)."""
     return Dataset(url=_s3_copy, rows=dataset.rows, members=dataset.members)
