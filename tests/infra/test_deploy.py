@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sample_data
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +20,14 @@ INFRA = REPO / "infra"
 # subdomains, ttlSecondsAfterFinished are all older); strict: unknown fields are errors.
 K8S_VERSION = "1.30.0"
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+try:
+    import kubernetes_validate  # a dev dependency: pip install -e '.[dev]'
+except ImportError:
+    if sample_data.in_ci():
+        raise
+    pytest.skip(
+        "kubernetes-validate is not installed: pip install -e '.[dev]'", allow_module_level=True
+    )
 
 
 def _render_module():
