@@ -8,7 +8,7 @@ files) to a temporary folder once, and for each mutation replaces one exact code
 runs the fast tests that should catch it, and puts the file back. A mutation *survives* when
 those tests still pass: the suite would let that bug through.
 
-    python benchmarks/mutation.py                 # all of them (about 15 minutes on 2 cores)
+    python benchmarks/mutation.py                 # all of them (minutes each on a busy 2-core machine)
     python benchmarks/mutation.py --only rle-absolute metric-positives-only
     python benchmarks/mutation.py --list          # and whether each snippet is found
 
@@ -39,9 +39,15 @@ METRICS = "tests/evaluation/test_metrics.py"
 RLE = ("tests/ingest/test_rle.py", "tests/ingest/test_masks.py")
 COMMIT = ("tests/ingest/test_ingest_failures.py", "tests/ingest/test_ingest_siim.py")
 STORE = "tests/shards/test_store.py"
-STREAM = ("tests/shards/test_stream.py", "tests/training/test_data.py")
+STREAM = (
+    "tests/shards/test_stream.py",
+    "tests/training/test_data.py::test_loader_workers_give_every_rank_the_same_count_and_resume_exactly",
+)
 SEGMENT = "tests/training/test_segment.py"
-EVALUATE = ("tests/evaluation/test_evaluate.py", "tests/evaluation/test_predict.py")
+RESUME = f"{SEGMENT}::test_resume_continues_where_the_run_stopped"
+OTHER_DATA = f"{SEGMENT}::test_a_run_folder_is_never_overwritten_or_resumed_on_other_data"
+TWO_RANKS = f"{SEGMENT}::test_two_gloo_ranks_on_one_shard_take_equal_steps"
+TTA = "tests/evaluation/test_evaluate.py::test_tta_and_last_checkpoint"
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,7 @@ MUTATIONS = [
         "training/segment.py",
         '    ckpts.set_rng_state(ckpt["rng"])\n',
         "",
-        _tests(SEGMENT),
+        _tests(RESUME),
     ),
     Mutation(
         "resume-optimizer-not-restored",
@@ -263,7 +269,7 @@ MUTATIONS = [
         "training/segment.py",
         '    job.optimizer.load_state_dict(ckpt["optimizer"])\n',
         "",
-        _tests(SEGMENT),
+        _tests(RESUME),
     ),
     Mutation(
         "resume-other-data-accepted",
@@ -271,7 +277,7 @@ MUTATIONS = [
         "training/segment.py",
         'for key in ("manifest_fingerprint", "model_args", "steps_per_epoch"):',
         'for key in ("model_args", "steps_per_epoch"):',
-        _tests(SEGMENT),
+        _tests(OTHER_DATA),
     ),
     Mutation(
         "validate-through-ddp",
@@ -279,7 +285,7 @@ MUTATIONS = [
         "training/segment.py",
         "    model = job.model\n    model.eval()\n",
         "    model = job.net\n    model.eval()\n",
-        _tests(SEGMENT),
+        _tests(TWO_RANKS),
     ),
     # ---- test-time augmentation
     Mutation(
@@ -288,7 +294,7 @@ MUTATIONS = [
         "training/model.py",
         "    if tta:\n        flipped",
         "    if False:\n        flipped",
-        _tests(EVALUATE),
+        _tests(TTA),
     ),
     Mutation(
         "tta-not-flipped-back",
@@ -296,7 +302,7 @@ MUTATIONS = [
         "training/model.py",
         "probs = (probs + torch.flip(flipped, dims=[-1])) / 2",
         "probs = (probs + flipped) / 2",
-        _tests(EVALUATE),
+        _tests(TTA),
     ),
 ]
 
