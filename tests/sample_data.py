@@ -2,7 +2,8 @@
 
 The full set is ``../shared/data`` beside the repository, or ``$PNEUMO_SHARED_DATA``
 (see tests/data/PROVENANCE.md for where every file comes from). A fresh clone has only
-``tests/data``: byte-identical copies of part of the full set, at the same relative paths.
+``tests/data``: byte-identical copies of part of the full set, at the same relative paths;
+a folder there holds all the files of its counterpart, or is absent.
 
 :func:`root` gives the full set when it is there, else ``tests/data`` as a :class:`SamplePath`.
 Joining such a path (``root() / "nih" / "Data_Entry_2017.csv.gz"``) to a file that
