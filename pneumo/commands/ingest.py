@@ -92,13 +92,8 @@ def _batch_config(
             parsed = tuple(float(x) for x in fractions.split(","))
         except ValueError as e:
             raise ConfigError(f"--split-fractions {fractions!r}: expected three numbers") from e
+    # Creating the user's secret logs where it is (a warning: shown once, on stderr).
     secret = resolve_secret(key_file)
-    if secret.created:
-        typer.echo(
-            f"created your patient secret: {secret.origin} (mode 600). Keep it, and keep it "
-            "apart from the data: later batches of this dataset need it.",
-            err=True,
-        )
     return BatchConfig(
         out=out,
         batch=batch,
