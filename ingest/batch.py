@@ -335,8 +335,12 @@ class BatchRun:
 
 
 def _text(value: str) -> str:
-    """File names may carry bytes that are not UTF-8 (surrogate escapes): show them."""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    """File names may carry bytes that are not UTF-8 (surrogate escapes): show them as
+    ``\\xff``, so the quarantine table can be written and the file still found."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Assembler:

@@ -121,7 +121,7 @@ class _UnitWriter:
         self.writers: dict[tuple[str, str], ShardWriter] = {}
         self.ids: set[str] = set()
         self.content: set[str] = set()
-        self.keys: set[str] = set()
+        self.keys: dict[str, str] = {}  # sample key -> image id
 
     def take(self, item: Sample | Rejected) -> None:
         if item.image_id:
@@ -133,11 +133,11 @@ class _UnitWriter:
         if version is None:
             return
         if item.key in self.keys:  # two ids, one key ("1.2" and "1_2"): keep the first
-            self.result.rejected.append(_key_clash(item))
+            self.result.rejected.append(_key_clash(item, self.keys[item.key]))
             return
         self.ids.add(item.image_id)
         self.content.add(item.meta["content_sha256"])
-        self.keys.add(item.key)
+        self.keys[item.key] = item.image_id
         self._write(item, version)
 
     def _labels_version(self, item: Sample) -> int | None:
@@ -224,10 +224,10 @@ def without(piece: Piece, keys: set[str], scratch: str) -> Piece | None:
     return None
 
 
-def _key_clash(item: Sample) -> Rejected:
+def _key_clash(item: Sample, other: str) -> Rejected:
     return Rejected(
         f"image {item.image_id}",
-        f"its sample key {item.key} is already used by another image id in this batch",
+        f"its sample key {item.key} is already used by image {other}",
         item.image_id,
     )
 
