@@ -201,7 +201,12 @@ class _UnitWriter:
 
 
 def without(piece: Piece, keys: set[str], scratch: str) -> Piece | None:
-    """The piece minus the samples of ``keys`` (same bytes for the rest); None if empty."""
+    """The piece minus the samples of ``keys``; None if nothing is left.
+
+    How the parent drops an image that an earlier unit already gave. It is rare, so a piece
+    is rewritten only then, through the same writer: the samples kept have the bytes they
+    would have had without the repeat.
+    """
     writer = ShardWriter("filtered", scratch)
     sample: dict[str, Any] = {}
     with tarfile.open(piece.tmp_path) as tar:
