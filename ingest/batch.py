@@ -1,21 +1,28 @@
 """One ingest run = one batch: samples in, shards + quarantine + manifest part out.
 
-The input files are processed in units on ``--workers`` processes (see ``ingest.units``).
-The order of writes is what makes a batch safe to kill at any moment (SIGKILL included):
+Before any file is read, the parent fixes everything a unit decides with: the split policy
+(``ingest.patients``: the dataset's, fixed by its first batch), the patients already
+committed and their splits, and the images already stored. The input files are then
+processed in units on ``--workers`` processes (``ingest.units``); the parent takes their
+results in input order, drops what an earlier unit already gave (same id, same pixel bytes),
+and joins the pieces into shards. The order of writes is what makes a batch safe to kill at
+any moment (SIGKILL included):
 
-1. shards, each uploaded whole (atomic put) under ``shards/<dataset>/<batch>/``;
-2. the quarantine part;
-3. the manifest part, last, in one atomic put: this is the commit.
+1. shards, each stored whole (atomic put), and after every segment of about
+   ``segment_files`` files a segment record (``ingest.segments``);
+2. the quarantine part (read only once its batch is committed);
+3. the batch record, and the dataset's settings when this batch fixes the split policy;
+4. the manifest part, last, in one atomic put: this is the commit.
 
 Nothing reads a shard that no committed manifest names, so a killed run leaves nothing
-visible. Running the same command again finds the batch uncommitted, deletes its leftover
-shards and writes it again from the start: same input, same bytes, no duplicates.
+visible. Running the same command again finds the batch uncommitted, keeps the segments
+already finished, deletes the other leftovers and does the rest: same input, same bytes,
+every image exactly once.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import multiprocessing as mp
 import shutil
@@ -23,30 +30,35 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from ingest import segments
+from ingest.patients import (
+    BatchPolicy,
+    PatientSecret,
+    check_fractions,
+    committed_splits,
+)
+from ingest.segments import SegmentRecord
 from ingest.sources import run_ordered
 from ingest.units import (
     UNIT_FILES,
     Rejected,
     Sample,
+    Stored,
     UnitContext,
     UnitResult,
     init_worker,
     json_bytes,
     run_unit,
+    without,
 )
 from shards import layout, manifest
-from shards.errors import ConfigError, StoreError
+from shards.errors import ConfigError
 from shards.store import Store
 from shards.tario import Piece, ShardUploader, ShardWriter
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
-# A public default keeps the demo working out of the box; production sets its own secret.
-DEFAULT_PATIENT_SECRET = "pneumo-public-default-key"  # noqa: S105 - documented, not a credential
 
 Progress = Callable[[int, int], None]
 
@@ -61,22 +73,22 @@ class BatchConfig:
     shard_max_samples: int = 1000
     shard_max_bytes: int = 512 * 1024 * 1024
     split_fractions: tuple[float, float, float] | None = None  # None: the dataset's, or default
-    patient_secret: str = DEFAULT_PATIENT_SECRET
+    # None: $PNEUMO_PATIENT_KEY, or the user's own secret file (ingest.patients.resolve_secret)
+    patient_secret: PatientSecret | None = field(default=None, repr=False)
+    relabel: bool = False  # store images whose labels changed as a new labels version
+    segment_files: int = 8192  # a killed batch redoes at most this many files
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         if self.shard_max_samples < 1:
             raise ConfigError("--shard-size must be at least 1")
+        if self.segment_files < 1:
+            raise ConfigError("segment_files must be at least 1")
         if self.batch is not None:
             layout.check_name("batch", self.batch)
         if self.split_fractions is not None:
             check_fractions(self.split_fractions)
-
-
-def check_fractions(fractions: tuple[float, float, float]) -> None:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"split fractions {fractions}: need 3 non-negative numbers summing to 1")
 
 
 @dataclass(kw_only=True)
@@ -84,104 +96,57 @@ class BatchSummary:
     dataset: str
     batch: str
     ingested: int = 0
-    skipped: int = 0
+    skipped: int = 0  # already in the dataset (same id or same pixel bytes)
+    duplicates: int = 0  # given more than once in this batch: stored once
+    relabelled: int = 0  # stored again with new labels (a new labels version)
+    label_changes: int = 0  # skipped images whose labels differ (see --relabel)
     quarantined: int = 0
     orphan_labels: int = 0  # of the quarantined: label rows whose image never came
     shards: int = 0
+    resumed_files: int = 0  # files an earlier attempt had already finished
     committed: bool = False
     already_committed: bool = False
     splits: dict[str, int] = field(default_factory=dict)
-
-
-def input_fingerprint(files: Iterable[Any], *label_files: Path | None) -> str:
-    """A hash of a batch's inputs (file names and sizes, label file contents).
-
-    It names the batch by default, so re-running the same command finds the same batch.
-    """
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.rel}:{f.size}\n".encode())
-    for path in label_files:
-        if path is not None:
-            h.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return h.hexdigest()
-
-
-def already_committed(
-    store: Store, dataset: str, batch: str, inputs: str, n_files: int
-) -> BatchSummary:
-    """A committed batch is never written again; other inputs under its name are an error."""
-    try:
-        record = json.loads(store.get(layout.batch_record(dataset, batch)))
-    except StoreError:  # committed before batch records existed: nothing to compare
-        record = {"inputs": inputs}
-    if record.get("inputs") != inputs:
-        raise ConfigError(
-            f"batch {batch!r} is already committed with other inputs; "
-            "give the new files a new --batch name"
-        )
-    log.info("batch %s is already committed: nothing to add", batch)
-    return BatchSummary(
-        dataset=dataset, batch=batch, skipped=n_files, committed=True, already_committed=True
-    )
-
-
-def resolve_fractions(store: Store, wanted: tuple[float, float, float] | None) -> tuple:
-    """The dataset's split fractions, fixed by its first ingest so the test set never moves."""
-    settings = manifest.read_settings(store)
-    if settings is None:
-        fractions = tuple(wanted or DEFAULT_FRACTIONS)
-        manifest.write_settings(
-            store, {"schema_version": layout.SCHEMA_VERSION, "split_fractions": list(fractions)}
-        )
-        return fractions
-    stored = tuple(settings["split_fractions"])
-    if wanted is not None and any(abs(a - b) > 1e-9 for a, b in zip(wanted, stored, strict=True)):
-        raise ConfigError(
-            f"this dataset's split fractions are fixed at {stored} by its first batch; "
-            f"drop --split-fractions or use a new dataset"
-        )
-    return stored
+    bases: dict[str, int] = field(default_factory=dict)  # patient_basis -> images
+    kept_split: dict[str, tuple[str, str]] = field(default_factory=dict)  # key: (kept, policy)
 
 
 class BatchRun:
     """One batch being written: units of files on worker processes, then the commit."""
 
     def __init__(
-        self, store: Store, cfg: BatchConfig, dataset: str, batch: str, *, inputs: str
+        self,
+        store: Store,
+        cfg: BatchConfig,
+        dataset: str,
+        batch: str,
+        *,
+        identity: str,
+        policy: BatchPolicy,
+        secret: PatientSecret,
     ) -> None:
         self.store, self.cfg, self.dataset, self.batch = store, cfg, dataset, batch
-        self.inputs = inputs
-        self.fractions = resolve_fractions(store, cfg.split_fractions)
+        self.identity, self.policy, self.secret = identity, policy, secret
         self.summary = BatchSummary(dataset=dataset, batch=batch)
-        existing = manifest.read(
-            store, columns=["image_id", "content_sha256", "patient_key", "split"]
-        )
-        self.seen_ids = set(existing.column("image_id").to_pylist())
-        self.seen_content = frozenset(existing.column("content_sha256").to_pylist())
-        self.patient_split = dict(
-            zip(
-                existing.column("patient_key").to_pylist(),
-                existing.column("split").to_pylist(),
-                strict=True,
-            )
-        )
         self.rows: list[dict[str, Any]] = []
         self.rejected: list[Rejected] = []
-        self._discard_uncommitted_leftovers()
+        self.came: set[str] = set()  # image ids that came, stored or not
+        self._load_dataset()
+        # What this batch has taken so far (the parent drops what a later unit repeats).
+        self.batch_ids: set[str] = set()
+        self.batch_content: set[str] = set()
 
-    def _discard_uncommitted_leftovers(self) -> None:
-        leftovers = self.store.list(layout.batch_shard_prefix(self.dataset, self.batch))
-        if leftovers:
-            log.info(
-                "batch %s was interrupted: rewriting it (%d old shards)", self.batch, len(leftovers)
-            )
-        for path in leftovers:
-            self.store.delete(path)
-        scratch = self.store.scratch_dir()
-        if scratch is not None:
-            for old in scratch.glob(f"ingest-{self.batch}-*"):
-                shutil.rmtree(old, ignore_errors=True)
+    def _load_dataset(self) -> None:
+        columns = ["dataset", "image_id", "key", "content_sha256", "patient_key", "split"]
+        table = manifest.read(self.store, columns=columns + ["labels_sha256", "labels_version"])
+        rows = table.to_pylist()
+        mine = [r for r in rows if r["dataset"] == self.dataset]
+        self.stored = {
+            r["image_id"]: Stored(r["labels_sha256"], r["labels_version"] or 1) for r in mine
+        }
+        self.stored_content = frozenset(r["content_sha256"] for r in mine)
+        self.keys = {r["key"]: r["image_id"] for r in mine}
+        self.committed = committed_splits(rows, self.policy.effective)
 
     def reject(self, source: str, reason: str) -> None:
         self.rejected.append(Rejected(source, reason))
@@ -194,66 +159,142 @@ class BatchRun:
         format_ctx: Any,
         progress: Progress | None = None,
     ) -> set[str]:
-        """Run every unit of ``files`` through ``process(format_ctx, file)``; returns the
-        image ids that came (stored or not)."""
+        """Run every unit of ``files`` through ``process(format_ctx, file)``, segment by
+        segment; returns the image ids that came (stored or not)."""
         # Units never span two shards' worth of files: with a small --shard-size, small units.
         size = min(UNIT_FILES, self.cfg.shard_max_samples)
         units = [
             (i, files[start : start + size]) for i, start in enumerate(range(0, len(files), size))
         ]
-        scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=self.store.scratch_dir())
-        ctx = UnitContext(
-            scratch=scratch,
-            dataset=self.dataset,
-            batch=self.batch,
-            fractions=self.fractions,
-            secret=self.cfg.patient_secret,
-            seen_ids=frozenset(self.seen_ids),
-            seen_content=self.seen_content,
-            patient_split=self.patient_split,
-            process=process,
-            format_ctx=format_ctx,
-            counter=mp.get_context("fork").Value("l", 0),
-        )
-        came: set[str] = set()
-        assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch, scratch)
+        per_segment = max(1, self.cfg.segment_files // size)
+        run_id = self._run_id(size, per_segment)
+        scratch_root = self.store.scratch_dir()
+        done = segments.resume(self.store, self.dataset, self.batch, run_id, scratch_root)
+        assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch)
+        for record in done:
+            self._take_rows(record.rows)
+            self._add_segment(record)
+            assembler.next_index.update(record.next_index)
+        todo = units[len(done) * per_segment :]
+        self.summary.resumed_files = min(len(files), len(done) * per_segment * size)
+        scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=scratch_root)
+        assembler.scratch = scratch
+        ctx = self._unit_context(scratch, process, format_ctx, self.summary.resumed_files)
+        record = SegmentRecord(run_id=run_id, index=len(done))
         try:
             with _ProgressPoller(ctx.counter, len(files), progress):
-                results = run_ordered(
+                for result in run_ordered(
                     run_unit,
-                    units,
+                    todo,
                     workers=self.cfg.workers,
                     initializer=init_worker,
                     initargs=(ctx,),
-                )
-                for result in results:
-                    came.update(result.came)
-                    self._merge(result, assembler)
-            self.summary.shards = assembler.finish()
+                ):
+                    self._merge(result, assembler, record, scratch)
+                    if (result.index + 1) % per_segment == 0 or result.index + 1 == len(units):
+                        record.shards = assembler.flush()
+                        record.next_index = dict(assembler.next_index)
+                        segments.save(self.store, self.dataset, self.batch, record)
+                        self._add_segment(record)
+                        record = SegmentRecord(run_id=run_id, index=record.index + 1)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return came
+        return self.came
 
-    def _merge(self, unit: UnitResult, assembler: _Assembler) -> None:
-        """Add a unit's pieces and rows; an image already added by an earlier unit is not
-        referenced again (its bytes stay, never read, in the shard)."""
-        self.summary.skipped += unit.skipped
-        self.rejected.extend(unit.rejected)
-        shard_of = {slot: assembler.add(slot, piece) for slot, piece in unit.pieces.items()}
+    def _run_id(self, unit_size: int, per_segment: int) -> str:
+        cfg = self.cfg
+        text = f"{self.identity}:{unit_size}:{per_segment}"
+        text += f":{cfg.shard_max_samples}:{cfg.shard_max_bytes}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _unit_context(self, scratch: str, process: Any, format_ctx: Any, done: int) -> UnitContext:
+        return UnitContext(
+            scratch=scratch,
+            dataset=self.dataset,
+            batch=self.batch,
+            policy=self.policy.effective,
+            secret=self.secret,
+            relabel=self.cfg.relabel,
+            stored=self.stored,
+            stored_content=self.stored_content,
+            committed=self.committed,
+            process=process,
+            format_ctx=format_ctx,
+            counter=mp.get_context("fork").Value("l", done),
+        )
+
+    def _merge(
+        self, unit: UnitResult, assembler: _Assembler, record: SegmentRecord, scratch: str
+    ) -> None:
+        """Add a unit's pieces and rows, without what an earlier unit of this batch already
+        gave (same id, or same pixel bytes): every image is stored and referenced once."""
+        record.add(unit)
+        drop: dict[tuple[str, str], set[str]] = {}
+        kept = []
         for row in unit.rows:
-            if row["image_id"] in self.seen_ids:
-                self.summary.skipped += 1
+            problem = self._repeat(row)
+            if problem is None:
+                self._take_rows([row])
+                kept.append(row)
                 continue
-            self.seen_ids.add(row["image_id"])
+            drop.setdefault(row["shard"], set()).add(row["key"])
+            if problem:
+                record.rejected.append(
+                    Rejected(f"image {row['image_id']}", problem, row["image_id"])
+                )
+            else:
+                record.duplicates += 1
+        shard_of = {}
+        for slot, piece in unit.pieces.items():
+            filtered = without(piece, drop[slot], scratch) if slot in drop else piece
+            if filtered is not None:
+                shard_of[slot] = assembler.add(slot, filtered)
+        for row in kept:
             row["shard"] = shard_of[row["shard"]]
-            self.rows.append(row)
-            self.summary.ingested += 1
-            self.summary.splits[row["split"]] = self.summary.splits.get(row["split"], 0) + 1
+            record.rows.append(row)
+
+    def _repeat(self, row: dict[str, Any]) -> str | None:
+        """None for a new image; "" for a repeat within the batch; else a key clash."""
+        if row["image_id"] in self.batch_ids:
+            return ""
+        if row["labels_version"] == 1 and row["content_sha256"] in self.batch_content:
+            return ""
+        other = self.keys.get(row["key"])
+        if other is not None and other != row["image_id"]:
+            return f"its sample key {row['key']} is already used by image {other}"
+        return None
+
+    def _take_rows(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.batch_ids.add(row["image_id"])
+            self.batch_content.add(row["content_sha256"])
+            self.keys[row["key"]] = row["image_id"]
+
+    def _add_segment(self, record: SegmentRecord) -> None:
+        s = self.summary
+        self.rows.extend(record.rows)
+        self.rejected.extend(record.rejected)
+        self.came.update(record.came)
+        s.skipped += record.skipped
+        s.duplicates += record.duplicates
+        s.label_changes += record.label_changes
+        s.kept_split.update(record.moved)
+        s.shards += len(record.shards)
+        for row in record.rows:
+            s.ingested += 1
+            s.relabelled += (row["labels_version"] or 1) > 1
+            s.splits[row["split"]] = s.splits.get(row["split"], 0) + 1
+            s.bases[row["patient_basis"]] = s.bases.get(row["patient_basis"], 0) + 1
 
     def commit(self) -> BatchSummary:
-        """The quarantine part, the batch record, then the manifest part: the commit."""
+        """The quarantine part, the batch record (and settings), then the manifest part."""
         q_rows = [
-            {"source": r.source, "reason": r.reason, "dataset": self.dataset, "batch": self.batch}
+            {
+                "source": _text(r.source),
+                "reason": _text(r.reason),
+                "dataset": self.dataset,
+                "batch": self.batch,
+            }
             for r in self.rejected
         ]
         q_path = layout.quarantine_part(self.dataset, self.batch)
@@ -261,35 +302,58 @@ class BatchRun:
             manifest.write_part(self.store, q_path, manifest.to_table(q_rows, "quarantine"))
         elif self.store.exists(q_path):  # a stale part from an interrupted earlier attempt
             self.store.delete(q_path)
-        record = {
-            "dataset": self.dataset,
-            "batch": self.batch,
-            "inputs": self.inputs,
-            "ingested": self.summary.ingested,
-            "skipped": self.summary.skipped,
-            "quarantined": len(self.rejected),
-            "shards": self.summary.shards,
-        }
-        self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(record))
+        self.summary.quarantined = len(self.rejected)
+        self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(self._record()))
+        if self.policy.write:
+            settings = {
+                "schema_version": layout.SCHEMA_VERSION,
+                "split_policy": self.policy.policy.to_json(),
+            }
+            manifest.write_settings(self.store, settings)
         table = manifest.to_table(self.rows, "samples")
         manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), table)
-        self.summary.quarantined = len(self.rejected)
+        segments.discard(self.store, self.dataset, self.batch)
         self.summary.committed = True
         return self.summary
+
+    def _record(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "dataset": self.dataset,
+            "batch": self.batch,
+            "inputs": self.identity,
+            "relabel": self.cfg.relabel,
+            "policy": self.policy.effective.fingerprint()[:16],
+            "ingested": s.ingested,
+            "skipped": s.skipped,
+            "duplicates": s.duplicates,
+            "relabelled": s.relabelled,
+            "quarantined": s.quarantined,
+            "shards": s.shards,
+            "kept_split": len(s.kept_split),
+        }
+
+
+def _text(value: str) -> str:
+    """File names may carry bytes that are not UTF-8 (surrogate escapes): show them as
+    ``\\xff``, so the quarantine table can be written and the file still found."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Assembler:
     """Concatenates the units' pieces, in unit order, into shards of the final size and
     uploads each finished shard in the background."""
 
-    def __init__(
-        self, store: Store, cfg: BatchConfig, dataset: str, batch: str, scratch: str
-    ) -> None:
-        self.cfg, self.dataset, self.batch, self.scratch = cfg, dataset, batch, scratch
+    def __init__(self, store: Store, cfg: BatchConfig, dataset: str, batch: str) -> None:
+        self.store, self.cfg, self.dataset, self.batch = store, cfg, dataset, batch
+        self.scratch = ""
         self.uploader = ShardUploader(store)
         self.open: dict[tuple[str, str], ShardWriter] = {}
         self.next_index: dict[tuple[str, str], int] = {}
-        self.done = 0
+        self.finished: list[str] = []
 
     def add(self, slot: tuple[str, str], piece: Piece) -> str:
         """Append ``piece`` to its group's shard; returns that shard's path."""
@@ -301,16 +365,23 @@ class _Assembler:
         writer = self.open[slot]
         writer.append(piece)
         if writer.count >= self.cfg.shard_max_samples or writer.nbytes >= self.cfg.shard_max_bytes:
-            self.uploader.submit(self.open.pop(slot))
-            self.done += 1
+            self._submit(slot)
         return writer.path
 
-    def finish(self) -> int:
+    def _submit(self, slot: tuple[str, str]) -> None:
+        writer = self.open.pop(slot)
+        self.uploader.submit(writer)
+        self.finished.append(writer.path)
+
+    def flush(self) -> list[str]:
+        """Close every open shard and wait until all are stored; returns the shards stored
+        since the last flush."""
         for slot in sorted(self.open):
-            self.uploader.submit(self.open.pop(slot))
-            self.done += 1
+            self._submit(slot)
         self.uploader.wait()
-        return self.done
+        self.uploader = ShardUploader(self.store)
+        done, self.finished = self.finished, []
+        return done
 
 
 class _ProgressPoller:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import logging
 import re
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ _NIH_COLUMNS = (
 )
 _NO_FINDING = "No Finding"
 _NIH_IMAGE = re.compile(r"(\d{8})_\d{3}\.png")
+# A file whose rows mostly fail is the wrong file, not a file with a few bad rows.
+MAX_BAD_SHARE = 0.5
+# Below this many images an all-negative file is plausible (22% of SIIM images are positive:
+# 20 negatives in a row happen 0.7% of the time).
+ALL_NEGATIVE_MIN_IMAGES = 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,6 +181,55 @@ def read_siim_labels(path: Path) -> tuple[dict[str, SiimLabel], list[LabelProble
         len(problems),
     )
     return labels, problems
+
+
+def check_label_rows(path: Path, good_rows: int, problems: list[LabelProblem], what: str) -> None:
+    """Refuse a label file before anything is written when its rows mostly fail.
+
+    Raises:
+        BadInput: no usable row, or more than half of the rows are bad.
+    """
+    total = good_rows + len(problems)
+    if good_rows and len(problems) <= MAX_BAD_SHARE * total:
+        return
+    example = f" (line {problems[0].source}: {problems[0].reason})" if problems else ""
+    raise BadInput(
+        f"{path}: {len(problems)} of {total} rows are not {what} rows{example}: "
+        "is it the right label file?"
+    )
+
+
+def check_siim_labels(
+    path: Path, labels: dict[str, SiimLabel], problems: list[LabelProblem]
+) -> None:
+    """Refuse a file that is not SIIM labels; warn about an all-negative one (a sample
+    submission is all ``-1``: used as labels it would call every image negative).
+
+    Raises:
+        BadInput: no usable ``ImageId, EncodedPixels`` row, or more than half bad.
+    """
+    good = sum(len(label.rows) for label in labels.values())
+    check_label_rows(path, good, problems, "ImageId,EncodedPixels")
+    if len(labels) >= ALL_NEGATIVE_MIN_IMAGES and not any(x.has_ptx for x in labels.values()):
+        log.warning(
+            "%s: all %d images are labelled -1 (no pneumothorax), where real SIIM labels are "
+            "about 22%% positive; a sample submission looks like this. If it is not a label "
+            "file, undo the batch: pneumo batch drop DATASET BATCH",
+            path,
+            len(labels),
+        )
+
+
+def siim_labels_sha256(label: SiimLabel | None) -> str | None:
+    """A hash of an image's labels, whatever their row order (None: unlabelled)."""
+    if label is None:
+        return None
+    return hashlib.sha256("\n".join(sorted(label.rles) or ["-1"]).encode()).hexdigest()
+
+
+def nih_labels_sha256(entry: NihEntry) -> str:
+    """A hash of an NIH image's findings, whatever their order."""
+    return hashlib.sha256("|".join(sorted(entry.findings) or [_NO_FINDING]).encode()).hexdigest()
 
 
 def _siim_rows(path: Path, problems: list[LabelProblem]) -> Iterator[tuple[int, str, str]]:
@@ -316,6 +371,24 @@ def read_nih_bboxes(path: Path) -> dict[str, list[Box]]:
 def read_split_list(path: Path) -> set[str]:
     """Read an NIH split list (train_val_list.txt, test_list.txt): one image name per line."""
     return {line.strip() for line in _read_text(path).splitlines() if line.strip()}
+
+
+def nih_list_patients(path: Path) -> set[str]:
+    """The NIH patient ids (8 digits) of a split list's image names.
+
+    Raises:
+        BadInput: a line is not an NIH image name (``NNNNNNNN_NNN.png``).
+    """
+    out = set()
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
+        name = line.strip()
+        if not name:
+            continue
+        match = _NIH_IMAGE.fullmatch(name)
+        if match is None:
+            raise BadInput(f"{path}:{number}: {name[:40]!r} is not an NIH image name")
+        out.add(match[1])
+    return out
 
 
 def read_nih_xref(path: Path) -> dict[str, str]:

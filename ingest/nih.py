@@ -1,8 +1,12 @@
 """``pneumo ingest nih``: ChestX-ray14 PNGs + ``Data_Entry_2017.csv`` -> one batch of shards.
 
-The same flow as SIIM: list the PNGs (any folder depth), read the label tables, check each
-PNG on ``--workers`` processes (stored as it is when it is already 8/16-bit grey, else its
-first channel re-encoded); ``ingest.units`` dedupes, splits and writes the shards.
+The same flow as SIIM: list the PNGs (any folder depth), read and check the label tables,
+open the batch (its split policy decided before any file is read), check each PNG on
+``--workers`` processes (stored as it is when it is already 8/16-bit grey, else its first
+channel re-encoded); ``ingest.units`` dedupes, splits and writes the shards.
+
+The official lists (``train_val_list.txt``, ``test_list.txt``) put every patient with an
+image listed for test in test, SIIM images of that patient included (``ingest.patients``).
 """
 
 from __future__ import annotations
@@ -19,25 +23,22 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ingest.batch import (
-    BatchConfig,
-    BatchRun,
-    BatchSummary,
-    Progress,
-    already_committed,
-    input_fingerprint,
-)
+from ingest.batch import BatchConfig, BatchSummary, Progress
+from ingest.identity import SplitLists, open_batch
 from ingest.labels import (
     Box,
     LabelProblem,
     NihEntry,
+    check_label_rows,
+    nih_labels_sha256,
+    nih_list_patients,
     read_nih_bboxes,
     read_nih_entries,
-    read_split_list,
 )
+from ingest.patients import nih_patient
 from ingest.sources import SourceFile, list_sources, read_source
 from ingest.units import Rejected, Sample
-from shards import layout, manifest
+from shards import layout
 from shards.errors import ConfigError, StoreError
 from shards.store import open_store
 
@@ -67,8 +68,6 @@ class _Context:
     entries: dict[str, NihEntry]
     bad_rows: dict[str, LabelProblem]
     boxes: dict[str, list[Box]]
-    train_val: frozenset[str]
-    test: frozenset[str]
 
 
 def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary:
@@ -77,26 +76,32 @@ def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary
     if not files:
         raise ConfigError(f"no .png files under {cfg.image_root}")
     entries, problems = read_nih_entries(cfg.labels)
+    check_label_rows(cfg.labels, len(entries), problems, "Data_Entry")
     ctx = _Context(
         entries=entries,
         bad_rows={p.image_id: p for p in problems if p.image_id},
         boxes=read_nih_bboxes(cfg.bbox) if cfg.bbox else {},
-        train_val=frozenset(read_split_list(cfg.train_val_list))
-        if cfg.train_val_list
-        else frozenset(),
-        test=frozenset(read_split_list(cfg.test_list)) if cfg.test_list else frozenset(),
     )
+    lists = SplitLists()
+    if cfg.train_val_list is not None and cfg.test_list is not None:
+        test = frozenset(nih_patient(p) for p in nih_list_patients(cfg.test_list))
+        lists = SplitLists(test=test, official=True, files=(cfg.train_val_list, cfg.test_list))
     store = open_store(cfg.batch.out)
-    inputs = input_fingerprint(files, cfg.labels, cfg.bbox, cfg.train_val_list, cfg.test_list)
-    batch = cfg.batch.batch or f"b{inputs[:12]}"
-    if batch in manifest.committed_batches(store, DATASET):
-        return already_committed(store, DATASET, batch, inputs, len(files))
-    run = BatchRun(store, cfg.batch, DATASET, batch, inputs=inputs)
+    opened = open_batch(
+        store,
+        cfg.batch,
+        DATASET,
+        files=files,
+        inputs=[cfg.labels, cfg.bbox, cfg.train_val_list, cfg.test_list],
+        lists=lists,
+    )
+    if isinstance(opened, BatchSummary):
+        return opened
     for p in problems:  # a bad row with a known image id is reported with its image
         if p.image_id is None:
-            run.reject(p.source, p.reason)
-    run.process(files, _process, ctx, progress)
-    return run.commit()
+            opened.reject(p.source, p.reason)
+    opened.process(files, _process, ctx, progress)
+    return opened.commit()
 
 
 def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
@@ -145,14 +150,13 @@ def _sample(
         "n_boxes": len(boxes),
         "boxes": [{"label": b.label, "x": b.x, "y": b.y, "w": b.w, "h": b.h} for b in boxes],
     }
-    forced = "test" if index in ctx.test else ("trainval" if index in ctx.train_val else None)
     return Sample(
         key=layout.sample_key(index.removesuffix(".png")),
         image_id=index,
         members={"png": data},
         meta=meta,
-        raw_patient=("nih", entry.patient_id),
-        forced_split=forced,
+        patient=nih_patient(entry.patient_id),
+        labels_sha256=nih_labels_sha256(entry),
     )
 
 

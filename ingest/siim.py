@@ -1,9 +1,13 @@
 """``pneumo ingest siim``: SIIM-ACR DICOMs + RLE label CSV -> one batch of shards.
 
-The flow, top to bottom: list the DICOMs, read the labels, then for every file (on
-``--workers`` processes, see ``ingest.units``) read the header, keep the JPEG frame as it
-is (or decode other transfer syntaxes to PNG) and build the mask from the label rows;
+The flow, top to bottom: list the DICOMs, read and check the label, xref and list files,
+open the batch (its split policy decided before any file is read), then for every file
+(on ``--workers`` processes, see ``ingest.units``) read the header, keep the JPEG frame as
+it is (or decode other transfer syntaxes to PNG) and build the mask from the label rows;
 label rows whose image never came are quarantined; the manifest part commits the batch.
+
+A SIIM image's patient is its NIH patient when ``nih_xref`` maps it (SIIM images are
+ChestX-ray14 images), else the image itself: SIIM PatientIDs are per-image pseudonyms.
 """
 
 from __future__ import annotations
@@ -17,20 +21,24 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.batch import (
-    BatchConfig,
-    BatchRun,
-    BatchSummary,
-    Progress,
-    already_committed,
-    input_fingerprint,
-)
+from ingest.batch import BatchConfig, BatchRun, BatchSummary, Progress
 from ingest.dicom import BadInput, DicomImage, read_dicom
-from ingest.labels import LabelProblem, SiimLabel, read_nih_xref, read_siim_labels, read_split_list
+from ingest.identity import SplitLists, open_batch
+from ingest.labels import (
+    LabelProblem,
+    SiimLabel,
+    check_siim_labels,
+    nih_list_patients,
+    read_nih_xref,
+    read_siim_labels,
+    read_split_list,
+    siim_labels_sha256,
+)
+from ingest.patients import BASIS_NIH_XREF, Patient, image_patient, nih_patient
 from ingest.rle import RLEError, combine_masks
 from ingest.sources import SourceFile, list_sources, read_source
 from ingest.units import Rejected, Sample
-from shards import layout, manifest
+from shards import layout
 from shards.errors import ConfigError, StoreError
 from shards.store import open_store
 
@@ -43,9 +51,19 @@ DATASET = "siim"
 class SiimConfig:
     dicom_root: str  # folder or s3:// prefix, searched recursively for *.dcm
     labels: Path | None = None  # any SIIM label CSV variant (.csv or .csv.gz)
-    nih_xref: Path | None = None  # SIIM ImageId -> NIH image: patient_key becomes the NIH patient
-    test_list: Path | None = None  # ImageIds forced into the test split
+    nih_xref: Path | None = None  # SIIM ImageId -> NIH image: the patient becomes the NIH one
+    test_list: Path | None = None  # SIIM ImageIds whose patients are forced into test
+    # NIH's train_val_list.txt, test_list.txt, matched through nih_xref: the official lists
+    # decide the test split, for SIIM and NIH rows alike.
+    split_lists: tuple[Path, Path] | None = None
     batch: BatchConfig
+
+    def __post_init__(self) -> None:
+        if self.split_lists is not None and self.nih_xref is None:
+            raise ConfigError(
+                "--split-lists names NIH images: give --nih-xref too, so SIIM images are "
+                "matched to their NIH patients"
+            )
 
 
 @dataclass(frozen=True)
@@ -54,8 +72,7 @@ class _Context:
 
     labels: dict[str, SiimLabel]
     bad_labels: dict[str, LabelProblem]
-    xref: dict[str, str]
-    test_ids: frozenset[str]
+    xref: dict[str, str]  # SIIM ImageId -> NIH patient id
 
 
 def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
@@ -64,18 +81,23 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     if not files:
         raise ConfigError(f"no .dcm files under {cfg.dicom_root}")
     labels, problems = read_siim_labels(cfg.labels) if cfg.labels else ({}, [])
-    ctx = _Context(
-        labels=labels,
-        bad_labels={p.image_id: p for p in problems if p.image_id},
-        xref=read_nih_xref(cfg.nih_xref) if cfg.nih_xref else {},
-        test_ids=frozenset(read_split_list(cfg.test_list)) if cfg.test_list else frozenset(),
-    )
+    if cfg.labels:
+        check_siim_labels(cfg.labels, labels, problems)
+    xref = read_nih_xref(cfg.nih_xref) if cfg.nih_xref else {}
+    ctx = _Context(labels, {p.image_id: p for p in problems if p.image_id}, xref)
+    train_val, test = cfg.split_lists or (None, None)
     store = open_store(cfg.batch.out)
-    inputs = input_fingerprint(files, cfg.labels)
-    batch = cfg.batch.batch or f"b{inputs[:12]}"
-    if batch in manifest.committed_batches(store, DATASET):
-        return already_committed(store, DATASET, batch, inputs, len(files))
-    run = BatchRun(store, cfg.batch, DATASET, batch, inputs=inputs)
+    opened = open_batch(
+        store,
+        cfg.batch,
+        DATASET,
+        files=files,
+        inputs=[cfg.labels, cfg.nih_xref, cfg.test_list, train_val, test],
+        lists=_split_lists(cfg, xref),
+    )
+    if isinstance(opened, BatchSummary):
+        return opened
+    run = opened
     for p in problems:
         if not p.image_id:  # rows we could not even attach to an image
             run.reject(p.source, p.reason)
@@ -83,6 +105,27 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     labels_name = cfg.labels.name if cfg.labels else "labels"
     _reject_orphan_labels(run, labels, ctx.bad_labels, came, labels_name)
     return run.commit()
+
+
+def _patient(xref: dict[str, str], image_id: str) -> Patient:
+    nih = xref.get(image_id)
+    return nih_patient(nih, BASIS_NIH_XREF) if nih is not None else image_patient(image_id)
+
+
+def _split_lists(cfg: SiimConfig, xref: dict[str, str]) -> SplitLists:
+    """The patients the lists force into test: SIIM ids of ``--test-list`` (their NIH
+    patient when the xref knows them), and the NIH patients of the official test list."""
+    test: set[Patient] = set()
+    files: list[Path] = []
+    if cfg.test_list is not None:
+        test |= {_patient(xref, image_id) for image_id in read_split_list(cfg.test_list)}
+        files.append(cfg.test_list)
+    if cfg.split_lists is not None:
+        test |= {nih_patient(p, BASIS_NIH_XREF) for p in nih_list_patients(cfg.split_lists[1])}
+        files.extend(cfg.split_lists)
+    return SplitLists(
+        test=frozenset(test), official=cfg.split_lists is not None, files=tuple(files)
+    )
 
 
 def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
@@ -135,22 +178,13 @@ def _sample(
         "pixel_spacing": list(img.pixel_spacing) if img.pixel_spacing else None,
         "findings": None if has_ptx is None else (["Pneumothorax"] if has_ptx else []),
     }
-    nih_patient = ctx.xref.get(img.image_id)
-    if nih_patient is not None:
-        raw = ("nih", nih_patient)
-    elif img.raw_patient_id:
-        raw = ("siim", img.raw_patient_id)
-    else:  # stage-2 test files have an empty PatientID: each image is its own patient
-        raw = ("siim-image", img.image_id)
-    forced = "test" if img.image_id in ctx.test_ids else None
-    key = layout.sample_key(img.image_id)
     return Sample(
-        key=key,
+        key=layout.sample_key(img.image_id),
         image_id=img.image_id,
         members=members,
         meta=meta,
-        raw_patient=raw,
-        forced_split=forced,
+        patient=_patient(ctx.xref, img.image_id),
+        labels_sha256=siim_labels_sha256(label),
     )
 
 
@@ -205,7 +239,7 @@ def _reject_orphan_labels(
 ) -> None:
     """A label row whose image never came is quarantined (unless stored in an earlier batch)."""
     for image_id in sorted(set(labels) | set(bad)):
-        if image_id in seen or image_id in run.seen_ids:
+        if image_id in seen or image_id in run.stored:
             continue
         if image_id in bad:
             run.reject(bad[image_id].source, bad[image_id].reason)

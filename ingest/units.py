@@ -1,23 +1,29 @@
 """A unit of ingest work: a fixed run of input files, processed by one worker process.
 
 A batch's sorted input files are cut into units of ``UNIT_FILES`` files. A worker takes
-whole units: it decodes the files, dedupes them against the dataset, gives each sample its
-patient key and split, and writes one tar *piece* per split/label group on local disk.
-Only the manifest rows and the pieces' paths travel back; the parent concatenates pieces
-into the final shards in unit order (a copy in the kernel). So the parent does almost no
-work per sample, workers scale, and the shard bytes are the same whatever ``--workers``.
+whole units: it decodes the files, dedupes them against the dataset and the unit, gives
+each sample its patient key and split, and writes one tar *piece* per split/label group on
+local disk. Only the manifest rows and the pieces' paths travel back; the parent drops
+what an earlier unit already gave (see ``ingest.batch``) and concatenates the pieces into
+the final shards in unit order. So the parent does almost no work per sample, workers
+scale, and the shard bytes are the same whatever ``--workers``.
+
+Nothing a unit decides depends on the other units: the split is the dataset's policy
+applied to the patient key (decided in the parent before any unit runs), and a patient
+already committed keeps the split it has.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
-from collections.abc import Callable, Sequence
+import os
+import tarfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ingest.patients import Patient, PatientSecret, SplitPolicy
 from shards import layout, manifest
 from shards.tario import Piece, ShardWriter
 
@@ -34,9 +40,8 @@ class Sample:
     image_id: str
     members: dict[str, bytes]  # {"jpg" | "png": ..., "mask.png": ..., }
     meta: dict[str, Any]  # the sample's JSON, also the base of its manifest row
-    raw_patient: tuple[str, str]  # (namespace, id) for the keyed hash; never stored
-    # Official split lists: "test", or "trainval" (train or val by patient hash, never test).
-    forced_split: str | None = None
+    patient: Patient  # hashed with the secret; never stored
+    labels_sha256: str | None = None  # of the label rows used; None: unlabelled
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class Rejected:
     image_id: str | None = None  # when the file was readable enough to tell
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What the dataset already holds for an image id (its latest labels)."""
+
+    labels_sha256: str | None
+    labels_version: int
+
+
 @dataclass(frozen=True, kw_only=True)
 class UnitContext:
     """Everything a worker needs to write units, inherited once through fork."""
@@ -53,11 +66,12 @@ class UnitContext:
     scratch: str  # local folder for the pieces
     dataset: str
     batch: str
-    fractions: tuple[float, float, float]
-    secret: str
-    seen_ids: frozenset[str]  # already in the dataset
-    seen_content: frozenset[str]
-    patient_split: dict[str, str]  # a patient keeps the split of their first image
+    policy: SplitPolicy  # this batch's: the dataset's policy and the batch's own lists
+    secret: PatientSecret
+    relabel: bool  # store images whose labels changed as a new labels version
+    stored: Mapping[str, Stored]  # image ids already in the dataset
+    stored_content: frozenset[str]  # content_sha256 already in the dataset
+    committed: Mapping[str, str]  # patient_key -> split of the committed rows
     process: Callable[[Any, Any], Sample | Rejected]  # (format_ctx, source file)
     format_ctx: Any  # the format's label tables, read once in the parent
     counter: Any  # multiprocessing.Value: files done, for the parent's progress bar
@@ -68,27 +82,15 @@ class UnitResult:
     """What a unit gives back. Each row's ``shard`` holds its (split, group) until the
     parent knows which final shard the piece went into."""
 
+    index: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
     pieces: dict[tuple[str, str], Piece] = field(default_factory=dict)
     rejected: list[Rejected] = field(default_factory=list)
     came: list[str] = field(default_factory=list)  # image ids seen, stored or not
-    skipped: int = 0
-
-
-def patient_key(secret: str, namespace: str, raw_id: str) -> str:
-    """Keyed hash (HMAC-SHA256) of a patient id: linkable within pneumo, not reversible."""
-    msg = f"{namespace}:{raw_id.strip()}".encode()
-    return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest()[:20]
-
-
-def split_of(patient: str, fractions: Sequence[float]) -> str:
-    """Patient-level split: a fixed function of ``patient_key``, the same in every batch."""
-    u = int(hashlib.sha256(f"split:{patient}".encode()).hexdigest()[:12], 16) / 16**12
-    if u < fractions[2]:
-        return "test"
-    if u < fractions[2] + fractions[1]:
-        return "val"
-    return "train"
+    skipped: int = 0  # already in the dataset
+    duplicates: int = 0  # given twice in this batch (same id, or same bytes)
+    label_changes: int = 0  # skipped images whose labels differ from the stored ones
+    moved: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (kept, policy)
 
 
 _ctx: UnitContext | None = None
@@ -115,11 +117,11 @@ def run_unit(unit: tuple[int, Sequence[Any]]) -> UnitResult:
 class _UnitWriter:
     def __init__(self, ctx: UnitContext, index: int) -> None:
         self.ctx, self.index = ctx, index
-        self.result = UnitResult()
+        self.result = UnitResult(index=index)
         self.writers: dict[tuple[str, str], ShardWriter] = {}
         self.ids: set[str] = set()
         self.content: set[str] = set()
-        self.patients: dict[str, str] = {}
+        self.keys: dict[str, str] = {}  # sample key -> image id
 
     def take(self, item: Sample | Rejected) -> None:
         if item.image_id:
@@ -127,27 +129,52 @@ class _UnitWriter:
         if isinstance(item, Rejected):
             self.result.rejected.append(item)
             return
-        sha = item.meta["content_sha256"]
-        if (
-            item.image_id in self.ids
-            or item.image_id in self.ctx.seen_ids
-            or sha in self.content
-            or sha in self.ctx.seen_content
-        ):
-            self.result.skipped += 1
+        version = self._labels_version(item)
+        if version is None:
+            return
+        if item.key in self.keys:  # two ids, one key ("1.2" and "1_2"): keep the first
+            self.result.rejected.append(_key_clash(item, self.keys[item.key]))
             return
         self.ids.add(item.image_id)
-        self.content.add(sha)
-        self._write(item)
+        self.content.add(item.meta["content_sha256"])
+        self.keys[item.key] = item.image_id
+        self._write(item, version)
 
-    def _write(self, sample: Sample) -> None:
-        patient = patient_key(self.ctx.secret, *sample.raw_patient)
-        split = self._split(patient, sample)
+    def _labels_version(self, item: Sample) -> int | None:
+        """The labels version to store the sample under, or None to skip it."""
+        sha = item.meta["content_sha256"]
+        if item.image_id in self.ids or sha in self.content:
+            self.result.duplicates += 1
+            return None
+        stored = self.ctx.stored.get(item.image_id)
+        if stored is None:
+            if sha in self.ctx.stored_content:  # the same pixels under another id
+                self.result.skipped += 1
+                return None
+            return 1
+        changed = item.labels_sha256 is not None and item.labels_sha256 != stored.labels_sha256
+        if changed and self.ctx.relabel:
+            return stored.labels_version + 1
+        self.result.skipped += 1
+        self.result.label_changes += changed
+        return None
+
+    def _write(self, sample: Sample, version: int) -> None:
+        patient = self.ctx.secret.key(sample.patient)
+        split = self._split(patient)
         group = layout.label_group(sample.meta.get("has_ptx"))
         if (split, group) not in self.writers:
             name = f"unit{self.index:06d}-{split}-{group}"
             self.writers[(split, group)] = ShardWriter(name, self.ctx.scratch)
-        meta = {**sample.meta, "patient_key": patient, "split": split, "dataset": self.ctx.dataset}
+        meta = {
+            **sample.meta,
+            "patient_key": patient,
+            "patient_basis": sample.patient.basis,
+            "split": split,
+            "dataset": self.ctx.dataset,
+            "labels_version": version,
+            "labels_sha256": sample.labels_sha256,
+        }
         self.writers[(split, group)].write(
             {"__key__": sample.key, **sample.members, "json": json_bytes(meta)}
         )
@@ -157,30 +184,57 @@ class _UnitWriter:
         )
         self.result.rows.append(row)
 
-    def _split(self, patient: str, sample: Sample) -> str:
-        known = self.ctx.patient_split.get(patient) or self.patients.get(patient)
-        fractions = self.ctx.fractions
-        if sample.forced_split == "test":
-            fractions = (0.0, 0.0, 1.0)
-        elif sample.forced_split == "trainval":
-            train, val, _ = fractions
-            fractions = (train / (train + val), val / (train + val), 0.0)
-        wanted = split_of(patient, fractions)
-        if known is not None and known != wanted and sample.forced_split:
-            log.warning(
-                "%s: the split list says %s, but its patient is already in %s; kept %s",
-                sample.image_id,
-                sample.forced_split,
-                known,
-                known,
-            )
-        split = known or wanted
-        self.patients[patient] = split
-        return split
+    def _split(self, patient: str) -> str:
+        """The policy's split, unless the patient is committed elsewhere: then that one,
+        reported (committed rows are never rewritten)."""
+        wanted = self.ctx.policy.split(patient)
+        committed = self.ctx.committed.get(patient)
+        if committed is None:
+            return wanted
+        if committed != wanted:
+            self.result.moved[patient] = (committed, wanted)
+        return committed
 
     def finish(self) -> UnitResult:
         self.result.pieces = {slot: w.close() for slot, w in sorted(self.writers.items())}
         return self.result
+
+
+def without(piece: Piece, keys: set[str], scratch: str) -> Piece | None:
+    """The piece minus the samples of ``keys``; None if nothing is left.
+
+    How the parent drops an image that an earlier unit already gave. It is rare, so a piece
+    is rewritten only then, through the same writer: the samples kept have the bytes they
+    would have had without the repeat.
+    """
+    writer = ShardWriter("filtered", scratch)
+    sample: dict[str, Any] = {}
+    with tarfile.open(piece.tmp_path) as tar:
+        for member in tar:
+            key, _, suffix = member.name.partition(".")
+            if key in keys:
+                continue
+            if sample and sample["__key__"] != key:
+                writer.write(sample)
+                sample = {}
+            sample["__key__"] = key
+            sample[suffix] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if sample:
+        writer.write(sample)
+    os.unlink(piece.tmp_path)
+    out = writer.close()
+    if out.count:
+        return out
+    os.unlink(out.tmp_path)
+    return None
+
+
+def _key_clash(item: Sample, other: str) -> Rejected:
+    return Rejected(
+        f"image {item.image_id}",
+        f"its sample key {item.key} is already used by image {other}",
+        item.image_id,
+    )
 
 
 def json_bytes(meta: dict[str, Any]) -> bytes:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pneumo.commands import bench, demo, evaluate, ingest, manifest, train
+from pneumo.commands import audit, batch, bench, demo, evaluate, ingest, manifest, train
 from pneumo.render import fail_on_errors
 
 app = typer.Typer(
@@ -29,10 +29,12 @@ app.add_typer(ingest.app, name="ingest")
 app.add_typer(train.app, name="train")
 app.add_typer(evaluate.app, name="evaluate")
 app.add_typer(bench.app, name="bench")
+app.add_typer(batch.app, name="batch")
 app.command("manifest")(manifest.manifest_cmd)
 app.command("demo-data")(ingest.demo_data_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("audit")(audit.audit_cmd)
 
 
 @app.callback()

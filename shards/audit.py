@@ -8,7 +8,8 @@ means a model can be scored on a person it was trained on.
 Two entry points:
 
 - :func:`audit`: every (dataset, split) with its images and patients, and every patient
-  found in more than one split, counted by (dataset, split) pair. ``pneumo audit`` prints it.
+  found in more than one split, counted by (dataset, split) pair; :func:`audit_datasets`
+  reads it from one or more DATASETs. ``pneumo audit`` prints it.
 - :func:`held_out_overlap`: the patients of a training selection that are also in the
   held-out rows (by default the SIIM val/test rows). Training commands refuse to start when
   it is not empty.
@@ -17,6 +18,7 @@ Two entry points:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -24,8 +26,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shards import manifest
+from shards.errors import ManifestError
+from shards.store import Store
+
 # The rows a pretraining or training selection must never share a patient with.
 HELD_OUT_WHERE = "dataset == 'siim' and split in ['val', 'test']"
+# A patient basis ending in this is image-level: the image is its own patient.
+IMAGE_LEVEL_SUFFIX = "-image"
+AUDIT_COLUMNS = ["dataset", "split", "patient_key", "patient_basis"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +43,7 @@ class SplitCount:
     split: str
     images: int
     patients: int
+    image_level: int = 0  # images whose patient basis is image-level
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +55,7 @@ class AuditReport:
     overlapping_patients: int  # patients found in more than one split
     pairs: dict[tuple[str, str], int] = field(default_factory=dict)  # "ds/split" pairs
     image_level_images: int = 0  # rows whose patient basis is the image itself
+    datasets: list[str] = field(default_factory=list)  # the DATASETs audited, when given
 
     @property
     def ok(self) -> bool:
@@ -53,6 +64,7 @@ class AuditReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "datasets": self.datasets,
             "groups": [vars(g) for g in self.groups],
             "overlapping_patients": self.overlapping_patients,
             "pairs": [{"a": a, "b": b, "patients": n} for (a, b), n in sorted(self.pairs.items())],
@@ -69,36 +81,88 @@ def audit(rows: pa.Table) -> AuditReport:
     datasets = rows.column("dataset").to_pylist()
     splits = rows.column("split").to_pylist()
     patients = rows.column("patient_key").to_pylist()
-    groups_of: dict[str, set[str]] = {}  # patient -> {"ds/split", ...}
+    if "patient_basis" in rows.column_names:
+        basis = pc.fill_null(rows.column("patient_basis"), "")
+        image_level = pc.ends_with(basis, IMAGE_LEVEL_SUFFIX).to_pylist()
+    else:
+        image_level = [False] * rows.num_rows
+    groups_of: dict[str, set[tuple[str, str]]] = {}  # patient -> {(ds, split), ...}
     images: Counter[tuple[str, str]] = Counter()
+    flagged: Counter[tuple[str, str]] = Counter()
     members: dict[tuple[str, str], set[str]] = {}
-    for ds_name, split, patient in zip(datasets, splits, patients, strict=True):
-        images[(ds_name, split)] += 1
-        members.setdefault((ds_name, split), set()).add(patient)
-        groups_of.setdefault(patient, set()).add(f"{ds_name}/{split}")
+    for ds_name, split, patient, own in zip(datasets, splits, patients, image_level, strict=True):
+        group = (ds_name, split)
+        images[group] += 1
+        flagged[group] += bool(own)
+        if patient is None:  # no key at all: counted as an image, never matched
+            continue
+        members.setdefault(group, set()).add(patient)
+        groups_of.setdefault(patient, set()).add(group)
     pairs: Counter[tuple[str, str]] = Counter()
     overlapping = 0
     for groups in groups_of.values():
-        if len({g.split("/", 1)[1] for g in groups}) < 2:
+        if len({split for _, split in groups}) < 2:
             continue  # one split, possibly in two datasets: that is how it should be
         overlapping += 1
         for a, b in combinations(sorted(groups), 2):
-            if a.split("/", 1)[1] != b.split("/", 1)[1]:
-                pairs[(a, b)] += 1
-    image_level = 0
-    if "patient_basis" in rows.column_names:
-        basis = rows.column("patient_basis")
-        image_level = int(pc.sum(pc.ends_with(pc.fill_null(basis, ""), "-image")).as_py() or 0)
+            if a[1] != b[1]:
+                pairs[(f"{a[0]}/{a[1]}", f"{b[0]}/{b[1]}")] += 1
     counts = [
-        SplitCount(dataset=d, split=s, images=images[(d, s)], patients=len(members[(d, s)]))
+        SplitCount(
+            dataset=d,
+            split=s,
+            images=images[(d, s)],
+            patients=len(members.get((d, s), ())),
+            image_level=flagged[(d, s)],
+        )
         for d, s in sorted(images)
     ]
     return AuditReport(
         groups=counts,
         overlapping_patients=overlapping,
         pairs=dict(pairs),
-        image_level_images=image_level,
+        image_level_images=sum(flagged.values()),
     )
+
+
+def audit_datasets(stores: Sequence[tuple[str, Store]]) -> AuditReport:
+    """:func:`audit` over the committed rows of one or more DATASETs (name, store).
+
+    With several, each row's dataset is shown as ``NAME:dataset``, and patients are
+    matched across them: they must have been keyed with the same secret.
+
+    Raises:
+        ManifestError: the DATASETs were keyed with different secrets (their patients
+            cannot be matched), or one has no manifest.
+    """
+    checks = {name: _secret_check(store) for name, store in stores}
+    if len(set(checks.values()) - {None}) > 1:
+        raise ManifestError(
+            "these datasets were keyed with different patient secrets, so their patients "
+            f"cannot be matched (check values: {checks}); audit them one at a time"
+        )
+    tables = []
+    for name, store in stores:
+        if manifest.open_dataset(store) is None:
+            raise ManifestError(f"{name} has no committed batch: is it a dataset?")
+        table = manifest.read(store, columns=AUDIT_COLUMNS)
+        if len(stores) > 1:
+            labels = pc.binary_join_element_wise(name, table.column("dataset"), ":")
+            table = table.set_column(0, "dataset", labels)
+        tables.append(table)
+    report = audit(pa.concat_tables(tables))
+    return AuditReport(
+        groups=report.groups,
+        overlapping_patients=report.overlapping_patients,
+        pairs=report.pairs,
+        image_level_images=report.image_level_images,
+        datasets=[name for name, _ in stores],
+    )
+
+
+def _secret_check(store: Store) -> str | None:
+    settings = manifest.read_settings(store) or {}
+    return (settings.get("split_policy") or {}).get("secret_check")
 
 
 def held_out_overlap(train_rows: pa.Table, held_rows: pa.Table) -> set[str]:

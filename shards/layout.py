@@ -3,11 +3,13 @@
 ::
 
     DATASET/
-      _pneumo.json                                        dataset settings (schema, split fractions)
+      _pneumo.json                                        schema version, split policy
       shards/<dataset>/<batch>/<dataset>-<batch>-<split>-<label>-000000.tar
       manifest/dataset=<dataset>/batch=<batch>/part-0.parquet     one row per sample
       quarantine/dataset=<dataset>/batch=<batch>/part-0.parquet   one row per rejected input
       batches/<dataset>-<batch>.json                      what a committed batch was made from
+      batches/<dataset>-<batch>/segment-000000.json.gz    progress of a batch being written
+      batches/<dataset>-<batch>.dropping                  a drop under way
 
 Shards are grouped by split and label (``pos``, ``neg``, ``unl`` for unlabelled) so a
 training stream reads only the shards of its split and can draw positives and negatives at
@@ -15,16 +17,18 @@ a controlled rate without scanning everything.
 
 A sample inside a tar is a group of members sharing a key: ``KEY.jpg`` or ``KEY.png``
 (the image), ``KEY.mask.png`` (labelled SIIM images), ``KEY.json`` (metadata).
-webdataset splits a member name at its *first* dot, so keys never contain one.
+webdataset splits a member name at its *first* dot, so keys never contain one; keys are
+also short and plain whatever the image id is (see :func:`sample_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from shards.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SETTINGS_FILE = "_pneumo.json"
 MANIFEST_DIR = "manifest"
 QUARANTINE_DIR = "quarantine"
@@ -34,7 +38,15 @@ SHARDS_DIR = "shards"
 MASK_SUFFIX = "mask.png"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# Ids kept readable in keys. Plain ids are keys as they are; dotted ids (DICOM UIDs) have
+# no underscore, so two UIDs never share a key (a UID whose key equals some plain id is
+# caught, and quarantined, when the batch is written).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_DOTTED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+# DICOM UIDs are at most 64 characters; with ".mask.png" a member name stays far below
+# the 100 bytes of a plain tar header.
+MAX_KEY_CHARS = 64
+HASHED_KEY_PREFIX = "h_"
 
 
 def check_name(kind: str, name: str) -> str:
@@ -52,11 +64,20 @@ def check_name(kind: str, name: str) -> str:
 
 
 def sample_key(image_id: str) -> str:
-    """A dot-free key, stable for an image id: ``1.2.276.0.72...`` -> ``1_2_276_0_72...``."""
-    key = _KEY_UNSAFE.sub("_", image_id.strip())
-    if not key:
-        raise ConfigError(f"image id {image_id!r} gives an empty key")
-    return key
+    """A short, dot-free, safe key, stable for an image id.
+
+    ``00000001_000`` and ``ID_0011fe81e`` stay as they are, a DICOM UID has its dots
+    replaced (``1.2.276.0.72...`` -> ``1_2_276_0_72...``); any other id (too long, spaces,
+    ``../``, non-ASCII, empty) gets ``h_`` and 32 hex digits of its SHA-256. The id itself
+    is kept in the manifest's ``image_id``.
+    """
+    if len(image_id) <= MAX_KEY_CHARS:
+        if _PLAIN_ID.fullmatch(image_id):
+            return image_id
+        if _DOTTED_ID.fullmatch(image_id):
+            return image_id.replace(".", "_")
+    digest = hashlib.sha256(image_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return HASHED_KEY_PREFIX + digest[:32]
 
 
 def label_group(has_ptx: bool | None) -> str:
@@ -75,8 +96,33 @@ def manifest_part(dataset: str, batch: str) -> str:
     return f"{MANIFEST_DIR}/dataset={dataset}/batch={batch}/part-0.parquet"
 
 
+BATCHES_DIR = "batches"
+
+
 def batch_record(dataset: str, batch: str) -> str:
-    return f"batches/{dataset}-{batch}.json"
+    return f"{BATCHES_DIR}/{dataset}-{batch}.json"
+
+
+def batch_progress_prefix(dataset: str, batch: str) -> str:
+    """Where a batch being written records its finished segments (gone once committed)."""
+    return f"{BATCHES_DIR}/{dataset}-{batch}/"
+
+
+def segment_record(dataset: str, batch: str, index: int) -> str:
+    return f"{batch_progress_prefix(dataset, batch)}segment-{index:06d}.json.gz"
+
+
+def drop_marker(dataset: str, batch: str) -> str:
+    """Written first by ``pneumo batch drop``, deleted last: a drop under way."""
+    return f"{BATCHES_DIR}/{dataset}-{batch}.dropping"
+
+
+def manifest_part_prefix(dataset: str, batch: str) -> str:
+    return f"{MANIFEST_DIR}/dataset={dataset}/batch={batch}/"
+
+
+def quarantine_part_prefix(dataset: str, batch: str) -> str:
+    return f"{QUARANTINE_DIR}/dataset={dataset}/batch={batch}/"
 
 
 def quarantine_part(dataset: str, batch: str) -> str:

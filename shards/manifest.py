@@ -7,7 +7,11 @@ plain pyarrow opens it, locally or on S3::
     pyarrow.dataset.dataset("DATASET/manifest", format="parquet", partitioning="hive")
 
 The quarantine table (inputs that could not be ingested, with the reason) has the same
-layout under ``DATASET/quarantine/``.
+layout under ``DATASET/quarantine/``; its rows are read only for committed batches.
+
+New labels for stored images come as a later batch whose rows carry a higher
+``labels_version``: :func:`read` returns only the latest version of each image (the old
+rows stay, for history, with ``latest_labels=False``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -50,6 +55,11 @@ SAMPLES_SCHEMA = pa.schema(
         ("transfer_syntax", pa.string()),  # source DICOM transfer syntax; "png" for NIH
         ("findings", pa.list_(pa.string())),  # NIH findings; SIIM: ["Pneumothorax"] or []
         ("n_boxes", pa.int16()),  # NIH bounding boxes kept with the sample
+        # How patient_key was made: "nih-patient-id", "nih-xref", "siim-image"... A basis
+        # ending in "-image" is image-level: the image is its own patient.
+        ("patient_basis", pa.string()),
+        ("labels_version", pa.int16()),  # 1, then +1 for each batch that relabels the image
+        ("labels_sha256", pa.string()),  # of the label rows the sample was made from
     ],
     metadata={"pneumo.schema_version": str(layout.SCHEMA_VERSION)},
 )
@@ -117,27 +127,39 @@ def read(
     where: str | None = None,
     columns: Sequence[str] | None = None,
     table: TableName = "samples",
+    *,
+    latest_labels: bool = True,
 ) -> pa.Table:
     """Read the manifest (or quarantine) table, filtered by a ``--where`` expression.
+
+    Samples: only the latest labels version of each image unless ``latest_labels`` is
+    False. Quarantine: only the rows of committed batches.
 
     Raises:
         ManifestError: an unknown column, a malformed expression, or ``store`` is not a
             dataset (neither settings nor manifest).
     """
     schema = _SCHEMAS[table]
-    if columns:
-        unknown = [c for c in columns if c not in schema.names]
-        if unknown:
-            raise ManifestError(f"unknown column(s) {unknown}; columns: {', '.join(schema.names)}")
+    wanted = list(columns) if columns else schema.names
+    unknown = [c for c in wanted if c not in schema.names]
+    if unknown:
+        raise ManifestError(f"unknown column(s) {unknown}; columns: {', '.join(schema.names)}")
     dataset = open_dataset(store, table)
     if dataset is None:
         _require_dataset(store)
-        return schema.empty_table().select(list(columns) if columns else schema.names)
+        return schema.empty_table().select(wanted)
     expr = parse_where(where, schema) if where else None
+    if table == "quarantine":
+        expr = _and(expr, _committed_filter(store))
+    needed = list(wanted)
+    if table == "samples" and latest_labels:
+        needed += [c for c in _VERSION_COLUMNS if c not in needed]
     try:
-        result = dataset.to_table(filter=expr, columns=list(columns) if columns else None)
+        result = dataset.to_table(filter=expr, columns=needed)
     except (pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:  # parse_where missed a case
         raise ManifestError(f"--where {where!r}: {str(e).splitlines()[0]}") from e
+    if table == "samples" and latest_labels:
+        result = _latest_labels(dataset, result).select(wanted)
     first = "key" if table == "samples" else "source"
     order = [(c, "ascending") for c in ("dataset", first) if c in result.column_names]
     return result.sort_by(order) if order else result
@@ -153,14 +175,71 @@ def _require_dataset(store: Store) -> None:
         )
 
 
+_VERSION_COLUMNS = ("dataset", "image_id", "labels_version")
+
+
+def _and(a: ds.Expression | None, b: ds.Expression) -> ds.Expression:
+    return b if a is None else a & b
+
+
+def _committed_filter(store: Store) -> ds.Expression:
+    """Rows of batches whose manifest part exists (quarantine rows wait for the commit)."""
+    by_dataset: dict[str, list[str]] = {}
+    for name, batch in sorted(committed_parts(store)):
+        by_dataset.setdefault(name, []).append(batch)
+    expr = ds.scalar(False)
+    for name, batches in by_dataset.items():
+        expr = expr | ((ds.field("dataset") == name) & ds.field("batch").isin(batches))
+    return expr
+
+
+def _latest_labels(dataset: ds.Dataset, rows: pa.Table) -> pa.Table:
+    """Drop the rows of images that a later batch relabelled (a higher labels_version)."""
+    every = dataset.to_table(columns=list(_VERSION_COLUMNS))
+    versions = pc.fill_null(every.column("labels_version"), 1)
+    counts = every.set_column(2, "labels_version", versions).group_by(["dataset", "image_id"])
+    groups = counts.aggregate([("labels_version", "max"), ("labels_version", "count")])
+    relabelled = groups.filter(pc.field("labels_version_count") > 1)
+    if relabelled.num_rows == 0:
+        return rows
+    latest = {
+        (d, i): v
+        for d, i, v in zip(
+            relabelled.column("dataset").to_pylist(),
+            relabelled.column("image_id").to_pylist(),
+            relabelled.column("labels_version_max").to_pylist(),
+            strict=True,
+        )
+    }
+    keep = [
+        latest.get((d, i), v or 1) == (v or 1)
+        for d, i, v in zip(
+            rows.column("dataset").to_pylist(),
+            rows.column("image_id").to_pylist(),
+            rows.column("labels_version").to_pylist(),
+            strict=True,
+        )
+    ]
+    return rows.filter(pa.array(keep, pa.bool_()))
+
+
 def committed_batches(store: Store, dataset: str) -> set[str]:
     """Names of the batches of ``dataset`` whose manifest part exists."""
-    prefix = f"{layout.MANIFEST_DIR}/dataset={dataset}/"
+    return {batch for name, batch in committed_parts(store) if name == dataset}
+
+
+def committed_parts(store: Store) -> set[tuple[str, str]]:
+    """(dataset, batch) of every committed batch: those whose manifest part exists."""
     out = set()
-    for path in store.list(prefix):
-        part = path[len(prefix) :].split("/", 1)[0]
-        if part.startswith("batch="):
-            out.add(part[len("batch=") :])
+    for path in store.list(layout.MANIFEST_DIR + "/"):
+        parts = path.split("/")
+        if (
+            len(parts) == 4
+            and parts[1].startswith("dataset=")
+            and parts[2].startswith("batch=")
+            and parts[3].endswith(".parquet")
+        ):
+            out.add((parts[1][len("dataset=") :], parts[2][len("batch=") :]))
     return out
 
 

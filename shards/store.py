@@ -43,6 +43,7 @@ class Store(Protocol):
     def exists(self, path: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, path: str) -> None: ...
+    def clean_incomplete(self, prefix: str) -> int: ...
     def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
     def scratch_dir(self) -> Path | None: ...
     def url_of(self, path: str) -> str: ...
@@ -202,6 +203,16 @@ class LocalStore:
 
     def delete(self, path: str) -> None:
         self._p(path).unlink(missing_ok=True)
+
+    def clean_incomplete(self, prefix: str) -> int:
+        """Delete the temp files that killed writes left under ``prefix``; returns how many."""
+        base = self._p(prefix) if prefix else self.root
+        if not base.is_dir():
+            return 0
+        stale = [p for p in base.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,8 +399,14 @@ class S3Store:
                 return False
             raise
 
+    def _list_prefix(self, prefix: str) -> str:
+        if not prefix:
+            return self.prefix + "/" if self.prefix else ""
+        # "shards/x/b1/" must not match "shards/x/b10/...": keep the trailing slash.
+        return self._k(prefix) + ("/" if prefix.endswith("/") else "")
+
     def list(self, prefix: str = "") -> list[str]:
-        full = self._k(prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        full = self._list_prefix(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         out: list[str] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(
@@ -403,6 +420,20 @@ class S3Store:
 
     def delete(self, path: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._k(path))
+
+    def clean_incomplete(self, prefix: str) -> int:
+        """Abort the multipart uploads that killed writes left under ``prefix`` (their
+        parts are stored, and billed, until aborted); returns how many."""
+        aborted = 0
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._list_prefix(prefix)
+        ):
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted += 1
+        return aborted
 
     def arrow_filesystem(self) -> Any:
         """A ``pyarrow.fs.S3FileSystem`` with the same endpoint and credentials.

@@ -208,3 +208,21 @@ def _write_shards(
 @pytest.fixture(scope="session")
 def write_shards() -> Callable[..., None]:
     return _write_shards
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_patient_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tests never read or create the user's own patient secret: ingest (in-process or
+    through ``pneumo``) finds a config folder of the session's, and no PNEUMO_PATIENT_KEY."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "PNEUMO_PATIENT_KEY")}
+    config = tmp_path_factory.mktemp("config")
+    os.environ["XDG_CONFIG_HOME"] = str(config)
+    os.environ.pop("PNEUMO_PATIENT_KEY", None)
+    try:
+        yield config
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,15 +36,42 @@ Fractions = Annotated[
         "Fixed by the dataset's first batch."
     ),
 ]
-Secret = Annotated[
-    str | None,
+KeyFile = Annotated[
+    Path | None,
     typer.Option(
-        envvar="PNEUMO_PATIENT_KEY",
-        show_default=False,
-        show_envvar=True,
-        help="Secret for the keyed hash of patient ids (keep it apart from the data).",
+        help="File holding the secret for the keyed hash of patient ids. Default: "
+        "$PNEUMO_PATIENT_KEY, else your own random secret, created once in "
+        "$XDG_CONFIG_HOME/pneumo/patient-key (~/.config/pneumo). Every batch of a dataset "
+        "needs the same secret.",
+        exists=True,
+        dir_okay=False,
     ),
 ]
+Relabel = Annotated[
+    bool,
+    typer.Option(
+        "--relabel",
+        help="Images already in the dataset whose labels differ in this label file are "
+        "stored again with the new labels, which supersede the old (labels_version + 1).",
+    ),
+]
+SplitListsOpt = Annotated[
+    tuple[Path, Path] | None,
+    typer.Option(
+        help="NIH's train_val_list.txt test_list.txt: every patient with an image listed for "
+        "test is test, in both datasets; the others are train/val. Give them on a dataset's "
+        "first batch: it fixes the split policy.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+
+_NO_XREF = (
+    "warning: no --nih-xref: SIIM PatientIDs are per-image pseudonyms, so every SIIM image "
+    "is its own patient and the splits are image-level (images of one person can land in "
+    "train and test). Give --nih-xref siim_to_nih_id.csv for patient-level splits shared "
+    "with NIH (see README, Splits)."
+)
 
 
 def _batch_config(
@@ -54,27 +80,28 @@ def _batch_config(
     workers: int,
     shard_size: int,
     fractions: str | None,
-    secret: str | None,
+    key_file: Path | None,
+    relabel: bool,
 ) -> Any:
-    from ingest.batch import DEFAULT_PATIENT_SECRET, BatchConfig
+    from ingest.batch import BatchConfig
+    from ingest.patients import resolve_secret
 
-    if secret is None:
-        logging.getLogger("pneumo").warning(
-            "PNEUMO_PATIENT_KEY is not set: patient keys use the public default secret"
-        )
     parsed = None
     if fractions:
         try:
             parsed = tuple(float(x) for x in fractions.split(","))
         except ValueError as e:
             raise ConfigError(f"--split-fractions {fractions!r}: expected three numbers") from e
+    # Creating the user's secret logs where it is (a warning: shown once, on stderr).
+    secret = resolve_secret(key_file)
     return BatchConfig(
         out=out,
         batch=batch,
         workers=workers,
         shard_max_samples=shard_size,
         split_fractions=parsed,
-        patient_secret=secret or DEFAULT_PATIENT_SECRET,
+        patient_secret=secret,
+        relabel=relabel,
     )
 
 
@@ -88,19 +115,49 @@ def _report(summary: Any, out: str) -> None:
     splits = ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items())) or "none"
     typer.echo(
         f"batch {summary.batch} committed: ingested {summary.ingested} "
-        f"({splits}), skipped {summary.skipped}, quarantined {summary.quarantined}, "
+        f"({splits}), skipped {summary.skipped} already in the dataset, "
+        f"{summary.duplicates} given twice, quarantined {summary.quarantined}, "
         f"{summary.shards} shards"
     )
-    if summary.orphan_labels:
-        typer.echo(
-            f"  of the quarantined, {summary.orphan_labels} are label rows whose image "
-            "is not in this batch"
-        )
+    for line in _notes(summary, out):
+        typer.echo("  " + line)
     if summary.quarantined:
         typer.echo(
             f'see why: pneumo manifest {out} --table quarantine --where "batch == '
             f"'{summary.batch}'\""
         )
+
+
+def _notes(summary: Any, out: str) -> list[str]:
+    notes = []
+    if summary.resumed_files:
+        notes.append(f"resumed: {summary.resumed_files} files were done by an earlier attempt")
+    if summary.relabelled:
+        notes.append(f"{summary.relabelled} images relabelled (their old labels superseded)")
+    if summary.label_changes:
+        notes.append(
+            f"{summary.label_changes} skipped images have other labels in this file: "
+            "--relabel applies them as a new labels version"
+        )
+    if summary.orphan_labels:
+        notes.append(
+            f"of the quarantined, {summary.orphan_labels} are label rows whose image "
+            "is not in this batch"
+        )
+    if summary.bases:
+        bases = ", ".join(f"{k} {v}" for k, v in sorted(summary.bases.items()))
+        notes.append(f"patient basis: {bases}")
+    if summary.kept_split:
+        shown = ", ".join(
+            f"{key} {kept} (policy: {wanted})"
+            for key, (kept, wanted) in sorted(summary.kept_split.items())[:5]
+        )
+        more = len(summary.kept_split) - 5
+        notes.append(
+            f"{len(summary.kept_split)} patients kept their committed split where this "
+            f"batch's policy differs: {shown}" + (f" and {more} more" if more > 0 else "")
+        )
+    return notes
 
 
 @app.command("siim")
@@ -117,8 +174,8 @@ def ingest_siim_cmd(
     nih_xref: Annotated[
         Path | None,
         typer.Option(
-            help="CSV mapping SIIM ImageIds to NIH images (Kaggle_ID,NIH_ID): patient_key becomes "
-            "the NIH patient.",
+            help="CSV mapping SIIM ImageIds to NIH images (Kaggle_ID,NIH_ID, e.g. "
+            "siim_to_nih_id.csv): a SIIM image's patient becomes its NIH patient.",
             exists=True,
             dir_okay=False,
         ),
@@ -126,22 +183,31 @@ def ingest_siim_cmd(
     test_list: Annotated[
         Path | None,
         typer.Option(
-            help="File of ImageIds to put in the test split.", exists=True, dir_okay=False
+            help="File of SIIM ImageIds whose patients go to the test split.",
+            exists=True,
+            dir_okay=False,
         ),
     ] = None,
+    split_lists: SplitListsOpt = None,
     split_fractions: Fractions = None,
     shard_size: ShardSize = 1000,
-    patient_key_secret: Secret = None,
+    patient_key_file: KeyFile = None,
+    relabel: Relabel = False,
 ) -> None:
     """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch."""
     from ingest.siim import SiimConfig, ingest_siim
 
+    if nih_xref is None:
+        typer.echo(_NO_XREF, err=True)
     cfg = SiimConfig(
         dicom_root=dicom_root,
         labels=labels,
         nih_xref=nih_xref,
         test_list=test_list,
-        batch=_batch_config(out, batch, workers, shard_size, split_fractions, patient_key_secret),
+        split_lists=split_lists,
+        batch=_batch_config(
+            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel
+        ),
     )
     with ProgressBar("ingest siim", unit="img") as bar:
         summary = ingest_siim(cfg, progress=bar.update_to)
@@ -159,19 +225,13 @@ def ingest_nih_cmd(
     bbox: Annotated[
         Path | None, typer.Option(help="BBox_List_2017.csv.", exists=True, dir_okay=False)
     ] = None,
-    split_lists: Annotated[
-        tuple[Path, Path] | None,
-        typer.Option(
-            help="train_val_list.txt test_list.txt (official patient-wise split).",
-            exists=True,
-            dir_okay=False,
-        ),
-    ] = None,
+    split_lists: SplitListsOpt = None,
     batch: Batch = None,
     workers: Workers = 1,
     split_fractions: Fractions = None,
     shard_size: ShardSize = 1000,
-    patient_key_secret: Secret = None,
+    patient_key_file: KeyFile = None,
+    relabel: Relabel = False,
 ) -> None:
     """Ingest NIH ChestX-ray14 PNGs (+ Data_Entry labels) as one batch."""
     from ingest.nih import NihConfig, ingest_nih
@@ -183,7 +243,9 @@ def ingest_nih_cmd(
         bbox=bbox,
         train_val_list=train_val,
         test_list=test,
-        batch=_batch_config(out, batch, workers, shard_size, split_fractions, patient_key_secret),
+        batch=_batch_config(
+            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel
+        ),
     )
     with ProgressBar("ingest nih", unit="img") as bar:
         summary = ingest_nih(cfg, progress=bar.update_to)

@@ -1,0 +1,177 @@
+"""Progress of a batch being written, so a killed or failed batch resumes instead of restarting.
+
+A batch's units are grouped in *segments* of about ``segment_files`` input files. At the end
+of a segment every open shard is closed and stored, then a segment record is put under
+``batches/<dataset>-<batch>/``: the segment's manifest rows, quarantine rows and counts.
+A rerun of the same command keeps the shards named by the records it can use (a
+contiguous run from the first segment, written by an attempt with the same inputs and
+shard settings), deletes every other leftover of earlier attempts (shards, records,
+half-written objects and multipart uploads) and starts at the first segment without a
+record. At most one segment of files is processed again.
+
+The records are deleted once the batch commits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ingest.units import Rejected, UnitResult
+from shards import layout
+from shards.errors import StoreError
+from shards.store import Store
+
+log = logging.getLogger(__name__)
+
+_RECORD = re.compile(r"segment-(\d{6})\.json\.gz$")
+
+
+@dataclass(kw_only=True)
+class SegmentRecord:
+    """What one finished segment added to its batch."""
+
+    run_id: str  # the inputs and shard settings it was written with
+    index: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    came: list[str] = field(default_factory=list)
+    skipped: int = 0
+    duplicates: int = 0
+    label_changes: int = 0
+    moved: dict[str, tuple[str, str]] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)  # stored in full
+    next_index: dict[tuple[str, str], int] = field(default_factory=dict)  # per shard group
+
+    def add(self, unit: UnitResult) -> None:
+        """Count a unit's rejections and skips (its rows are added one by one)."""
+        self.rejected.extend(unit.rejected)
+        self.came.extend(unit.came)
+        self.skipped += unit.skipped
+        self.duplicates += unit.duplicates
+        self.label_changes += unit.label_changes
+        self.moved.update(unit.moved)
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "run_id": self.run_id,
+            "index": self.index,
+            "rows": self.rows,
+            "rejected": [[r.source, r.reason, r.image_id] for r in self.rejected],
+            "came": self.came,
+            "counts": [self.skipped, self.duplicates, self.label_changes],
+            "moved": {k: list(v) for k, v in sorted(self.moved.items())},
+            "shards": self.shards,
+            "next_index": [[s, g, n] for (s, g), n in sorted(self.next_index.items())],
+        }
+        return gzip.compress(json.dumps(data, sort_keys=True).encode(), mtime=0)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> SegmentRecord:
+        data = json.loads(gzip.decompress(blob))
+        skipped, duplicates, label_changes = data["counts"]
+        return cls(
+            run_id=data["run_id"],
+            index=data["index"],
+            rows=data["rows"],
+            rejected=[Rejected(*r) for r in data["rejected"]],
+            came=data["came"],
+            skipped=skipped,
+            duplicates=duplicates,
+            label_changes=label_changes,
+            moved={k: (v[0], v[1]) for k, v in data["moved"].items()},
+            shards=data["shards"],
+            next_index={(s, g): n for s, g, n in data["next_index"]},
+        )
+
+
+def save(store: Store, dataset: str, batch: str, record: SegmentRecord) -> None:
+    store.put(layout.segment_record(dataset, batch, record.index), record.to_bytes())
+
+
+def resume(
+    store: Store, dataset: str, batch: str, run_id: str, scratch: Path | None
+) -> list[SegmentRecord]:
+    """The usable records of earlier attempts; everything else they left is deleted."""
+    records = _usable(store, dataset, batch, run_id)
+    keep = {s for r in records for s in r.shards}
+    stale_records = [
+        p for p in store.list(layout.batch_progress_prefix(dataset, batch)) if _index(p) is None
+    ]
+    stale_records += [
+        layout.segment_record(dataset, batch, i)
+        for i in _indexes(store, dataset, batch)
+        if i >= len(records)
+    ]
+    stale_shards = [
+        p for p in store.list(layout.batch_shard_prefix(dataset, batch)) if p not in keep
+    ]
+    for path in stale_records + stale_shards:
+        store.delete(path)
+    for prefix in (
+        layout.batch_shard_prefix(dataset, batch),
+        layout.batch_progress_prefix(dataset, batch),
+        layout.manifest_part_prefix(dataset, batch),
+        layout.quarantine_part_prefix(dataset, batch),
+    ):
+        store.clean_incomplete(prefix)
+    if scratch is not None:
+        for old in scratch.glob(f"ingest-{batch}-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    if records or stale_shards:
+        log.warning(
+            "batch %s was interrupted: keeping %d finished segments (%d shards), "
+            "rewriting the rest (%d unfinished shards deleted)",
+            batch,
+            len(records),
+            len(keep),
+            len(stale_shards),
+        )
+    return records
+
+
+def discard(store: Store, dataset: str, batch: str) -> None:
+    """Delete the progress records of a committed (or dropped) batch."""
+    for path in store.list(layout.batch_progress_prefix(dataset, batch)):
+        store.delete(path)
+
+
+def _usable(store: Store, dataset: str, batch: str, run_id: str) -> list[SegmentRecord]:
+    """Records 0, 1, 2, ... of this run, up to the first missing, foreign or unreadable one."""
+    records: list[SegmentRecord] = []
+    for index in _indexes(store, dataset, batch):
+        if index != len(records):
+            break
+        try:
+            record = SegmentRecord.from_bytes(
+                store.get(layout.segment_record(dataset, batch, index))
+            )
+        except (StoreError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
+            log.warning(
+                "segment record %d of batch %s is unreadable (%s): redoing it", index, batch, e
+            )
+            break
+        if record.run_id != run_id:
+            log.warning(
+                "batch %s was begun with other inputs or shard settings: starting it afresh",
+                batch,
+            )
+            break
+        records.append(record)
+    return records
+
+
+def _indexes(store: Store, dataset: str, batch: str) -> list[int]:
+    found = (_index(p) for p in store.list(layout.batch_progress_prefix(dataset, batch)))
+    return sorted(i for i in found if i is not None)
+
+
+def _index(path: str) -> int | None:
+    match = _RECORD.search(path)
+    return int(match.group(1)) if match else None
