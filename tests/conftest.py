@@ -213,11 +213,12 @@ def write_shards() -> Callable[..., None]:
 @pytest.fixture(scope="session", autouse=True)
 def isolated_patient_secret(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Tests never read or create the user's own patient secret: ingest (in-process or
-    through ``pneumo``) finds a config folder of the session's, and no PNEUMO_PATIENT_KEY."""
+    through ``pneumo``) gets a fixed test secret (the same splits on every run) and a config
+    folder of the session's."""
     saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "PNEUMO_PATIENT_KEY")}
     config = tmp_path_factory.mktemp("config")
     os.environ["XDG_CONFIG_HOME"] = str(config)
-    os.environ.pop("PNEUMO_PATIENT_KEY", None)
+    os.environ["PNEUMO_PATIENT_KEY"] = "pneumo-test-suite-secret-not-for-real-data"
     try:
         yield config
     finally:
