@@ -245,7 +245,9 @@ class BatchRun:
                 self.summary.skipped += 1
                 continue
             self.seen_ids.add(row["image_id"])
-            row["shard"] = shard_of[row["shard"]]
+            writer = shard_of[row["shard"]]
+            row["shard"] = writer.path
+            row["offset"], row["size"] = writer.spans[row["key"]]  # where it lies in the shard
             self.rows.append(row)
             self.summary.ingested += 1
             self.summary.splits[row["split"]] = self.summary.splits.get(row["split"], 0) + 1
@@ -291,8 +293,8 @@ class _Assembler:
         self.next_index: dict[tuple[str, str], int] = {}
         self.done = 0
 
-    def add(self, slot: tuple[str, str], piece: Piece) -> str:
-        """Append ``piece`` to its group's shard; returns that shard's path."""
+    def add(self, slot: tuple[str, str], piece: Piece) -> ShardWriter:
+        """Append ``piece`` to its group's shard; returns that shard's writer."""
         if slot not in self.open:
             index = self.next_index.get(slot, 0)
             self.next_index[slot] = index + 1
@@ -303,7 +305,7 @@ class _Assembler:
         if writer.count >= self.cfg.shard_max_samples or writer.nbytes >= self.cfg.shard_max_bytes:
             self.uploader.submit(self.open.pop(slot))
             self.done += 1
-        return writer.path
+        return writer
 
     def finish(self) -> int:
         for slot in sorted(self.open):

@@ -34,6 +34,9 @@ SAMPLES_SCHEMA = pa.schema(
         ("dataset", pa.string()),  # "siim" | "nih"
         ("batch", pa.string()),
         ("shard", pa.string()),  # tar path relative to DATASET
+        ("offset", pa.int64()),  # byte offset of the sample's first tar header in its shard
+        ("size", pa.int64()),  # bytes of its members, headers and padding included; both
+        # null in schema-1 datasets (read then by streaming the whole shard)
         ("split", pa.string()),  # "train" | "val" | "test"
         ("has_ptx", pa.bool_()),  # null = unlabelled
         ("n_instances", pa.int16()),  # SIIM mask rows (instances); NIH boxes for Pneumothorax

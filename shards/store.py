@@ -7,7 +7,11 @@ pneumo at MinIO is one environment variable.
 
 Every path given to a store is relative to its root and uses ``/``. Writes are atomic: a
 reader sees the old object or the whole new one, never a part (local: temp file + rename;
-S3: a single PUT or a completed multipart upload).
+S3: a single PUT or a completed multipart upload). Local writes are also durable: the file
+is fsynced before its rename, and its folder (and every folder created for it) after, so a
+manifest part committed after its shards never names a shard lost in a power cut. Local
+files get the mode the umask gives (0644 under the usual 022), as other tools write them.
+Reads can be ranged (``open_range``): one GET with a ``Range`` header on S3.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ class Store(Protocol):
 
     def get(self, path: str) -> bytes: ...
     def open_read(self, path: str) -> IO[bytes]: ...
+    def open_range(self, path: str, start: int, end: int) -> IO[bytes]: ...
     def put(self, path: str, data: bytes) -> None: ...
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
     def exists(self, path: str) -> bool: ...
@@ -97,6 +102,80 @@ def write_url(url: str, data: bytes) -> None:
     open_store(parent).put(name, data)
 
 
+def create_temp(directory: str | os.PathLike[str], prefix: str, suffix: str) -> tuple[int, str]:
+    """A new empty file in ``directory``: ``(fd open for writing, path)``.
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the file is created with mode 0666 less the
+    umask, so a file renamed into place reads like any other file the user writes.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise StoreError(f"cannot create a temporary file in {directory}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename, a new file or folder) durable."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: folders cannot be opened, nor need it
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p``, durably: the parent of every folder created is fsynced."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another uploader thread may have made it meanwhile
+        _fsync_dir(folder.parent)
+
+
+class _FileRange(io.RawIOBase):
+    """Bytes ``[start, end)`` of a local file, read like a whole stream."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        super().__init__()
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file.seek(start)
+        self.left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.file.read(n) if n > 0 else b""
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
 def _clean(path: str) -> str:
     parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
@@ -139,12 +218,19 @@ class LocalStore:
         except FileNotFoundError as e:
             raise StoreError(f"{self._p(path)} does not exist") from e
 
+    def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
+        """Bytes ``[start, end)`` of a file, as a stream."""
+        try:
+            return _FileRange(self._p(path), start, end)  # type: ignore[return-value]
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
+
     def put(self, path: str, data: bytes) -> None:
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
         # Dot-prefixed temp names are ignored by pyarrow.dataset, so a half-written
         # Parquet part is never read even before the rename.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -154,6 +240,7 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)
 
     def scratch_dir(self) -> Path | None:
         """A hidden folder inside the store, so finished files can be renamed into place."""
@@ -162,26 +249,35 @@ class LocalStore:
         return d
 
     def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
-        """Like ``put_file`` but may consume ``local_path`` (a rename when possible)."""
+        """Like ``put_file`` but may consume ``local_path`` (a rename when possible).
+
+        The file keeps its mode: create it with :func:`create_temp`, not ``mkstemp``.
+        """
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
+        _fsync_file(local_path)
         try:
             os.replace(local_path, target)
         except OSError:  # another file system: copy, then drop the original
             self.put_file(path, local_path)
             Path(local_path).unlink(missing_ok=True)
+            return
+        _fsync_dir(target.parent)
 
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
+        _make_dirs(target.parent)
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
         try:
-            shutil.copyfile(local_path, tmp)
+            with os.fdopen(fd, "wb") as dst, open(local_path, "rb") as src:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)
 
     def exists(self, path: str) -> bool:
         return self._p(path).exists()
@@ -235,15 +331,17 @@ def _s3_client(settings: S3Settings) -> Any:
 
 
 class _ResumingReader(io.RawIOBase):
-    """An S3 object read front to back; a connection dropped mid-way is picked up again
-    with a ranged GET from the last byte received (pinned to the object's ETag, so a
-    replaced object is an error, never a splice of two versions)."""
+    """An S3 object (or bytes ``[start, end)`` of it) read front to back; a connection
+    dropped mid-way is picked up again with a ranged GET from the last byte received
+    (pinned to the object's ETag, so a replaced object is an error, never a splice of two
+    versions)."""
 
     RETRIES = 5
 
-    def __init__(self, store: S3Store, key: str) -> None:
+    def __init__(self, store: S3Store, key: str, start: int = 0, end: int | None = None) -> None:
         super().__init__()
         self.store, self.key, self.pos = store, key, 0
+        self.start, self.end = start, end
         self.etag: str | None = None
         self.body = self._open()
 
@@ -251,8 +349,13 @@ class _ResumingReader(io.RawIOBase):
         from botocore.exceptions import ClientError
 
         kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
+        first = self.start + self.pos
+        if self.end is not None:
+            kwargs["Range"] = f"bytes={first}-{self.end - 1}"
+        elif first:
+            kwargs["Range"] = f"bytes={first}-"
         if self.pos:
-            kwargs.update(Range=f"bytes={self.pos}-", IfMatch=self.etag)
+            kwargs["IfMatch"] = self.etag
         try:
             response = self.store.client.get_object(**kwargs)
         except ClientError as e:
@@ -349,6 +452,12 @@ class S3Store:
     def open_read(self, path: str) -> IO[bytes]:
         """A stream of the object that survives dropped connections (see _ResumingReader)."""
         return _ResumingReader(self, self._k(path))  # type: ignore[return-value]
+
+    def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
+        """Bytes ``[start, end)`` of the object: one ranged GET (resumed like ``open_read``)."""
+        if end <= start:
+            return io.BytesIO(b"")
+        return _ResumingReader(self, self._k(path), start, end)  # type: ignore[return-value]
 
     def put(self, path: str, data: bytes) -> None:
         if len(data) > MULTIPART_THRESHOLD:
