@@ -177,10 +177,11 @@ def read_samples(store: Store, path: str, wanted: Mapping[str, Spanned]) -> Iter
     """The samples of shard ``path`` whose keys are in ``wanted``, in tar order.
 
     Where every wanted sample has a span, only their bytes are read: one ranged read per
-    run of adjacent samples. Otherwise the shard is streamed whole and the members of
-    other keys are skipped by their header (never copied out). Each key is yielded at most
-    once: the copy at its span, or without spans the first copy (a shard can hold a stray
-    second copy of an image given twice to one ingest batch).
+    run of adjacent samples. Otherwise the shard is streamed from its start, the members
+    of other keys skipped by their header (never copied out), until every wanted sample
+    has come. Each key is yielded at most once: the copy at its span (only spans are
+    read), or without spans the first copy (a shard can hold a stray second copy of an
+    image given twice to one ingest batch).
 
     Raises:
         tarfile.TarError: the bytes are not a tar archive.
@@ -190,50 +191,47 @@ def read_samples(store: Store, path: str, wanted: Mapping[str, Spanned]) -> Iter
     if all(offset is not None and size is not None for offset, size in spans):
         for start, end in byte_ranges(spans):  # type: ignore[arg-type]
             with closing(store.open_range(path, start, end)) as stream:
-                yield from _grouped(members(stream, wanted, start), path, wanted, done)
+                yield from _grouped(members(stream, wanted), path, wanted, done)
     else:
         with closing(store.open_read(path)) as stream:
             yield from _grouped(members(stream, wanted), path, wanted, done)
 
 
 def _grouped(
-    found: Iterator[tuple[int, str, str, bytes]],
+    found: Iterator[tuple[str, str, bytes | None]],
     path: str,
     wanted: Mapping[str, Spanned],
     done: set[str],
 ) -> Iterator[Sample]:
-    """Members grouped into samples; keys in ``done`` (already yielded) are skipped."""
+    """Members grouped into samples; keys in ``done`` (already yielded) are skipped, and
+    nothing more is read once every wanted key is done."""
     current: Sample | None = None
-    for offset, key, suffix, data in found:
-        span = wanted[key]
-        if span.offset is not None and not span.offset <= offset < span.offset + span.size:
-            continue  # another copy of the key than the one the manifest names
-        if current is not None and current["__key__"] == key and suffix not in current:
+    for key, suffix, data in found:
+        ours = data is not None
+        if ours and current is not None and current["__key__"] == key and suffix not in current:
             current[suffix] = data
             continue
-        if current is not None:  # a new sample (or a second copy of the same key) starts
+        if current is not None:  # another sample (or another copy of this key) starts
             yield current
             current = None
-        if key in done:
-            continue
-        done.add(key)
-        current = {"__key__": key, "__shard__": path, suffix: data}
+        if len(done) == len(wanted):
+            return  # the rest of the stream is not needed
+        if ours and key not in done:
+            done.add(key)
+            current = {"__key__": key, "__shard__": path, suffix: data}
     if current is not None:
         yield current
 
 
-def members(
-    stream: IO[bytes], keys: Container[str], base: int = 0
-) -> Iterator[tuple[int, str, str, bytes]]:
-    """``(offset, key, suffix, data)`` of each regular member of a tar stream whose key is
-    in ``keys``, in tar order. Other members are skipped by their header: their bytes are
-    never copied out.
+def members(stream: IO[bytes], keys: Container[str]) -> Iterator[tuple[str, str, bytes | None]]:
+    """``(key, suffix, data)`` of each regular member of a tar stream, in tar order;
+    ``data`` is None for members whose key is not in ``keys``: they are skipped by their
+    header, their bytes never copied out.
 
     ``stream`` may be a whole shard or a run of whole samples cut out of one (a ranged
-    read; it then has no end-of-archive blocks, and ends quietly). ``offset`` is the
-    member's header position in the shard, the stream starting at ``base``. A key is the
-    member name up to the first dot of its base name, as webdataset splits it; suffixes
-    are lower-cased.
+    read; it then has no end-of-archive blocks, and ends quietly). A key is the member
+    name up to the first dot of its base name, as webdataset splits it; suffixes are
+    lower-cased.
 
     Raises:
         tarfile.TarError: the stream is not a tar archive.
@@ -241,12 +239,15 @@ def members(
     tar = tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BLOCK)  # noqa: SIM115
     for info in tar:
         tar.members = []  # stream mode would keep every header otherwise
+        if not info.isreg():
+            continue
         key, suffix = _split_name(info.name)
-        if not info.isreg() or key not in keys:
+        if key not in keys:
+            yield key, suffix, None
             continue
         member = tar.extractfile(info)
         data = member.read() if member is not None else b""
-        yield base + info.offset, key, suffix, data
+        yield key, suffix, data
 
 
 def _split_name(name: str) -> tuple[str, str]:
