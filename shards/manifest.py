@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 from shards import layout
 from shards.errors import ManifestError
 from shards.query import parse_where
-from shards.store import LocalStore, S3Store, Store
+from shards.s3 import S3Store
+from shards.store import LocalStore, Store
 
 SAMPLES_SCHEMA = pa.schema(
     [

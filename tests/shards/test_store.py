@@ -44,7 +44,7 @@ def test_put_get_list_delete(store, tmp_path):
 
 
 def test_a_large_put_goes_up_in_parts(s3_bucket, monkeypatch, tmp_path):
-    import shards.store as st
+    import shards.s3 as st
 
     monkeypatch.setattr(st, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
     monkeypatch.setattr(st, "MULTIPART_CHUNK", 5 * 1024 * 1024)
