@@ -223,3 +223,21 @@ def test_shards_and_their_folders_are_durable_before_the_manifest_commits(tmp_pa
             assert between(("fsync", parent), -1, commit), parent
             folder = os.path.dirname(folder)
     assert between(("fsync", f"{root}/{os.path.dirname(part)}"), commit, len(events))
+
+
+def test_stores_share_a_session_until_the_credentials_change(s3_bucket, monkeypatch):
+    import shards.s3
+
+    def access_key(store):
+        return store.client._request_signer._credentials.get_frozen_credentials().access_key
+
+    first, second = open_store(f"{s3_bucket}/a"), open_store(f"{s3_bucket}/b")
+    sessions = dict(shards.s3._sessions)
+    assert first.client is not second.client
+    assert access_key(first) == access_key(second) == os.environ["AWS_ACCESS_KEY_ID"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    third = shards.s3.S3Store(s3_bucket.removeprefix("s3://"), "c")
+    assert access_key(third) == "another-key"  # a new session, not the cached one
+    assert len(shards.s3._sessions) == len(sessions) + 1
+    open_store(f"{s3_bucket}/d")
+    assert len(shards.s3._sessions) == len(sessions) + 1  # shared again
