@@ -250,7 +250,9 @@ class BatchRun:
             if filtered is not None:
                 shard_of[slot] = assembler.add(slot, filtered)
         for row in kept:
-            row["shard"] = shard_of[row["shard"]]
+            writer = shard_of[row["shard"]]
+            row["shard"] = writer.path
+            row["offset"], row["size"] = writer.spans[row["key"]]  # where it lies in the shard
             record.rows.append(row)
 
     def _repeat(self, row: dict[str, Any]) -> str | None:
@@ -355,8 +357,8 @@ class _Assembler:
         self.next_index: dict[tuple[str, str], int] = {}
         self.finished: list[str] = []
 
-    def add(self, slot: tuple[str, str], piece: Piece) -> str:
-        """Append ``piece`` to its group's shard; returns that shard's path."""
+    def add(self, slot: tuple[str, str], piece: Piece) -> ShardWriter:
+        """Append ``piece`` to its group's shard; returns that shard's writer."""
         if slot not in self.open:
             index = self.next_index.get(slot, 0)
             self.next_index[slot] = index + 1
@@ -366,7 +368,7 @@ class _Assembler:
         writer.append(piece)
         if writer.count >= self.cfg.shard_max_samples or writer.nbytes >= self.cfg.shard_max_bytes:
             self._submit(slot)
-        return writer.path
+        return writer
 
     def _submit(self, slot: tuple[str, str]) -> None:
         writer = self.open.pop(slot)

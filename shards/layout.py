@@ -28,7 +28,7 @@ import re
 
 from shards.errors import ConfigError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 2  # 2: the manifest has each sample's byte offset and size in its shard
 SETTINGS_FILE = "_pneumo.json"
 MANIFEST_DIR = "manifest"
 QUARANTINE_DIR = "quarantine"

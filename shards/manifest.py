@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from shards import layout
 from shards.errors import ManifestError
 from shards.query import parse_where
-from shards.store import LocalStore, S3Store, Store
+from shards.s3 import S3Store
+from shards.store import LocalStore, Store
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -39,6 +40,9 @@ SAMPLES_SCHEMA = pa.schema(
         ("dataset", pa.string()),  # "siim" | "nih"
         ("batch", pa.string()),
         ("shard", pa.string()),  # tar path relative to DATASET
+        ("offset", pa.int64()),  # byte offset of the sample's first tar header in its shard
+        ("size", pa.int64()),  # bytes of its members, headers and padding included; both
+        # null in schema-1 datasets (read then by streaming the whole shard)
         ("split", pa.string()),  # "train" | "val" | "test"
         ("has_ptx", pa.bool_()),  # null = unlabelled
         ("n_instances", pa.int16()),  # SIIM mask rows (instances); NIH boxes for Pneumothorax

@@ -1,34 +1,29 @@
 """Object storage behind one small interface: a local folder or an ``s3://bucket/prefix``.
 
-A local folder is the embedded default that needs nothing running. S3 (and MinIO, or any
-S3-compatible server) is configured only the standard way, through the ``AWS_*`` variables
-and files that boto3 reads (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...), so pointing
-pneumo at MinIO is one environment variable.
+A local folder (here) is the embedded default that needs nothing running. S3 (and MinIO,
+or any S3-compatible server; ``shards.s3``) is configured only the standard way, through
+the ``AWS_*`` variables and files that boto3 reads (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), so pointing pneumo at MinIO is one environment variable.
 
 Every path given to a store is relative to its root and uses ``/``. Writes are atomic: a
 reader sees the old object or the whole new one, never a part (local: temp file + rename;
-S3: a single PUT or a completed multipart upload).
+S3: a single PUT or a completed multipart upload). Local writes are also durable: the file
+is fsynced before its rename, and its folder (and every folder created for it) after, so a
+manifest part committed after its shards never names a shard lost in a power cut. Local
+files get the mode the umask gives (0644 under the usual 022), as other tools write them.
+Reads can be ranged (``open_range``): one GET with a ``Range`` header on S3.
 """
 
 from __future__ import annotations
 
 import io
-import logging
 import os
+import secrets
 import shutil
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from shards.errors import StoreError
-
-log = logging.getLogger(__name__)
-
-# Multipart above 64 MiB, in 64 MiB parts: a 1 GiB shard is 16 parts uploaded concurrently.
-MULTIPART_THRESHOLD = 64 * 1024 * 1024
-MULTIPART_CHUNK = 64 * 1024 * 1024
 
 
 class Store(Protocol):
@@ -38,6 +33,7 @@ class Store(Protocol):
 
     def get(self, path: str) -> bytes: ...
     def open_read(self, path: str) -> IO[bytes]: ...
+    def open_range(self, path: str, start: int, end: int) -> IO[bytes]: ...
     def put(self, path: str, data: bytes) -> None: ...
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
     def exists(self, path: str) -> bool: ...
@@ -62,6 +58,8 @@ def open_store(url: str | os.PathLike[str], *, create: bool = True) -> Store:
     """
     url = str(url)
     if is_s3_url(url):
+        from shards.s3 import S3Store  # boto3 and its settings only where S3 is used
+
         return S3Store.from_url(url)
     return LocalStore(Path(url), create=create)
 
@@ -98,7 +96,82 @@ def write_url(url: str, data: bytes) -> None:
     open_store(parent).put(name, data)
 
 
-def _clean(path: str) -> str:
+def create_temp(directory: str | os.PathLike[str], prefix: str, suffix: str) -> tuple[int, str]:
+    """A new empty file in ``directory``: ``(fd open for writing, path)``.
+
+    Unlike ``tempfile.mkstemp`` (always 0600) the file is created with mode 0666 less the
+    umask, so a file renamed into place reads like any other file the user writes.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise StoreError(f"cannot create a temporary file in {directory}")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename, a new file or folder) durable."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: folders cannot be opened, nor need it
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """``mkdir -p``, durably: the parent of every folder created is fsynced."""
+    missing = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)  # another uploader thread may have made it meanwhile
+        _fsync_dir(folder.parent)
+
+
+class _FileRange(io.RawIOBase):
+    """Bytes ``[start, end)`` of a local file, read like a whole stream."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        super().__init__()
+        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file.seek(start)
+        self.left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        n = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.file.read(n) if n > 0 else b""
+        self.left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def clean_path(path: str) -> str:
+    """``path`` relative to a store root, with ``/``; one that leaves the root is an error."""
     parts = [p for p in path.replace("\\", "/").split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
         raise StoreError(f"path {path!r} leaves the store root")
@@ -120,7 +193,7 @@ class LocalStore:
         self.url = str(self.root)
 
     def _p(self, path: str) -> Path:
-        return self.root / _clean(path)
+        return self.root / clean_path(path)
 
     def url_of(self, path: str) -> str:
         return str(self._p(path))
@@ -140,12 +213,19 @@ class LocalStore:
         except FileNotFoundError as e:
             raise StoreError(f"{self._p(path)} does not exist") from e
 
+    def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
+        """Bytes ``[start, end)`` of a file, as a stream."""
+        try:
+            return _FileRange(self._p(path), start, end)  # type: ignore[return-value]
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
+
     def put(self, path: str, data: bytes) -> None:
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
         # Dot-prefixed temp names are ignored by pyarrow.dataset, so a half-written
         # Parquet part is never read even before the rename.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -155,6 +235,7 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)
 
     def scratch_dir(self) -> Path | None:
         """A hidden folder inside the store, so finished files can be renamed into place."""
@@ -163,26 +244,35 @@ class LocalStore:
         return d
 
     def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
-        """Like ``put_file`` but may consume ``local_path`` (a rename when possible)."""
+        """Like ``put_file`` but may consume ``local_path`` (a rename when possible).
+
+        The file keeps its mode: create it with :func:`create_temp`, not ``mkstemp``.
+        """
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_dirs(target.parent)
+        _fsync_file(local_path)
         try:
             os.replace(local_path, target)
         except OSError:  # another file system: copy, then drop the original
             self.put_file(path, local_path)
             Path(local_path).unlink(missing_ok=True)
+            return
+        _fsync_dir(target.parent)
 
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
         target = self._p(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
+        _make_dirs(target.parent)
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
         try:
-            shutil.copyfile(local_path, tmp)
+            with os.fdopen(fd, "wb") as dst, open(local_path, "rb") as src:
+                shutil.copyfileobj(src, dst, 1024 * 1024)
+                dst.flush()
+                os.fsync(dst.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_dir(target.parent)
 
     def exists(self, path: str) -> bool:
         return self._p(path).exists()
@@ -190,7 +280,7 @@ class LocalStore:
     def list(self, prefix: str = "") -> list[str]:
         base = self._p(prefix) if prefix else self.root
         if base.is_file():
-            return [_clean(prefix)]
+            return [clean_path(prefix)]
         if not base.is_dir():
             return []
         out = []
@@ -213,247 +303,3 @@ class LocalStore:
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)
-
-
-@dataclass(frozen=True, kw_only=True)
-class S3Settings:
-    """S3 settings, read once at the edge from the standard variables boto3 reads."""
-
-    endpoint_url: str | None
-    region: str | None
-
-    @classmethod
-    def from_env(cls) -> S3Settings:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return cls(endpoint_url=endpoint or None, region=region or None)
-
-
-def _s3_client(settings: S3Settings) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        retries={"max_attempts": 8, "mode": "adaptive"},
-        max_pool_connections=32,
-        s3={"addressing_style": "path"} if settings.endpoint_url else {},
-    )
-    # boto3 itself reads AWS_ENDPOINT_URL / credentials / profiles; passing the endpoint
-    # explicitly only matters for older botocore releases.
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=config
-    )
-
-
-class _ResumingReader(io.RawIOBase):
-    """An S3 object read front to back; a connection dropped mid-way is picked up again
-    with a ranged GET from the last byte received (pinned to the object's ETag, so a
-    replaced object is an error, never a splice of two versions)."""
-
-    RETRIES = 5
-
-    def __init__(self, store: S3Store, key: str) -> None:
-        super().__init__()
-        self.store, self.key, self.pos = store, key, 0
-        self.etag: str | None = None
-        self.body = self._open()
-
-    def _open(self) -> Any:
-        from botocore.exceptions import ClientError
-
-        kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
-        if self.pos:
-            kwargs.update(Range=f"bytes={self.pos}-", IfMatch=self.etag)
-        try:
-            response = self.store.client.get_object(**kwargs)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            url = f"s3://{self.store.bucket}/{self.key}"
-            raise StoreError(f"cannot read {url} (S3 error {code})") from e
-        self.etag = self.etag or response.get("ETag")
-        return response["Body"]
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
-
-        for attempt in range(self.RETRIES + 1):
-            try:
-                data = self.body.read() if size is None or size < 0 else self.body.read(size)
-                self.pos += len(data)
-                return data
-            except (BotoCoreError, HTTPError, ConnectionError) as e:
-                if attempt == self.RETRIES:
-                    raise StoreError(
-                        f"lost s3://{self.store.bucket}/{self.key} at byte "
-                        f"{self.pos} after {self.RETRIES} retries: {e}"
-                    ) from e
-                log.warning(
-                    "s3://%s/%s: connection lost at byte %d (%s); resuming",
-                    self.store.bucket,
-                    self.key,
-                    self.pos,
-                    type(e).__name__,
-                )
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-                self.body = self._open()
-        raise AssertionError("unreachable")
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.body.close()
-        super().close()
-
-
-class S3Store:
-    """``s3://bucket/prefix`` through boto3 (retries with backoff, multipart uploads)."""
-
-    def __init__(self, bucket: str, prefix: str, settings: S3Settings | None = None) -> None:
-        self.bucket = bucket
-        self.prefix = _clean(prefix)
-        self.settings = settings or S3Settings.from_env()
-        self.client = _s3_client(self.settings)
-        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-
-    @classmethod
-    def from_url(cls, url: str) -> S3Store:
-        rest = url[len("s3://") :]
-        bucket, _, prefix = rest.partition("/")
-        if not bucket:
-            raise StoreError(f"{url!r} names no bucket (expected s3://bucket/prefix)")
-        store = cls(bucket, prefix)
-        store.check_reachable()
-        return store
-
-    def check_reachable(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "?")
-            raise StoreError(f"bucket {self.bucket!r} is not usable (S3 error {code})") from e
-        except BotoCoreError as e:
-            where = self.settings.endpoint_url or "AWS S3"
-            raise StoreError(f"cannot reach the object store at {where}: {e}") from e
-
-    def _k(self, path: str) -> str:
-        path = _clean(path)
-        return f"{self.prefix}/{path}" if self.prefix else path
-
-    def url_of(self, path: str) -> str:
-        return f"s3://{self.bucket}/{self._k(path)}"
-
-    def local_path(self, path: str) -> Path | None:
-        return None
-
-    def get(self, path: str) -> bytes:
-        return self.open_read(path).read()
-
-    def open_read(self, path: str) -> IO[bytes]:
-        """A stream of the object that survives dropped connections (see _ResumingReader)."""
-        return _ResumingReader(self, self._k(path))  # type: ignore[return-value]
-
-    def put(self, path: str, data: bytes) -> None:
-        if len(data) > MULTIPART_THRESHOLD:
-            self._upload(path, io.BytesIO(data))
-        else:
-            self.client.put_object(Bucket=self.bucket, Key=self._k(path), Body=data)
-
-    def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
-        with open(local_path, "rb") as f:
-            self._upload(path, f)
-
-    def scratch_dir(self) -> Path | None:
-        return None
-
-    def move_file(self, path: str, local_path: str | os.PathLike[str]) -> None:
-        self.put_file(path, local_path)
-        Path(local_path).unlink(missing_ok=True)
-
-    def _upload(self, path: str, fileobj: IO[bytes]) -> None:
-        from boto3.s3.transfer import TransferConfig
-
-        config = TransferConfig(
-            multipart_threshold=MULTIPART_THRESHOLD,
-            multipart_chunksize=MULTIPART_CHUNK,
-            max_concurrency=8,
-        )
-        self.client.upload_fileobj(fileobj, self.bucket, self._k(path), Config=config)
-
-    def exists(self, path: str) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._k(path))
-            return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
-
-    def _list_prefix(self, prefix: str) -> str:
-        if not prefix:
-            return self.prefix + "/" if self.prefix else ""
-        # "shards/x/b1/" must not match "shards/x/b10/...": keep the trailing slash.
-        return self._k(prefix) + ("/" if prefix.endswith("/") else "")
-
-    def list(self, prefix: str = "") -> list[str]:
-        full = self._list_prefix(prefix)
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        out: list[str] = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=full
-        ):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][strip:]
-                if not rel.rsplit("/", 1)[-1].startswith("."):
-                    out.append(rel)
-        return sorted(out)
-
-    def delete(self, path: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._k(path))
-
-    def clean_incomplete(self, prefix: str) -> int:
-        """Abort the multipart uploads that killed writes left under ``prefix`` (their
-        parts are stored, and billed, until aborted); returns how many."""
-        aborted = 0
-        for page in self.client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=self._list_prefix(prefix)
-        ):
-            for upload in page.get("Uploads", []):
-                self.client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                )
-                aborted += 1
-        return aborted
-
-    def arrow_filesystem(self) -> Any:
-        """A ``pyarrow.fs.S3FileSystem`` with the same endpoint and credentials.
-
-        ``pyarrow.fs.S3FileSystem()`` does not read ``AWS_ENDPOINT_URL``: pass it here.
-        """
-        from pyarrow import fs
-
-        creds = self.client._request_signer._credentials  # resolved by boto3's chain
-        kwargs: dict[str, Any] = {}
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
-            if frozen.token:
-                kwargs["session_token"] = frozen.token
-        if self.settings.endpoint_url:
-            endpoint = self.settings.endpoint_url
-            kwargs["endpoint_override"] = endpoint
-            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-        region = self.client.meta.region_name
-        if region:
-            kwargs["region"] = region
-        return fs.S3FileSystem(**kwargs)

@@ -5,45 +5,52 @@ distributed training (see DOMAIN.md): tar shards are read from any store stream 
 ``pipe:`` URL), every rank gets the same number of batches, and a run resumes mid-epoch.
 
 Slots. A rank runs ``workers`` loader workers; ``(rank, worker)`` is one of
-``world_size * workers`` *slots* and every slot reads its own share of the selected samples:
+``world_size * workers`` *slots*. Every slot reads contiguous runs of the selected samples
+(:mod:`shards.plan`): whole shards, streamed, and pieces of shards, each a ranged read of
+the samples' byte spans (manifest schema 2). Datasets written before schema 2 have no
+spans: a slot then streams such a shard and skips the members of other keys.
 
-* shard mode, when there are at least as many shards as slots: whole shards are dealt to
-  slots (each shard to the slot with the fewest samples so far), so every shard is read once;
-* sample mode, otherwise: samples are dealt by index modulo the slot count, and a slot reads
-  every shard but keeps only its keys. Other members are skipped at the tar member level.
-
-Training (:func:`train_stream`) is infinite per slot: each slot cycles through its shards
-forever, the shard order shuffled from ``(seed, epoch, slot, cycle)``, the samples shuffled
-in a small seeded buffer. Batch ``j`` of an epoch is made by worker ``j % workers`` of its
-rank, so a rank yields exactly ``steps_per_epoch`` batches whatever its share of the data:
-ranks never disagree on the batch count and DDP never hangs. Which class each sample of
-batch ``j`` is drawn from, and its augmentation seed, come from a generator seeded with
-``(seed, epoch, rank, j)``; only the per-slot sub-streams carry state. Resuming at step ``s``
+Training (:func:`train_stream`). Batch ``j`` of an epoch is made by worker ``j % workers``
+of its rank, so a rank yields exactly ``steps_per_epoch`` batches whatever its share of the
+data: ranks never disagree on the batch count and DDP never hangs. Which class each sample
+of batch ``j`` is drawn from, and its augmentation seed, come from ``(seed, epoch, rank,
+j)``; with a ``pos_rate`` the number of positives in a worker's batches is the running sum
+of ``batch_size * rate`` rounded, so each batch is within one of the rate and every
+worker's count per epoch is known in advance. Each class (or the whole selection) is one
+endless sequence of passes over its samples; every draw takes the next position, and each
+(epoch, slot) takes the segment of positions it will draw, known in closed form. A sample
+is therefore drawn once per pass, every sample of a class at the same rate, whatever the
+shard sizes, ranks and workers: a 12-sample tail shard is drawn like the others. A slot
+reads exactly its segment, shuffled in a small seeded buffer. Resuming at step ``s``
 replays the sub-streams for the batches before ``s`` on raw bytes (nothing is decoded), so
 the resumed stream continues exactly where an uninterrupted one would, given the same
-``world_size`` and ``workers``.
+``world_size``, ``workers``, ``steps_per_epoch`` and ``total_steps``.
 
 Evaluation (:func:`eval_stream`) is finite: every selected sample exactly once across all
 slots, in a fixed order (shards sorted by path, tar order inside), last batch short.
 Ranks may get different numbers of eval batches: reduce per-rank *sums* (e.g. Dice sum and
-image count) with ``all_reduce``, and run eval on the bare model (``ddp_model.module``), since
-a DDP forward may broadcast buffers and would then wait for ranks that have finished.
+image count) with ``all_reduce``, and run eval on the bare model (``ddp_model.module``),
+since a DDP forward may broadcast buffers and would then wait for ranks that have finished.
+
+A shard holding a stray second copy of a key (an image given twice to one ingest batch)
+yields the copy the manifest names, once.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
+import math
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
+from shards import plan, tario
 from shards.errors import ConfigError, ManifestError, StoreError
+from shards.plan import Entry, by_shard, place
 from shards.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,22 +58,11 @@ log = logging.getLogger(__name__)
 Sample = dict[str, Any]  # {"__key__", "__shard__", "__entry__", "jpg"|"png", "mask.png", "json"}
 
 DEFAULT_SHUFFLE_BUFFER = 64
-# tarfile reads its stream in blocks of this size; it also copies what is left of a block on
-# every read, so a larger block costs more than it saves.
-TAR_BLOCK = 64 * 1024
 
-# The purpose of each seeded generator, so no two purposes share a stream of numbers.
-_ASSIGN, _ORDER, _BUFFER, _BATCH = 1, 2, 3, 4
+# The purpose of each seeded generator, so no two purposes share a stream of numbers
+# (1 is shards.plan's passes).
+_BUFFER, _BATCH = 2, 3
 ALL, POS, NEG = "all", "pos", "neg"
-
-
-class Entry(NamedTuple):
-    """One selected sample, as the manifest describes it."""
-
-    key: str
-    shard: str
-    image_id: str
-    has_ptx: bool | None
 
 
 ENTRY_COLUMNS = list(Entry._fields)
@@ -75,99 +71,48 @@ ENTRY_COLUMNS = list(Entry._fields)
 def entries_from_table(table: Any) -> list[Entry]:
     """Manifest rows (a ``pyarrow.Table`` with :data:`ENTRY_COLUMNS`) as entries, sorted.
 
+    Tables without ``offset`` and ``size`` (schema 1) give entries without a span.
+
     Raises:
         ManifestError: a key appears twice in one shard.
     """
-    columns = [table.column(name).to_pylist() for name in ENTRY_COLUMNS]
-    entries = sorted((Entry(*row) for row in zip(*columns, strict=True)), key=_place)
-    for a, b in itertools.pairwise(entries):
-        if (a.shard, a.key) == (b.shard, b.key):
-            raise ManifestError(f"key {a.key!r} is listed twice for shard {a.shard}")
+    n = table.num_rows
+    columns = [
+        table.column(name).to_pylist() if name in table.column_names else [None] * n
+        for name in ENTRY_COLUMNS
+    ]
+    entries = sorted((Entry(*row) for row in zip(*columns, strict=True)), key=place)
+    seen: set[tuple[str, str]] = set()
+    for e in entries:
+        if (e.shard, e.key) in seen:
+            raise ManifestError(f"key {e.key!r} is listed twice for shard {e.shard}")
+        seen.add((e.shard, e.key))
     return entries
 
 
-def _place(e: Entry) -> tuple[str, str]:
-    return e.shard, e.key
-
-
-def _by_shard(entries: Sequence[Entry]) -> dict[str, dict[str, Entry]]:
-    out: dict[str, dict[str, Entry]] = {}
-    for e in entries:
-        out.setdefault(e.shard, {})[e.key] = e
-    return out
-
-
-def assign_slots(
-    entries: Sequence[Entry], n_slots: int, *, seed: int = 0, epoch: int = 0, shuffle: bool
-) -> list[list[Entry]]:
-    """Split ``entries`` among ``n_slots`` slots: whole shards if there are enough, else samples.
-
-    With ``shuffle`` the split changes with ``(seed, epoch)``; without it, it is fixed (eval).
-    A slot gets nothing only in sample mode with fewer samples than slots.
-    """
-    by_shard = _by_shard(entries)
-    shards = sorted(by_shard)
-    rng = np.random.default_rng([seed, epoch, _ASSIGN]) if shuffle else None
-    if len(shards) >= n_slots:
-        if rng is not None:
-            shards = [shards[i] for i in rng.permutation(len(shards))]
-        slots: list[list[Entry]] = [[] for _ in range(n_slots)]
-        lightest = [(0, slot) for slot in range(n_slots)]  # (samples so far, slot)
-        for shard in shards:
-            count, slot = heapq.heappop(lightest)
-            slots[slot].extend(by_shard[shard].values())
-            heapq.heappush(lightest, (count + len(by_shard[shard]), slot))
-        return [sorted(s, key=_place) for s in slots]
-    ordered = [e for shard in shards for e in by_shard[shard].values()]
-    if rng is not None:
-        ordered = [ordered[i] for i in rng.permutation(len(ordered))]
-    return [sorted(ordered[s::n_slots], key=_place) for s in range(n_slots)]
-
-
 def read_shard(store: Store, path: str, wanted: Mapping[str, Entry]) -> Iterator[Sample]:
-    """The samples of one tar shard whose keys are in ``wanted``, in tar order.
+    """The samples of one tar shard whose keys are in ``wanted``, in tar order, each once.
 
-    Members of other keys are skipped by their tar header: their bytes are never copied
-    out, let alone decoded. A key is the member name up to the first dot of its base name,
-    as webdataset splits it; suffixes are lower-cased.
+    With byte spans (schema 2) only those bytes are read (see :func:`tario.read_samples`);
+    without, the shard is streamed whole and other keys' members skipped.
 
     Raises:
         StoreError: the shard cannot be read or is not a tar file.
     """
     found = 0
-    with closing(store.open_read(path)) as stream:
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BLOCK)  # noqa: SIM115
-            current: Sample | None = None
-            for info in tar:
-                tar.members = []  # stream mode would keep every header otherwise
-                key, suffix = _split_name(info.name)
-                if not info.isreg() or key not in wanted:
-                    continue
-                member = tar.extractfile(info)
-                data = member.read() if member is not None else b""
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    found += 1
-                    current = {"__key__": key, "__shard__": path, "__entry__": wanted[key]}
-                current[suffix] = data
-            if current is not None:
-                yield current
-        except tarfile.TarError as e:
-            raise StoreError(f"{store.url_of(path)} is not a readable tar shard: {e}") from e
+    try:
+        for sample in tario.read_samples(store, path, wanted):
+            found += 1
+            sample["__entry__"] = wanted[sample["__key__"]]
+            yield sample
+    except tarfile.TarError as e:
+        raise StoreError(f"{store.url_of(path)} is not a readable tar shard: {e}") from e
     if found < len(wanted):
         log.warning(
             "%s: %d of the %d selected samples are missing from the shard (the manifest "
             "and the shards disagree; re-run the ingest of this batch)",
             store.url_of(path), len(wanted) - found, len(wanted),
         )  # fmt: skip
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    head, _, base = name.rpartition("/")
-    key, _, suffix = base.partition(".")
-    return (f"{head}/{key}" if head else key), suffix.lower()
 
 
 def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
@@ -186,27 +131,35 @@ def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> 
         yield buffer.pop()
 
 
-def cycled(store: Store, entries: Sequence[Entry], seeds: Sequence[int]) -> Iterator[Sample]:
-    """The samples of ``entries``, forever; each cycle reads the shards in a new order.
+def segment(
+    store: Store, pool: Sequence[Entry], seeds: Sequence[int], start: int, count: int
+) -> Iterator[Sample]:
+    """The ``count`` samples at positions ``start, start + 1, ...`` of ``pool``'s passes.
+
+    Samples missing from their shard (logged) are made up from the positions after.
 
     Raises:
-        ManifestError: a whole cycle found none of the entries in their shards.
+        ManifestError: a whole pass found none of the samples in their shards.
     """
-    by_shard = _by_shard(entries)
-    shards = sorted(by_shard)
-    if not shards:
-        raise ConfigError("nothing to stream: no samples were given")
-    for cycle in itertools.count():
-        rng = np.random.default_rng([*seeds, _ORDER, cycle])
+    if count <= 0:
+        return
+    runs = itertools.chain(
+        plan.positions(pool, seeds, start, start + count),
+        plan.positions(pool, seeds, start + count),
+    )
+    got = empty = 0
+    for run in runs:
         found = 0
-        for i in rng.permutation(len(shards)):
-            for sample in read_shard(store, shards[i], by_shard[shards[i]]):
-                found += 1
-                yield sample
-        if not found:
+        for sample in read_shard(store, run[0].shard, {e.key: e for e in run}):
+            yield sample
+            got, found = got + 1, found + 1
+            if got == count:
+                return
+        empty = 0 if found else empty + len(run)
+        if empty >= len(pool):
             raise ManifestError(
-                f"none of the {len(entries)} selected samples is in its shard "
-                f"({shards[0]}, ...): the manifest and the shards disagree"
+                f"none of the {len(pool)} selected samples is in its shard "
+                f"({run[0].shard}, ...): the manifest and the shards disagree"
             )
 
 
@@ -215,8 +168,9 @@ class TrainSpec:
     """Everything that decides a rank's training batches of one epoch.
 
     ``workers`` counts *stream* workers, at least 1: a loader running in-process (0 loader
-    workers) is one stream worker. ``pos_rate=(a, b)`` draws a positive with probability
-    sliding linearly from ``a`` to ``b`` over ``total_steps``; ``None`` keeps the natural mix.
+    workers) is one stream worker. ``pos_rate=(a, b)`` makes the share of positives slide
+    linearly from ``a`` to ``b`` over ``total_steps`` (:func:`batch_draws`); ``None`` keeps
+    the natural mix.
     """
 
     seed: int = 0
@@ -295,23 +249,64 @@ def positive_rate(spec: TrainSpec, step: int) -> float:
 def batch_draws(
     spec: TrainSpec, step: int, pools: Mapping[str, Any]
 ) -> tuple[list[str], list[int]]:
-    """Which pool each sample of batch ``step`` comes from, and its augmentation seed."""
+    """Which pool each sample of batch ``step`` comes from, and its augmentation seed.
+
+    With a ``pos_rate``, the positives of a stream worker's batches follow the running sum
+    of ``batch_size * positive_rate``, rounded: each batch is within one of the rate, and
+    the worker's total per epoch is :func:`draws`, known before the epoch starts.
+    """
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, step, _BATCH])
-    uniform = rng.random(spec.batch_size)
     seeds = [int(s) for s in rng.integers(0, 2**32, size=spec.batch_size, dtype=np.uint64)]
     if ALL in pools:
         return [ALL] * spec.batch_size, seeds
-    p = positive_rate(spec, step)
-    return [POS if u < p else NEG for u in uniform], seeds
+    worker = step % spec.workers
+    n_pos = _positives(spec, spec.epoch, worker, step + 1) - _positives(
+        spec, spec.epoch, worker, step
+    )
+    names = [NEG] * spec.batch_size
+    for i in rng.permutation(spec.batch_size)[:n_pos]:
+        names[i] = POS
+    return names, seeds
 
 
-def _slot_share(pool: Sequence[Entry], spec: TrainSpec, slot: int) -> list[Entry]:
-    n_slots = spec.world_size * spec.workers
-    share = assign_slots(pool, n_slots, seed=spec.seed, epoch=spec.epoch, shuffle=True)[slot]
-    if not share:  # fewer samples than slots: some samples are read by several slots
-        log.debug("%d samples for %d slots: slot %d re-reads one", len(pool), n_slots, slot)
-        share = [pool[slot % len(pool)]]
-    return share
+def _positives(spec: TrainSpec, epoch: int, worker: int, stop: int) -> int:
+    """Positives in stream worker ``worker``'s batches before step ``stop`` of ``epoch``:
+    the running sum of ``batch_size * rate``, rounded."""
+    steps = range(worker, min(stop, spec.steps_per_epoch), spec.workers)
+    return math.floor(spec.batch_size * _rate_sum(spec, epoch, steps) + 0.5)
+
+
+def _rate_sum(spec: TrainSpec, epoch: int, steps: range) -> float:
+    """``sum(positive_rate at step j of epoch for j in steps)``, in closed form: the rate is
+    linear in the step until the slide ends, then flat."""
+    a, b = spec.pos_rate  # type: ignore[misc]
+    done = epoch * spec.steps_per_epoch  # steps of the earlier epochs
+    sliding = min(len(steps), len(range(steps.start, spec.total_steps - done + 1, steps.step)))
+    step_sum = sliding * steps.start + steps.step * sliding * (sliding - 1) // 2
+    linear = sliding * a + (b - a) * (sliding * done + step_sum) / spec.total_steps
+    return linear + (len(steps) - sliding) * b
+
+
+def draws(spec: TrainSpec, pool: str, epoch: int, worker: int) -> int:
+    """How many samples stream worker ``worker`` (of any rank) draws from ``pool`` in ``epoch``."""
+    n = spec.batch_size * len(range(worker, spec.steps_per_epoch, spec.workers))
+    if pool == ALL:
+        return n
+    positives = _positives(spec, epoch, worker, spec.steps_per_epoch)
+    return positives if pool == POS else n - positives
+
+
+def slot_segment(spec: TrainSpec, pool: str, slot: int) -> tuple[int, int]:
+    """``(start, count)``: the positions of ``pool``'s passes that ``slot`` draws in
+    ``spec.epoch``. Epochs take consecutive segments, and within one the slots in order."""
+    start = 0
+    for epoch in range(spec.epoch + 1):
+        per_worker = [draws(spec, pool, epoch, w) for w in range(spec.workers)]
+        if epoch < spec.epoch:
+            start += spec.world_size * sum(per_worker)
+    rank, worker = divmod(slot, spec.workers)
+    start += rank * sum(per_worker) + sum(per_worker[:worker])
+    return start, per_worker[worker]
 
 
 def train_stream(
@@ -327,11 +322,10 @@ def train_stream(
     slot = spec.rank * spec.workers + worker
     streams: dict[str, Iterator[Sample]] = {}
     for tag, name in enumerate(sorted(pools), start=1):
-        share = _slot_share(pools[name], spec, slot)
-        seeds = (spec.seed, spec.epoch, slot, tag)
-        buffer = min(spec.shuffle_buffer, len(share))
-        rng = np.random.default_rng([*seeds, _BUFFER])
-        streams[name] = shuffled(cycled(store, share, seeds), buffer, rng)
+        start, count = slot_segment(spec, name, slot)
+        samples = segment(store, pools[name], (spec.seed, tag), start, count)
+        rng = np.random.default_rng([spec.seed, spec.epoch, slot, tag, _BUFFER])
+        streams[name] = shuffled(samples, min(spec.shuffle_buffer, count), rng)
     for step in range(worker, spec.steps_per_epoch, spec.workers):
         names, seeds = batch_draws(spec, step, pools)
         samples = [next(streams[name]) for name in names]
@@ -389,10 +383,10 @@ def eval_stream(
     if not 0 <= worker < spec.workers:
         raise ConfigError(f"worker {worker} is not within {spec.workers} workers")
     slot = spec.rank * spec.workers + worker
-    share = assign_slots(entries, spec.world_size * spec.workers, shuffle=False)[slot]
+    share = plan.assign_slots(entries, spec.world_size * spec.workers)[slot]
     batch: list[Sample] = []
-    for shard, wanted in sorted(_by_shard(share).items()):
-        for sample in read_shard(store, shard, wanted):
+    for shard, run in by_shard(share).items():
+        for sample in read_shard(store, shard, {e.key: e for e in run}):
             batch.append(sample)
             if len(batch) == spec.batch_size:
                 yield batch

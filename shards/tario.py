@@ -8,7 +8,11 @@ ingest start) and its writer is twice as slow per sample.
 
 Writing goes to a local temporary file first and is then put into the store by a
 background uploader, so the slow part of S3 (latency, multipart) overlaps with decoding
-the next shard's images. Reading is ``shards.stream.read_shard``.
+the next shard's images. The writer records where each sample lies in its shard (its
+``span``: the byte offset of its first header and the size of all its members, padding
+included), which the manifest keeps so a reader can fetch one sample, or a run of adjacent
+ones, with a ranged read (:func:`read_samples`). Which samples to read is
+``shards.stream``'s.
 """
 
 from __future__ import annotations
@@ -16,18 +20,24 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-import tempfile
 import threading
+from collections.abc import Container, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol
 
-from shards.store import Store
+from shards.store import Store, create_temp
 
 log = logging.getLogger(__name__)
 
 Sample = dict[str, Any]  # {"__key__": str, "jpg" | "png": bytes, "mask.png": bytes, "json": bytes}
+Span = tuple[int, int]  # (offset of the sample's first header, bytes of all its members)
+
+# tarfile reads its stream in blocks of this size; it also copies what is left of a block on
+# every read, so a larger block costs more than it saves.
+TAR_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Piece:
     data_end: int  # bytes of members; the end-of-archive blocks follow
     count: int
     nbytes: int
+    spans: dict[str, Span] = field(default_factory=dict)  # key -> its first copy's span
 
 
 class ShardWriter:
@@ -51,15 +62,23 @@ class ShardWriter:
 
     def __init__(self, path: str, tmp_dir: str | os.PathLike[str]) -> None:
         self.path = path
-        fd, self.tmp_path = tempfile.mkstemp(dir=tmp_dir, suffix=".tar")
+        # Not mkstemp: its 0600 would follow the file into the store (see create_temp).
+        fd, self.tmp_path = create_temp(tmp_dir, ".shard-", ".tar")
         self._file = os.fdopen(fd, "wb")
         self.count = 0
         self.nbytes = 0  # member data, headers excluded
         self.data_end = 0
+        # Where each key's first copy lies. An image given twice in one ingest batch can be
+        # written twice (in two units); the manifest references the first copy.
+        self.spans: dict[str, Span] = {}
 
-    def write(self, sample: Sample) -> None:
-        """Write one sample: ``{"__key__": KEY, SUFFIX: bytes, ...}``, members sorted."""
+    def write(self, sample: Sample) -> Span:
+        """Write one sample: ``{"__key__": KEY, SUFFIX: bytes, ...}``, members sorted.
+
+        Returns its span in the shard: ``(offset, size)``.
+        """
         key = sample["__key__"]
+        start = self.data_end
         for suffix in sorted(k for k in sample if not k.startswith("_")):
             data = sample[suffix]
             info = tarfile.TarInfo(f"{key}.{suffix}")
@@ -74,9 +93,14 @@ class ShardWriter:
             self.data_end += len(header) + len(data) + padding
             self.nbytes += len(data)
         self.count += 1
+        span = (start, self.data_end - start)
+        self.spans.setdefault(key, span)
+        return span
 
     def append(self, piece: Piece) -> None:
-        """Copy the members of ``piece`` (then delete its file)."""
+        """Copy the members of ``piece`` (then delete its file); its spans move with them."""
+        for key, (offset, size) in piece.spans.items():
+            self.spans.setdefault(key, (self.data_end + offset, size))
         with open(piece.tmp_path, "rb") as src:
             self._file.flush()
             try:  # in the kernel, no trip through Python
@@ -102,7 +126,7 @@ class ShardWriter:
         end = self.data_end + 2 * tarfile.BLOCKSIZE
         self._file.write(b"\0" * (end - self.data_end + (-end % tarfile.RECORDSIZE)))
         self._file.close()
-        return Piece(self.tmp_path, self.data_end, self.count, self.nbytes)
+        return Piece(self.tmp_path, self.data_end, self.count, self.nbytes, dict(self.spans))
 
 
 class ShardUploader:
@@ -137,3 +161,107 @@ class ShardUploader:
                 f.result()
         finally:
             self._pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- reading
+
+
+class Spanned(Protocol):
+    """Where a sample lies in its shard (``shards.stream.Entry`` is one); None: unknown."""
+
+    offset: int | None
+    size: int | None
+
+
+def read_samples(store: Store, path: str, wanted: Mapping[str, Spanned]) -> Iterator[Sample]:
+    """The samples of shard ``path`` whose keys are in ``wanted``, in tar order.
+
+    Where every wanted sample has a span, only their bytes are read: one ranged read per
+    run of adjacent samples. Otherwise the shard is streamed from its start, the members
+    of other keys skipped by their header (never copied out), until every wanted sample
+    has come. Each key is yielded at most once: the copy at its span (only spans are
+    read), or without spans the first copy (a shard can hold a stray second copy of an
+    image given twice to one ingest batch).
+
+    Raises:
+        tarfile.TarError: the bytes are not a tar archive.
+    """
+    spans = [(e.offset, e.size) for e in wanted.values()]
+    done: set[str] = set()
+    if all(offset is not None and size is not None for offset, size in spans):
+        for start, end in byte_ranges(spans):  # type: ignore[arg-type]
+            with closing(store.open_range(path, start, end)) as stream:
+                yield from _grouped(members(stream, wanted), path, wanted, done)
+    else:
+        with closing(store.open_read(path)) as stream:
+            yield from _grouped(members(stream, wanted), path, wanted, done)
+
+
+def _grouped(
+    found: Iterator[tuple[str, str, bytes | None]],
+    path: str,
+    wanted: Mapping[str, Spanned],
+    done: set[str],
+) -> Iterator[Sample]:
+    """Members grouped into samples; keys in ``done`` (already yielded) are skipped, and
+    nothing more is read once every wanted key is done."""
+    current: Sample | None = None
+    for key, suffix, data in found:
+        ours = data is not None
+        if ours and current is not None and current["__key__"] == key and suffix not in current:
+            current[suffix] = data
+            continue
+        if current is not None:  # another sample (or another copy of this key) starts
+            yield current
+            current = None
+        if len(done) == len(wanted):
+            return  # the rest of the stream is not needed
+        if ours and key not in done:
+            done.add(key)
+            current = {"__key__": key, "__shard__": path, suffix: data}
+    if current is not None:
+        yield current
+
+
+def members(stream: IO[bytes], keys: Container[str]) -> Iterator[tuple[str, str, bytes | None]]:
+    """``(key, suffix, data)`` of each regular member of a tar stream, in tar order;
+    ``data`` is None for members whose key is not in ``keys``: they are skipped by their
+    header, their bytes never copied out.
+
+    ``stream`` may be a whole shard or a run of whole samples cut out of one (a ranged
+    read; it then has no end-of-archive blocks, and ends quietly). A key is the member
+    name up to the first dot of its base name, as webdataset splits it; suffixes are
+    lower-cased.
+
+    Raises:
+        tarfile.TarError: the stream is not a tar archive.
+    """
+    tar = tarfile.open(fileobj=stream, mode="r|", bufsize=TAR_BLOCK)  # noqa: SIM115
+    for info in tar:
+        tar.members = []  # stream mode would keep every header otherwise
+        if not info.isreg():
+            continue
+        key, suffix = _split_name(info.name)
+        if key not in keys:
+            yield key, suffix, None
+            continue
+        member = tar.extractfile(info)
+        data = member.read() if member is not None else b""
+        yield key, suffix, data
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    head, _, base = name.rpartition("/")
+    key, _, suffix = base.partition(".")
+    return (f"{head}/{key}" if head else key), suffix.lower()
+
+
+def byte_ranges(spans: Iterable[Span]) -> list[tuple[int, int]]:
+    """The ``[start, end)`` ranges covering ``spans``, adjacent ones merged into one."""
+    out: list[tuple[int, int]] = []
+    for offset, size in sorted(spans):
+        if out and offset <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], offset + size))
+        else:
+            out.append((offset, offset + size))
+    return out

@@ -199,8 +199,8 @@ def _write_shards(
                 path = layout.shard_path("siim", batch, split, group, start // per_shard)
                 writer = ShardWriter(path, tmp)
                 for row in grouped[start : start + per_shard]:
-                    writer.write({"__key__": row["key"], **members_of(row)})
-                    row.update(shard=path, batch=batch)
+                    offset, size = writer.write({"__key__": row["key"], **members_of(row)})
+                    row.update(shard=path, batch=batch, offset=offset, size=size)
                 store.move_file(path, writer.close().tmp_path)
     manifest.write_part(store, layout.manifest_part("siim", batch), manifest.to_table(rows))
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
+from shards import layout, manifest
 from shards.errors import StoreError
 from shards.store import open_store
+from shards.tario import ShardUploader, ShardWriter
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -39,7 +44,7 @@ def test_put_get_list_delete(store, tmp_path):
 
 
 def test_a_large_put_goes_up_in_parts(s3_bucket, monkeypatch, tmp_path):
-    import shards.store as st
+    import shards.s3 as st
 
     monkeypatch.setattr(st, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
     monkeypatch.setattr(st, "MULTIPART_CHUNK", 5 * 1024 * 1024)
@@ -95,3 +100,144 @@ def test_a_dropped_connection_resumes_with_a_ranged_get(s3_bucket, monkeypatch):
         got = b"".join(iter(lambda: f.read(65536), b""))
     assert got == data
     assert len(ranges) == 1 and ranges[0].startswith("bytes=3")
+
+
+def test_open_range_reads_exactly_the_range(store):
+    data = bytes(range(256)) * 300
+    store.put("blob.bin", data)
+    for start, end in ((0, 1), (100, 612), (5000, len(data)), (len(data) - 3, len(data))):
+        with store.open_range("blob.bin", start, end) as f:
+            got = b"".join(iter(lambda f=f: f.read(1000), b""))
+        assert got == data[start:end], (start, end)
+    with store.open_range("blob.bin", 10, 20) as f:
+        assert f.read() == data[10:20] and f.read() == b""
+
+
+def test_a_ranged_read_resumes_within_its_range(s3_bucket, monkeypatch):
+    from urllib3.exceptions import ProtocolError
+
+    store = open_store(f"{s3_bucket}/r")
+    data = bytes(range(256)) * 4096  # 1 MiB
+    store.put("obj.bin", data)
+    real_get = store.client.get_object
+    ranges = []
+
+    class Flaky:
+        def __init__(self, body):
+            self.body, self.sent = body, 0
+
+        def read(self, n=-1):
+            if len(ranges) == 1 and self.sent > 200_000:
+                raise ProtocolError("connection reset")
+            chunk = self.body.read(n)
+            self.sent += len(chunk)
+            return chunk
+
+        def close(self):
+            self.body.close()
+
+    def get_object(**kw):
+        ranges.append(kw.get("Range"))
+        return {**real_get(**kw), "Body": Flaky(real_get(**kw)["Body"])}
+
+    monkeypatch.setattr(store.client, "get_object", get_object)
+    with store.open_range("obj.bin", 1000, 700_000) as f:
+        got = b"".join(iter(lambda: f.read(65536), b""))
+    assert got == data[1000:700_000]
+    resumed_at = int(ranges[1].removeprefix("bytes=").split("-")[0])
+    assert ranges[0] == "bytes=1000-699999"
+    assert 200_000 < resumed_at - 1000 < 700_000 and ranges[1].endswith("-699999")
+
+
+# ---------------------------------------------------------------- modes and durability
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test."""
+    saved = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mask):
+    umask(mask)
+    store = open_store(tmp_path / "store")
+    store.put("a/put.bin", b"x")
+    local = tmp_path / "src.bin"
+    local.write_bytes(b"y")
+    store.put_file("a/put_file.bin", local)
+    uploader = ShardUploader(store)
+    writer = ShardWriter("shards/s.tar", store.scratch_dir())
+    writer.write({"__key__": "k", "jpg": b"z"})
+    uploader.submit(writer)  # a temp file renamed into place, as ingest does
+    uploader.wait()
+    expected = 0o666 & ~mask  # what `touch` or `open(..., "w")` gives
+    for path in ("a/put.bin", "a/put_file.bin", "shards/s.tar"):
+        assert stat.S_IMODE((tmp_path / "store" / path).stat().st_mode) == expected, path
+
+
+def test_shards_and_their_folders_are_durable_before_the_manifest_commits(tmp_path, monkeypatch):
+    """Every fsync and rename, in order: a shard's data, its folder entry and every folder
+    created for it reach the disk before the manifest part that names it is renamed in."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    store = open_store(tmp_path / "ds")
+    root = str(store.root)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    uploader = ShardUploader(store)
+    shard_paths = [layout.shard_path("siim", "b0", "train", g, 0) for g in ("neg", "pos")]
+    temps = {}
+    for path in shard_paths:
+        writer = ShardWriter(path, store.scratch_dir())
+        writer.write({"__key__": "k", "jpg": b"z" * 5000})
+        temps[path] = writer.tmp_path
+        uploader.submit(writer)
+    uploader.wait()
+    part = layout.manifest_part("siim", "b0")
+    manifest.write_part(store, part, manifest.to_table([]))
+    commit = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith(part))
+
+    def between(event, after, before):
+        return any(e == event for e in events[after + 1 : before])
+
+    for path in shard_paths:
+        target = f"{root}/{path}"
+        renamed = events.index(("replace", temps[path], target))
+        assert between(("fsync", temps[path]), -1, renamed)  # the data, before the rename
+        assert between(("fsync", os.path.dirname(target)), renamed, commit)  # the rename
+        folder = os.path.dirname(path)
+        while folder:  # every folder created on the way: its entry in its parent
+            parent = f"{root}/{os.path.dirname(folder)}".rstrip("/")
+            assert between(("fsync", parent), -1, commit), parent
+            folder = os.path.dirname(folder)
+    assert between(("fsync", f"{root}/{os.path.dirname(part)}"), commit, len(events))
+
+
+def test_stores_share_a_session_until_the_credentials_change(s3_bucket, monkeypatch):
+    import shards.s3
+
+    def access_key(store):
+        return store.client._request_signer._credentials.get_frozen_credentials().access_key
+
+    first, second = open_store(f"{s3_bucket}/a"), open_store(f"{s3_bucket}/b")
+    sessions = dict(shards.s3._sessions)
+    assert first.client is not second.client
+    assert access_key(first) == access_key(second) == os.environ["AWS_ACCESS_KEY_ID"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    third = shards.s3.S3Store(s3_bucket.removeprefix("s3://"), "c")
+    assert access_key(third) == "another-key"  # a new session, not the cached one
+    assert len(shards.s3._sessions) == len(sessions) + 1
+    open_store(f"{s3_bucket}/d")
+    assert len(shards.s3._sessions) == len(sessions) + 1  # shared again

@@ -6,6 +6,7 @@ keys; ``training/test_data.py`` streams real images.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from shards import manifest, stream
+from shards import manifest, plan, stream
 from shards.errors import ConfigError, ManifestError
 from shards.store import open_store
 
@@ -89,29 +90,42 @@ def test_every_rank_gets_exactly_steps_per_epoch_full_batches(datasets, variant,
 
 
 @pytest.mark.parametrize("variant", ["one", "many"])
-def test_slots_partition_the_samples_and_shard_mode_reads_each_shard_once(datasets, variant):
+def test_eval_slots_are_contiguous_runs_of_equal_size(datasets, variant):
     selected = entries(datasets[variant], TRAIN)
-    n_shards = len({e.shard for e in selected})
+    line = sorted(selected, key=lambda e: (e.shard, e.offset))  # shards end to end, tar order
     for n_slots in range(1, 13):
-        slots = stream.assign_slots(selected, n_slots, seed=3, epoch=2, shuffle=True)
-        assert len(slots) == n_slots
-        assert sorted(e for s in slots for e in s) == sorted(selected)  # each exactly once
-        if n_shards >= n_slots:
-            owners = Counter(shard for s in slots for shard in {e.shard for e in s})
-            assert set(owners.values()) == {1}, "a shard is read by two slots"
-            assert all(slots)
-        else:
-            sizes = [len(s) for s in slots]
-            assert max(sizes) - min(sizes) <= 1
+        slots = plan.assign_slots(selected, n_slots)
+        assert [e for s in slots for e in s] == line  # each exactly once, in order
+        sizes = [len(s) for s in slots]
+        assert max(sizes) - min(sizes) <= 1
 
 
-def test_the_split_changes_with_the_epoch_but_not_without_shuffle(datasets):
-    selected = entries(datasets["one"], TRAIN)
-    a = stream.assign_slots(selected, 3, seed=0, epoch=0, shuffle=True)
-    b = stream.assign_slots(selected, 3, seed=0, epoch=1, shuffle=True)
-    assert a != b
-    fixed = stream.assign_slots(selected, 3, epoch=0, shuffle=False)
-    assert fixed == stream.assign_slots(selected, 3, epoch=5, shuffle=False)
+def test_passes_cover_the_pool_once_each_in_runs_of_adjacent_samples(datasets):
+    selected = entries(datasets["many"], TRAIN)
+    n = len(selected)
+    seq = [e for run in _take(plan.positions(selected, (5, 1), 0), 4 * n) for e in run]
+    runs = list(_take(plan.positions(selected, (5, 1), 0), 10))
+    for run in runs:  # one shard each, adjacent samples in tar order
+        assert len({e.shard for e in run}) == 1
+        assert [e.offset for e in run] == sorted(e.offset for e in run)
+        assert all(a.offset + a.size == b.offset for a, b in itertools.pairwise(run))
+    for k in range(4):
+        assert sorted(seq[k * n : (k + 1) * n]) == sorted(selected), f"pass {k}"
+    assert seq[:n] != seq[n : 2 * n]  # every pass its own shard order
+    # Any window [start, stop) is that slice of the endless sequence.
+    for start, stop in ((0, 5), (7, 40), (n - 3, n + 4), (2 * n + 1, 3 * n + 9)):
+        window = [e for run in plan.positions(selected, (5, 1), start, stop) for e in run]
+        assert window == seq[start:stop], (start, stop)
+
+
+def _take(runs, n_samples):
+    """Runs from ``runs`` until they hold ``n_samples`` samples."""
+    got = 0
+    for run in runs:
+        yield run
+        got += len(run)
+        if got >= n_samples:
+            return
 
 
 def test_the_train_stream_yields_only_selected_keys(datasets):

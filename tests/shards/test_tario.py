@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+from pathlib import Path
+
 import webdataset as wds
 
-from shards.tario import ShardWriter
+from shards.tario import ShardWriter, byte_ranges
 
 
 def test_webdataset_reads_our_shards(tmp_path):
@@ -37,3 +41,40 @@ def test_same_samples_same_bytes(tmp_path):
             return f.read()
 
     assert write("a.tar") == write("b.tar")
+
+
+def test_a_span_holds_exactly_its_samples_members_even_after_assembly(tmp_path):
+    """Pieces concatenated into a shard (as ingest does) keep their samples' spans, shifted."""
+    samples = [
+        {"__key__": f"k{i}", "jpg": bytes([i]) * (300 + 700 * i), "json": b"{}"} for i in range(6)
+    ]
+    pieces = []
+    for part in (samples[:2], samples[2:3], samples[3:]):
+        w = ShardWriter("piece", tmp_path)
+        for s in part:
+            w.write(s)
+        pieces.append(w.close())
+    shard = ShardWriter("x.tar", tmp_path)
+    for piece in pieces:
+        shard.append(piece)
+    shard.close()
+    data = Path(shard.tmp_path).read_bytes()
+    assert sorted(shard.spans) == [s["__key__"] for s in samples]
+    ends = []
+    for s in samples:
+        offset, size = shard.spans[s["__key__"]]
+        ends.append(offset + size)
+        with tarfile.open(fileobj=io.BytesIO(data[offset : offset + size])) as tf:
+            got = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        assert got == {f"{s['__key__']}.jpg": s["jpg"], f"{s['__key__']}.json": b"{}"}
+    # Spans tile the members: each sample starts where the previous one ends.
+    assert [shard.spans[s["__key__"]][0] for s in samples] == [0, *ends[:-1]]
+
+
+def test_adjacent_spans_merge_into_one_range():
+    assert byte_ranges([(1024, 512), (0, 1024), (4096, 100), (2048, 10)]) == [
+        (0, 1536),
+        (2048, 2058),
+        (4096, 4196),
+    ]
+    assert byte_ranges([]) == []
