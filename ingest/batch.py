@@ -138,7 +138,9 @@ class BatchRun:
 
     def _load_dataset(self) -> None:
         columns = ["dataset", "image_id", "key", "content_sha256", "patient_key", "split"]
-        table = manifest.read(self.store, columns=columns + ["labels_sha256", "labels_version"])
+        table = manifest.read(
+            self.store, columns=columns + ["labels_sha256", "labels_version"], new_ok=True
+        )
         rows = table.to_pylist()
         mine = [r for r in rows if r["dataset"] == self.dataset]
         self.stored = {

@@ -133,11 +133,13 @@ def read(
     table: TableName = "samples",
     *,
     latest_labels: bool = True,
+    new_ok: bool = False,
 ) -> pa.Table:
     """Read the manifest (or quarantine) table, filtered by a ``--where`` expression.
 
     Samples: only the latest labels version of each image unless ``latest_labels`` is
-    False. Quarantine: only the rows of committed batches.
+    False. Quarantine: only the rows of committed batches. ``new_ok``: a location that is
+    not a dataset yet reads as empty (ingest, about to write its first batch there).
 
     Raises:
         ManifestError: an unknown column, a malformed expression, or ``store`` is not a
@@ -150,7 +152,8 @@ def read(
         raise ManifestError(f"unknown column(s) {unknown}; columns: {', '.join(schema.names)}")
     dataset = open_dataset(store, table)
     if dataset is None:
-        _require_dataset(store)
+        if not new_ok:
+            _require_dataset(store)
         return schema.empty_table().select(wanted)
     expr = parse_where(where, schema) if where else None
     if table == "quarantine":
@@ -172,7 +175,11 @@ def read(
 def _require_dataset(store: Store) -> None:
     """Nothing committed is fine for a dataset whose first batch is under way, not for a
     folder that was never one (a typo, the wrong level of a path)."""
-    if not store.exists(layout.SETTINGS_FILE) and not store.list(layout.MANIFEST_DIR + "/"):
+    if not (
+        store.exists(layout.SETTINGS_FILE)
+        or store.list(layout.MANIFEST_DIR + "/")
+        or store.list(layout.SHARDS_DIR + "/")  # a first batch under way, or interrupted
+    ):
         raise ManifestError(
             f"{store.url} is not a pneumo dataset (no {layout.SETTINGS_FILE}, no "
             f"{layout.MANIFEST_DIR}/): give the --out folder or s3:// prefix of `pneumo ingest`"

@@ -90,7 +90,7 @@ def test_a_failed_batch_keeps_its_finished_segments_and_redoes_only_the_rest(
 _KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from shards import store as st
+from shards import s3 as s3mod, store as st
 
 step, src, labels, out = sys.argv[1:5]
 
@@ -100,7 +100,7 @@ def die():
 def is_record(path):
     return path.startswith("batches/") and path.endswith(".json")
 
-for cls in (st.LocalStore, st.S3Store):
+for cls in (st.LocalStore, s3mod.S3Store):
     real_put = cls.put
     def put(self, path, data, real_put=real_put):
         if step == "after-shards" and (path.startswith("quarantine/") or is_record(path)):
@@ -108,7 +108,7 @@ for cls in (st.LocalStore, st.S3Store):
         if step == "after-record" and (path.startswith("manifest/") or path == "_pneumo.json"):
             die()
         if step == "during-manifest" and path.startswith("manifest/"):
-            if isinstance(self, st.S3Store):  # a multipart upload begun, never completed
+            if isinstance(self, s3mod.S3Store):  # a multipart upload begun, never completed
                 key = self._k(path)
                 up = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
                 self.client.upload_part(Bucket=self.bucket, Key=key, PartNumber=1,

@@ -12,7 +12,8 @@ from ingest.batch import BatchConfig
 from ingest.siim import SiimConfig, ingest_siim
 from shards import batches, layout, manifest
 from shards.errors import ConfigError
-from shards.store import LocalStore, S3Store, open_store
+from shards.s3 import S3Store
+from shards.store import LocalStore, open_store
 
 
 def _sources(shared_data: Path, tmp_path: Path) -> dict[str, Path]:
