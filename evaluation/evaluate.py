@@ -1,24 +1,28 @@
 """``pneumo evaluate``: the SIIM score of a trained run on a labelled split.
 
 Flow: load the checkpoint and the stored post-processing triplet of the RUN; stream the
-split (each image once, no augmentation); predict (optionally with horizontal-flip TTA);
-post-process; score each image; write ``RUN/eval/<split>.parquet`` (one row per image) and
+split (each image once, no augmentation); predict at the training size (with horizontal-flip
+TTA when the triplet was searched with it); upsample each probability map to its image's
+stored size and post-process it there, as ``pneumo predict`` does; score it against the
+stored full-size mask; write ``RUN/eval/<split>.parquet`` (one row per image) and
 ``RUN/eval/<split>.json`` (the summary, also returned).
 
-Resolution: images *and* masks are resized to the training size by the loader, and the
-score is computed there. SIIM scored at 1024x1024; the two differ only in how mask borders
-are rasterised, and scoring at 1024 would need the original masks, which the stream does
-not carry. ``pneumo predict`` does upscale the probabilities to each image's original size.
+Resolution: every figure here is the SIIM metric exactly, at each image's full resolution
+(1024x1024 for SIIM), not at the training size, which overstates it (see
+:mod:`training.fullres`). ``pneumo predict``'s CSV, scored by any SIIM scorer, gives the
+same number.
 
 The summary:
 
 * ``dice``: the SIIM score, mean over images of per-image Dice (empty/empty = 1);
 * ``dice_pos``: the mean over images with a true mask (the informative part);
-  ``dice_neg``: the share of healthy images predicted empty; ``empty_dice``: what
-  predicting nothing would score on the same images;
+  ``dice_neg``: the share of healthy images predicted empty; ``empty_baseline_dice``: what
+  predicting nothing would score on the same images (the share of healthy images);
 * ``n_images``, ``n_positive``;
 * the classification view (an image is called positive when its mask is non-empty):
-  ``accuracy``, ``sensitivity``, ``specificity``, and ``auc`` of the maximum probability.
+  ``accuracy``, ``sensitivity``, ``specificity``, and ``auc`` of the maximum probability;
+* what was scored: ``split``, ``where``, ``dataset``, ``checkpoint``, ``step``, ``size``
+  (the model's input side), ``resolution``, ``tta``, ``postprocess``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import pyarrow.parquet as pq
 from evaluation.inference import Predictor
 from shards.errors import ConfigError
 from shards.store import open_store
-from training.data import LoaderConfig, eval_batches
-from training.metrics import dice_from_counts, overlap_counts, siim_summary
+from training.data import LoaderConfig, eval_batches, select
+from training.fullres import FullResMasks, score_batch
+from training.metrics import dice_from_counts, siim_summary
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +55,9 @@ RESULTS_SCHEMA = pa.schema(
         ("has_ptx", pa.bool_()),
         ("pred_positive", pa.bool_()),
         ("dice", pa.float64()),
-        ("pred_area", pa.int64()),  # pixels at the evaluation size (size x size)
+        ("pred_area", pa.int64()),  # pixels at the image's full resolution
         ("true_area", pa.int64()),
-        ("max_prob", pa.float32()),
+        ("max_prob", pa.float32()),  # the image's highest probability: its positive score
     ]
 )
 
@@ -66,7 +71,8 @@ class EvaluateConfig:
         dataset: the DATASET to read; None: the one the run trained on.
         split: the split to score (``test``, ``val``, ``train``).
         where: manifest filter; None: labelled SIIM images of ``split``.
-        tta: horizontal-flip test-time augmentation.
+        tta: horizontal-flip test-time augmentation; None: as the run's post-processing
+            was chosen (each setting is applied with the triplet searched under it).
         checkpoint: ``best``, ``last``, or the URL of a checkpoint file.
         workers: loader processes.
         batch_size: images per forward pass.
@@ -76,7 +82,7 @@ class EvaluateConfig:
     dataset: str | None = None
     split: str = "test"
     where: str | None = None
-    tta: bool = False
+    tta: bool | None = None
     checkpoint: str = "best"
     workers: int = 2
     batch_size: int = 8
@@ -101,10 +107,15 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
 
     Raises:
         CheckpointError: the run has no such checkpoint.
-        ConfigError: the selection holds no labelled image.
+        ConfigError: the selection holds no image, or the run no triplet for ``tta``.
+        MaskError: a selected image is unlabelled or its stored mask is unusable.
     """
     predictor = Predictor.load(cfg.run, cfg.checkpoint, tta=cfg.tta)
     dataset = cfg.dataset or predictor.checkpoint["config"]["dataset"]
+    rows = select(dataset, cfg.selection)
+    if rows.num_rows == 0:
+        raise ConfigError(f"--where {cfg.selection!r} selects no labelled image in {dataset}")
+    masks = FullResMasks(dataset, rows)
     loader = LoaderConfig(
         dataset=dataset,
         where=cfg.selection,
@@ -116,11 +127,9 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
     )
     columns: dict[str, list[Any]] = {name: [] for name in RESULTS_SCHEMA.names}
     for batch in eval_batches(loader, rank=0, world_size=1):
-        _score_batch(predictor, batch, columns)
+        _score_batch(predictor, batch, masks, columns)
         if progress is not None:
             progress({"images": len(columns["key"])})
-    if not columns["key"]:
-        raise ConfigError(f"--where {cfg.selection!r} selects no labelled image in {dataset}")
     table = pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA).sort_by("key")
     summary = {
         **_summarise(table),
@@ -130,7 +139,8 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
         "checkpoint": cfg.checkpoint,
         "step": predictor.checkpoint["step"],
         "size": predictor.size,
-        "tta": cfg.tta,
+        "resolution": "full",  # each image's stored size
+        "tta": predictor.tta,
         "postprocess": predictor.post.to_dict(),
     }
     _write(cfg, table, summary)
@@ -138,20 +148,21 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
     return summary
 
 
-def _score_batch(predictor: Predictor, batch: dict[str, Any], columns: dict[str, list]) -> None:
-    """Predict, post-process and score one batch; append a row per image to ``columns``."""
-    probs = predictor.probabilities(batch["image"]).cpu().numpy()
-    pred = predictor.post.apply(probs)
-    truth = batch["mask"][:, 0].numpy() > 0.5
-    inter, pred_area, true_area = overlap_counts(pred, truth)
+def _score_batch(
+    predictor: Predictor, batch: dict[str, Any], masks: FullResMasks, columns: dict[str, list]
+) -> None:
+    """Predict one batch, score it at full resolution; append a row per image to ``columns``."""
+    probs = predictor.probabilities(batch["image"])
+    counts = score_batch(probs, batch, masks, predictor.post)
+    dice = dice_from_counts(counts["inter"], counts["pred_area"], counts["true_area"])
     columns["image_id"] += batch["image_id"]
     columns["key"] += batch["key"]
     columns["has_ptx"] += [bool(v) for v in batch["has_ptx"]]
-    columns["pred_positive"] += (pred_area > 0).tolist()
-    columns["dice"] += dice_from_counts(inter, pred_area, true_area).tolist()
-    columns["pred_area"] += pred_area.tolist()
-    columns["true_area"] += true_area.tolist()
-    columns["max_prob"] += probs.reshape(len(probs), -1).max(axis=1).tolist()
+    columns["pred_positive"] += [area > 0 for area in counts["pred_area"]]
+    columns["dice"] += dice.tolist()
+    columns["pred_area"] += counts["pred_area"]
+    columns["true_area"] += counts["true_area"]
+    columns["max_prob"] += counts["max_prob"]
 
 
 def _summarise(table: pa.Table) -> dict[str, Any]:
@@ -161,6 +172,7 @@ def _summarise(table: pa.Table) -> dict[str, Any]:
     label = table["has_ptx"].to_numpy(zero_copy_only=False)
     called = table["pred_positive"].to_numpy(zero_copy_only=False)
     out: dict[str, Any] = siim_summary(dice, true_area)
+    out["empty_baseline_dice"] = out.pop("empty_dice")  # the name the reports use
     tp, tn = int((called & label).sum()), int((~called & ~label).sum())
     out["accuracy"] = (tp + tn) / len(label)
     out["sensitivity"] = tp / int(label.sum()) if label.any() else float("nan")

@@ -32,7 +32,7 @@ class Predictor:
         size: the input side the model was trained at.
         in_channels: image channels the model expects.
         device: where the model runs (the first GPU, else the CPU).
-        tta: average with the horizontal mirror's prediction.
+        tta: average with the horizontal mirror's prediction (as ``post`` was searched).
         amp: bf16 autocast on GPU.
         checkpoint: the checkpoint's description (everything but the weights).
     """
@@ -47,13 +47,18 @@ class Predictor:
     checkpoint: dict[str, Any]
 
     @classmethod
-    def load(cls, run: str, checkpoint: str = "best", *, tta: bool = False) -> Predictor:
+    def load(cls, run: str, checkpoint: str = "best", *, tta: bool | None = None) -> Predictor:
         """Load ``checkpoint`` (``best``, ``last`` or a URL) and the triplet of ``run``.
+
+        ``tta`` None: flip TTA as the run's post-processing was chosen with; True or False:
+        that setting, with the triplet searched under it.
 
         Raises:
             CheckpointError: no such checkpoint.
+            ConfigError: the run holds no triplet searched with that TTA setting.
         """
         ckpt = load_checkpoint(run, checkpoint)
+        post = load_postprocess(run, tta)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model = model_from_checkpoint(ckpt).to(device)
         if device.type == "cuda":
@@ -63,11 +68,11 @@ class Predictor:
         log.info("%s: %s checkpoint at step %d", run, checkpoint, ckpt["step"])
         return cls(
             model=model,
-            post=load_postprocess(run),
+            post=post,
             size=int(config["size"]),
             in_channels=int(ckpt["model_args"]["in_channels"]),
             device=device,
-            tta=tta,
+            tta=post.tta,
             amp=bool(config.get("amp", True)),
             checkpoint=described,
         )

@@ -9,6 +9,9 @@ image's own rows x cols (bilinear), apply the run's post-processing triplet, and
 ``ImageId,EncodedPixels`` rows: ImageId = SOPInstanceUID (the file stem when missing),
 EncodedPixels = the relative, column-major SIIM RLE (``-1`` when empty).
 
+Overlays (optional) show the mask on the image at its full resolution, with the image id
+and the image's highest pixel probability (its score as a positive) written on it.
+
 A file that cannot be read or decoded is reported (``failed`` in the summary, a warning in
 the log) and left out of the CSV; the others go on.
 """
@@ -26,7 +29,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evaluation.inference import Predictor
 from ingest.dicom import BadInput, read_dicom
@@ -35,6 +37,7 @@ from ingest.sources import SourceFile, list_sources, read_source
 from shards.errors import ConfigError, StoreError
 from shards.store import is_s3_url, open_store, write_url
 from training.data import decode_image
+from training.fullres import upsample
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,8 @@ class PredictConfig:
         input: a ``.dcm`` file, a folder (searched recursively) or an ``s3://`` prefix.
         out_csv: the submission CSV (local path or ``s3://`` object).
         overlays_dir: folder or ``s3://`` prefix for one PNG per image; None: no overlays.
-        tta: horizontal-flip test-time augmentation.
+        tta: horizontal-flip test-time augmentation; None: as the run's post-processing
+            was chosen (each setting is applied with the triplet searched under it).
         checkpoint: ``best``, ``last``, or a checkpoint URL.
         batch_size: images per forward pass.
     """
@@ -61,7 +65,7 @@ class PredictConfig:
     input: str
     out_csv: str
     overlays_dir: str | None = None
-    tta: bool = False
+    tta: bool | None = None
     checkpoint: str = "best"
     batch_size: int = 8
 
@@ -79,14 +83,24 @@ class _Image:
     rows: int
     cols: int
     pixels: np.ndarray  # float32 [size, size] in [0, 1]
+    data: bytes  # the stored image (JPEG frame or PNG), for full-resolution overlays
+    suffix: str  # jpg | png
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Prediction:
+    """The post-processed mask of one image at its full size, and its highest probability."""
+
+    mask: np.ndarray  # bool [rows, cols]
+    max_prob: float
 
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Predict every DICOM of ``cfg.input``; returns a summary.
 
     The summary: ``n_images`` (rows written), ``n_positive``, ``n_failed``, ``failed``
-    (``[{"source", "reason"}]``), ``out_csv``, ``overlays_dir``. ``progress`` gets
-    ``{"done", "total"}`` after each batch.
+    (``[{"source", "reason"}]``), ``out_csv``, ``overlays_dir``, ``tta``, ``postprocess``.
+    ``progress`` gets ``{"done", "total"}`` after each batch.
 
     Raises:
         ConfigError: the input names no DICOM file.
@@ -101,10 +115,10 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, A
     for chunk in _chunks(sources, cfg.batch_size):
         images = [_read(src, predictor.size, failed) for src in chunk]
         images = [im for im in images if im is not None]
-        for image, mask in zip(images, _masks(predictor, images), strict=True):
-            rows.append((image.image_id, rle_encode(mask)))
+        for image, pred in zip(images, _predictions(predictor, images), strict=True):
+            rows.append((image.image_id, rle_encode(pred.mask)))
             if overlays is not None:
-                overlays.put(f"{_safe_name(image.image_id)}.png", overlay_png(image, mask))
+                overlays.put(f"{_safe_name(image.image_id)}.png", overlay_png(image, pred))
         done += len(chunk)
         if progress is not None:
             progress({"done": done, "total": len(sources)})
@@ -118,6 +132,7 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, A
         "failed": failed,
         "out_csv": cfg.out_csv,
         "overlays_dir": cfg.overlays_dir,
+        "tta": predictor.tta,
         "postprocess": predictor.post.to_dict(),
     }
 
@@ -151,23 +166,30 @@ def _read(src: SourceFile, size: int, failed: list[dict[str, str]]) -> _Image | 
     if pixels.dtype == np.uint8:
         pixels = pixels.astype(np.float32) / 255.0
     return _Image(
-        source=src.name, image_id=dicom.image_id, rows=dicom.rows, cols=dicom.cols, pixels=pixels
+        source=src.name,
+        image_id=dicom.image_id,
+        rows=dicom.rows,
+        cols=dicom.cols,
+        pixels=pixels,
+        data=dicom.image_bytes,
+        suffix=suffix,
     )
 
 
-def _masks(predictor: Predictor, images: list[_Image]) -> list[np.ndarray]:
-    """Post-processed bool masks at each image's original size."""
+def _predictions(predictor: Predictor, images: list[_Image]) -> list[_Prediction]:
+    """Post-processed bool masks at each image's original size, and the highest probability."""
     if not images:
         return []
     batch = torch.from_numpy(np.stack([im.pixels for im in images])[:, None])
     if predictor.in_channels > 1:
         batch = batch.repeat(1, predictor.in_channels, 1, 1)
     probs = predictor.probabilities(batch)
-    masks = []
+    out = []
     for image, prob in zip(images, probs, strict=True):
-        full = F.interpolate(prob[None, None], size=(image.rows, image.cols), mode="bilinear")
-        masks.append(predictor.post.apply(full[0, 0].cpu().numpy()))
-    return masks
+        full = upsample(prob, (image.rows, image.cols))
+        mask = predictor.post.apply(full).cpu().numpy()
+        out.append(_Prediction(mask=mask, max_prob=float(full.max())))
+    return out
 
 
 def submission_csv(rows: list[tuple[str, str]]) -> bytes:
@@ -179,15 +201,50 @@ def submission_csv(rows: list[tuple[str, str]]) -> bytes:
     return out.getvalue().encode()
 
 
-def overlay_png(image: _Image, mask: np.ndarray) -> bytes:
-    """The grey image at its original size with the mask blended in colour, as PNG."""
-    grey = cv2.resize(image.pixels, (image.cols, image.rows), interpolation=cv2.INTER_LINEAR)
+def overlay_png(image: _Image, pred: _Prediction) -> bytes:
+    """The image at its full resolution, the mask blended in colour, and a caption (image
+    id, highest probability, the call) in the top-left corner, as PNG."""
+    grey = _full_resolution(image)
+    if grey.dtype == np.uint8:
+        grey = grey.astype(np.float32) / 255.0
     rgb = np.repeat(grey[..., None] * 255.0, 3, axis=2)
-    rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * OVERLAY_COLOUR
-    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR))
+    rgb[pred.mask] = (1 - OVERLAY_ALPHA) * rgb[pred.mask] + OVERLAY_ALPHA * OVERLAY_COLOUR
+    bgr = cv2.cvtColor(rgb.astype(np.uint8), cv2.COLOR_RGB2BGR)
+    _caption(bgr, overlay_caption(image.image_id, pred.max_prob, bool(pred.mask.any())))
+    ok, data = cv2.imencode(".png", bgr)
     if not ok:
         raise ValueError("cannot encode the overlay PNG")
     return data.tobytes()
+
+
+def overlay_caption(image_id: str, max_prob: float, positive: bool) -> list[str]:
+    """The lines written on an overlay: the image id, its highest probability, the call."""
+    call = "pneumothorax" if positive else "no pneumothorax"
+    return [image_id, f"max p {max_prob:.3f}: {call}"]
+
+
+def _full_resolution(image: _Image) -> np.ndarray:
+    """The stored image decoded at its own rows x cols (the loader's decoder, no downscale)."""
+    side = max(image.rows, image.cols)
+    pixels, _ = decode_image(image.data, image.suffix, side)
+    if pixels.shape != (image.rows, image.cols):  # decode_image squares: undo it
+        pixels = cv2.resize(pixels, (image.cols, image.rows), interpolation=cv2.INTER_AREA)
+    return pixels
+
+
+def _caption(bgr: np.ndarray, lines: list[str]) -> None:
+    """White text on a dark band, sized to the image (about 1/40 of its height per line)."""
+    rows, cols = bgr.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (width, height), _ = cv2.getTextSize(max(lines, key=len), font, 1.0, 1)
+    scale = max(0.3, min(rows / 40 / height, (cols - 8) / width))
+    thickness = max(1, round(scale * 1.5))
+    line_h = int(height * scale * 1.6) + 2
+    band = bgr[: line_h * len(lines) + 4]
+    band[:] = (band * 0.35).astype(np.uint8)  # darken, keep the image faintly visible
+    for i, line in enumerate(lines):
+        origin = (4, line_h * (i + 1) - 2)
+        cv2.putText(bgr, line, origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
 
 
 def _safe_name(image_id: str) -> str:

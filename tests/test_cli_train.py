@@ -72,10 +72,14 @@ def test_evaluate_json(run, pneumo):
             "evaluate", "segment", str(run), "--split", "test", "--format", "json", "--workers", "0"
         ).stdout
     )
-    assert {"dice", "dice_pos", "n_images"} <= set(summary)
-    assert summary["n_images"] > 0 and 0.0 <= summary["dice"] <= 1.0
+    assert {"dice", "dice_pos", "empty_baseline_dice", "n_images"} <= set(summary)
+    assert summary["n_images"] > 0 and summary["resolution"] == "full"
     table = pneumo("evaluate", "segment", str(run), "--tta", "--workers", "0").stdout
-    assert "dice_pos" in table
+    assert "dice_pos" in table  # the legend names each column's JSON field
+    # The run's row shows the all-empty baseline of the same images beside the model.
+    heads, _, row = table.splitlines()[:3]
+    assert heads.split()[:3] == ["Model", "Dice", "Empty"] and row.split()[0] == run.name
+    assert row.split()[2] == f"{100 * summary['empty_baseline_dice']:.1f}"
 
 
 def test_predict_real_dicoms_to_a_submission(run, shared_data, tmp_path, pneumo):

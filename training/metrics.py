@@ -107,16 +107,24 @@ class PostProcess:
     then every pixel above the lower ``mask_threshold`` (the full extent of the region).
     Otherwise the mask is empty. ``PostProcess(0.5, 0, 0.5)`` is a plain 0.5 threshold.
 
+    The triplet is applied to probabilities at each image's full resolution (see
+    :mod:`training.fullres`), so for SIIM's 1024x1024 images ``min_area`` is counted in
+    full-resolution pixels.
+
     Attributes:
         top_threshold: probability a pixel needs to count towards calling the image positive.
         min_area: pixels (of a 1024x1024 image; scaled to the map's size) above
             ``top_threshold`` needed to call the image positive.
         mask_threshold: probability threshold of the output mask of a positive image.
+        tta: whether the probabilities it was chosen on were flip-TTA averages; it is
+            applied with the same setting (a triplet fits the probabilities it was searched
+            on, and flip-averaged maps are smoother and less extreme).
     """
 
     top_threshold: float = 0.5
     min_area: int = 0
     mask_threshold: float = 0.5
+    tta: bool = False
 
     def __post_init__(self) -> None:
         for name in ("top_threshold", "mask_threshold"):
@@ -124,26 +132,40 @@ class PostProcess:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.min_area < 0:
             raise ValueError(f"min_area must be >= 0, got {self.min_area}")
+        if not isinstance(self.tta, bool):
+            raise ValueError(f"tta must be true or false, got {self.tta!r}")
 
-    def apply(self, prob: np.ndarray) -> np.ndarray:
-        """Bool mask(s) from probability map(s) ``[H, W]`` or ``[N, H, W]``."""
-        prob = np.asarray(prob)
+    def apply(self, prob: Any) -> Any:
+        """Bool mask(s) from probability map(s) ``[H, W]`` or ``[N, H, W]``.
+
+        Numpy arrays give numpy masks, torch tensors give tensors on their device. A pixel
+        counts when its probability is strictly above a threshold, as in the search.
+        """
+        if not hasattr(prob, "cpu"):
+            prob = np.asarray(prob)
         scale = prob.shape[-1] * prob.shape[-2] / REFERENCE_PIXELS
         top_area = (prob > self.top_threshold).sum(axis=(-2, -1))
         positive = top_area >= self.min_area * scale
-        return (prob > self.mask_threshold) & np.asarray(positive)[..., None, None]
+        return (prob > self.mask_threshold) & positive[..., None, None]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "top_threshold": self.top_threshold,
             "min_area": self.min_area,
             "mask_threshold": self.mask_threshold,
+            "tta": self.tta,
             "min_area_unit": "pixels of a 1024x1024 image",
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PostProcess:
-        return cls(float(d["top_threshold"]), int(d["min_area"]), float(d["mask_threshold"]))
+        """The triplet of :meth:`to_dict`; without ``tta`` (older runs): searched without."""
+        return cls(
+            float(d["top_threshold"]),
+            int(d["min_area"]),
+            float(d["mask_threshold"]),
+            bool(d.get("tta", False)),
+        )
 
 
 class PostProcessSearch:
@@ -159,8 +181,11 @@ class PostProcessSearch:
         top_thresholds: tuple[float, ...] = TOP_THRESHOLDS,
         min_areas: tuple[int, ...] = MIN_AREAS,
         mask_thresholds: tuple[float, ...] = MASK_THRESHOLDS,
+        *,
+        tta: bool = False,
     ) -> None:
         self.tops, self.areas, self.masks = top_thresholds, min_areas, mask_thresholds
+        self.tta = tta  # recorded in the triplet found: the maps it is fed were TTA averages
         self._top_area: list[np.ndarray] = []  # [B, T] per batch
         self._inter: list[np.ndarray] = []  # [B, M]
         self._pred_area: list[np.ndarray] = []  # [B, M]
@@ -182,7 +207,7 @@ class PostProcessSearch:
     @classmethod
     def merged(cls, parts: list[PostProcessSearch]) -> PostProcessSearch:
         """One search over the images of all ``parts`` (e.g. gathered from every rank)."""
-        out = cls(parts[0].tops, parts[0].areas, parts[0].masks)
+        out = cls(parts[0].tops, parts[0].areas, parts[0].masks, tta=parts[0].tta)
         for part in parts:
             for name in ("_top_area", "_inter", "_pred_area", "_true_area", "_scale"):
                 getattr(out, name).extend(getattr(part, name))
@@ -207,7 +232,9 @@ class PostProcessSearch:
         """The best triplet and its mean Dice (ties: the first in grid order)."""
         scores = self.scores()
         t, a, m = np.unravel_index(int(np.argmax(scores)), scores.shape)
-        triplet = PostProcess(float(self.tops[t]), int(self.areas[a]), float(self.masks[m]))
+        triplet = PostProcess(
+            float(self.tops[t]), int(self.areas[a]), float(self.masks[m]), tta=self.tta
+        )
         return triplet, float(scores[t, a, m])
 
 

@@ -38,16 +38,11 @@ from torch.nn.parallel import DistributedDataParallel
 from shards import manifest
 from shards.errors import ConfigError, PneumoError
 from training import checkpoint as ckpts
+from training import fullres
 from training.data import LoaderConfig, eval_batches, select, train_batches
 from training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
-from training.metrics import (
-    PostProcess,
-    PostProcessSearch,
-    dice_from_counts,
-    overlap_counts,
-    siim_summary,
-)
-from training.model import build_unet, load_encoder_weights, predict_proba
+from training.metrics import PostProcess, dice_from_counts, overlap_counts, siim_summary
+from training.model import build_unet, load_encoder_weights
 from training.runs import (
     CONFIG_FILE,
     POSTPROCESS_FILE,
@@ -487,21 +482,19 @@ def _summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _choose_postprocess(job: _Job) -> tuple[PostProcess, float]:
     """The post-processing triplet maximising val SIIM Dice with the best weights.
 
-    Rank 0 loads ``best.pt`` and broadcasts the weights; every rank counts its share of the
-    val split; the counts (not the probability maps) are gathered on rank 0.
+    Scored at each image's full resolution, as ``pneumo evaluate`` reports it, and searched
+    with and without flip TTA: the better is returned (it carries its TTA setting), both are
+    recorded in ``postprocess_search.json``. Rank 0 loads ``best.pt`` and broadcasts the
+    weights; every rank counts its share of the val split; the counts are gathered.
     """
     env, model = job.env, job.model
     if env.is_main:
         model.load_state_dict(ckpts.load_checkpoint(job.cfg.out, "best")["model"])
     broadcast_state(env, model)
-    model.eval()
-    finder = PostProcessSearch()
-    with torch.no_grad():
-        for batch in _val_batches(job, env.rank, env.world_size):
-            with autocast(job.device, job.cfg.amp):
-                probs = predict_proba(model, images_to(job.device, batch["image"]))
-            finder.add(probs[:, 0], batch["mask"][:, 0].to(job.device) > 0.5)
-    finder = PostProcessSearch.merged(gather(env, finder))
-    best, score = finder.best()
-    log.info("post-processing %s: val dice %.4f", best, score)
-    return best, score
+    masks = fullres.FullResMasks(job.cfg.dataset, select(job.cfg.dataset, job.cfg.val_where))
+    batches = _val_batches(job, env.rank, env.world_size)
+    results = fullres.choose_postprocess(
+        model, batches, masks, device=job.device, amp=job.cfg.amp, env=env
+    )
+    job.run.write_json(fullres.SEARCH_FILE, fullres.search_record(results))
+    return fullres.better(results)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -26,6 +26,7 @@ def demo_cmd(
     from pathlib import Path
 
     from evaluation.evaluate import EvaluateConfig, evaluate_segment
+    from evaluation.report import dice_table
     from ingest.batch import BatchConfig
     from ingest.demo import write_siim_demo
     from ingest.siim import SiimConfig, ingest_siim
@@ -83,16 +84,3 @@ def _has_checkpoint(run: str) -> bool:
     from shards.store import open_store
 
     return open_store(run).exists("checkpoints/last.pt")
-
-
-def dice_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """The report's Table 1 layout: model, SIIM Dice, and what stands behind it."""
-    head = f"{'Model':<44} {'Dice':>6} {'Dice+':>6} {'Sens':>6} {'Spec':>6} {'images':>6}"
-    lines = [head, "-" * len(head)]
-    for name, s in rows:
-        lines.append(
-            f"{name:<44} {100 * s['dice']:6.1f} {100 * s['dice_pos']:6.1f} "
-            f"{100 * s['sensitivity']:6.1f} {100 * s['specificity']:6.1f} "
-            f"{s['n_images']:6d}"
-        )
-    return "\n".join(lines)

@@ -3,39 +3,72 @@
 from __future__ import annotations
 
 import json
-import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from pneumo.commands.options import BatchSize, Checkpoint, LoaderWorkers, RunArg, Tta
+from pneumo.commands.options import Checkpoint, RunArg
 from pneumo.render import ProgressBar, fail_on_errors
 from shards.errors import ConfigError
 
 app = typer.Typer(help="Score a trained run.", no_args_is_help=True)
+
+# Inference words, not training words: these commands never train.
+InferBatchSize = Annotated[
+    int, typer.Option("--batch-size", help="Images per forward pass of the model.", min=1)
+]
+ReadWorkers = Annotated[
+    int,
+    typer.Option(
+        "--workers", help="Processes reading and decoding the shards (0: in this one).", min=0
+    ),
+]
+TtaChoice = Annotated[
+    bool | None,
+    typer.Option(
+        "--tta/--no-tta",
+        help="Average with the horizontally flipped image. Default: as the run's "
+        "post-processing was chosen on val (postprocess.json); either setting is applied "
+        "with the triplet searched under it.",
+        show_default=False,
+    ),
+]
 
 
 @app.command("segment")
 @fail_on_errors
 def evaluate_segment_cmd(
     run: RunArg,
-    dataset: Annotated[str | None, typer.Argument(help="Dataset (default: the run's).")] = None,
+    dataset_arg: Annotated[
+        str | None,
+        typer.Argument(metavar="DATASET", help="Dataset to score on (default: the run's)."),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", help="The same as DATASET (e.g. where the run's dataset has moved to)."
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     where: Annotated[str | None, typer.Option(help="Rows to score instead of --split.")] = None,
-    tta: Tta = False,
+    tta: TtaChoice = None,
     checkpoint: Checkpoint = "best",
-    workers: LoaderWorkers = 2,
-    batch_size: BatchSize = 8,
+    workers: ReadWorkers = 2,
+    batch_size: InferBatchSize = 8,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ) -> None:
-    """Score a segmentation run with the SIIM Dice (and the classification view)."""
+    """Score a segmentation run with the SIIM Dice at full resolution, beside the score of
+    predicting nothing (and the classification view)."""
     from evaluation.evaluate import EvaluateConfig, evaluate_segment
+    from evaluation.report import summary_text
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")
+    if dataset_arg and dataset and dataset_arg != dataset:
+        raise ConfigError(f"DATASET {dataset_arg} and --dataset {dataset} differ: give one")
     cfg = EvaluateConfig(
         run=run,
-        dataset=dataset,
+        dataset=dataset or dataset_arg,
         split=split,
         where=where,
         tta=tta,
@@ -48,16 +81,7 @@ def evaluate_segment_cmd(
     if fmt == "json":
         typer.echo(json.dumps(summary, default=str))
     else:
-        print_summary(summary, sys.stdout)
-
-
-def print_summary(summary: dict[str, Any], out: Any) -> None:
-    rows = [(k, v) for k, v in summary.items() if isinstance(v, int | float | str)]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        out.write(
-            f"{k.ljust(width)}  {v:.4f}\n" if isinstance(v, float) else f"{k.ljust(width)}  {v}\n"
-        )
+        typer.echo(summary_text(run.rstrip("/").rsplit("/", 1)[-1], summary))
 
 
 @fail_on_errors
@@ -65,12 +89,16 @@ def predict_cmd(
     run: RunArg,
     input: Annotated[str, typer.Argument(help="A .dcm file, a folder, or an s3:// prefix.")],
     out: Annotated[str, typer.Option(help="Submission CSV to write (ImageId,EncodedPixels).")],
-    overlays: Annotated[str | None, typer.Option(help="Folder for mask-over-image PNGs.")] = None,
-    tta: Tta = False,
+    overlays: Annotated[
+        str | None,
+        typer.Option(help="Folder for full-resolution mask-over-image PNGs, captioned."),
+    ] = None,
+    tta: TtaChoice = None,
     checkpoint: Checkpoint = "best",
-    batch_size: BatchSize = 8,
+    batch_size: InferBatchSize = 8,
 ) -> None:
-    """Predict pneumothorax masks for DICOMs and write a SIIM submission CSV."""
+    """Predict pneumothorax masks for DICOMs and write a SIIM submission CSV (reads the
+    run and the DICOMs only, never a dataset: a moved dataset does not matter here)."""
     from evaluation.predict import PredictConfig, predict
 
     cfg = PredictConfig(

@@ -16,6 +16,7 @@ from training.segment import SegmentConfig, train_segment
 @dataclass(frozen=True)
 class TrainedRun:
     dicoms: Path  # the demo's DICOM tree (every image of the dataset)
+    labels: Path  # the demo's stage-1 style label CSV (the ground-truth RLE)
     dataset: str
     run: str
     config: SegmentConfig
@@ -45,4 +46,6 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
         encoder="resnet18",
     )
     train_segment(cfg)
-    return TrainedRun(dicoms=src.image_root, dataset=dataset, run=cfg.out, config=cfg)
+    return TrainedRun(
+        dicoms=src.image_root, labels=src.labels_csv, dataset=dataset, run=cfg.out, config=cfg
+    )

@@ -34,20 +34,23 @@ def test_partial_overlap_exact_value() -> None:
     assert dice_per_image(pred, truth)[0] == pytest.approx(2 * 2 / (4 + 6))
 
 
-def test_score_is_the_mean_over_images_not_over_pixels() -> None:
-    pred, truth = masks(4), masks(4)
+def test_score_is_the_mean_over_all_images_not_positives_only() -> None:
+    """Overall, positives-only (MONAI's ignore_empty) and healthy-only means all differ."""
+    pred, truth = masks(5), masks(5)
     truth[0, :, :] = True
-    pred[0, :, :4] = True  # Dice 2*32/(32+64) = 2/3 on a huge mask
-    pred[1, 0, 0] = True  # 0: stray pixel
-    # images 2 and 3: empty/empty, 1 each
+    pred[0, :, :4] = True  # positive, Dice 2*32/(32+64) = 2/3 on a huge mask
+    truth[1, 2:4, 2:4] = True
+    pred[1, 2:4, 2:4] = True  # positive, perfect: 1
+    pred[2, 0, 0] = True  # healthy with one stray pixel: 0
+    # images 3 and 4: healthy, predicted empty: 1 each
     dice = dice_per_image(pred, truth)
-    assert dice.tolist() == pytest.approx([2 / 3, 0.0, 1.0, 1.0])
+    assert dice.tolist() == pytest.approx([2 / 3, 1.0, 0.0, 1.0, 1.0])
     summary = siim_summary(dice, overlap_counts(pred, truth)[2])
-    assert summary["dice"] == pytest.approx((2 / 3 + 0 + 1 + 1) / 4)
-    assert summary["dice_pos"] == pytest.approx(2 / 3)
+    assert summary["dice"] == pytest.approx((2 / 3 + 1 + 0 + 1 + 1) / 5)  # 0.7333
+    assert summary["dice_pos"] == pytest.approx((2 / 3 + 1) / 2)  # 0.8333, ignore_empty's
     assert summary["dice_neg"] == pytest.approx(2 / 3)  # 2 of 3 healthy images kept empty
-    assert summary["empty_dice"] == 0.75  # what predicting nothing would score
-    assert (summary["n_images"], summary["n_positive"]) == (4, 1)
+    assert summary["empty_dice"] == pytest.approx(3 / 5)  # what predicting nothing scores
+    assert (summary["n_images"], summary["n_positive"]) == (5, 2)
 
 
 def test_torch_and_numpy_agree_and_accept_channel_dim() -> None:
@@ -110,7 +113,7 @@ def test_search_finds_the_triplet_that_removes_noise_and_keeps_the_rim() -> None
         truths.append(truth)
     probs_a, truths_a = np.stack(probs), np.stack(truths)
     best = search(probs_a, truths_a)
-    assert best.top_threshold >= 0.5 and best.mask_threshold <= 0.3
+    assert best.mask_threshold <= 0.3  # 0.35 on the true rim: only 0.2 and 0.3 keep it
     # 4 false pixels at 64x64 = 1024 at 1024x1024; a 100-pixel core = 25600.
     assert 1024 < best.min_area <= 25_600
     assert dice_per_image(best.apply(probs_a), truths_a).mean() == pytest.approx(1.0)
@@ -133,10 +136,67 @@ def test_search_batches_and_merged_parts_match_one_pass() -> None:
     assert merged.best() == whole.best()
 
 
+def test_probabilities_exactly_on_a_threshold_do_not_count_in_search_or_apply() -> None:
+    """``>`` everywhere: a pixel at exactly the threshold is out, in the search as in apply.
+
+    0.5 and 0.75 are exact in binary, so the maps hold exactly the threshold values.
+    """
+    size = 32
+    prob = np.zeros((2, size, size), np.float32)
+    truth = np.zeros((2, size, size), bool)
+    prob[0, 4:8, 4:8] = 0.9  # 16 px, true
+    truth[0, 4:8, 4:8] = True
+    prob[0, 20:24, 20:24] = 0.5  # 16 px exactly on the mask threshold, healthy tissue
+    prob[1, 10:20, 10:20] = 0.75  # a healthy image: 100 px exactly on the top threshold
+
+    # 16 px of 32x32 = 16384 px of 1024x1024: the core of image 0 just meets min_area.
+    post = PostProcess(top_threshold=0.75, min_area=16_384, mask_threshold=0.5)
+    out = post.apply(prob)
+    assert out[0].sum() == 16 and out[0][4:8, 4:8].all()  # the 0.5 pixels stay out
+    assert not out[1].any()  # 0.75 is not above 0.75: image 1 is not called
+    assert dice_per_image(out, truth).tolist() == [1.0, 1.0]
+
+    finder = PostProcessSearch(
+        top_thresholds=(0.75,), min_areas=(0, 16_384), mask_thresholds=(0.5,)
+    )
+    finder.add(prob, truth)
+    # min_area 0 calls every image, so image 1's 0.75 px (above the 0.5 mask threshold) are
+    # its mask: (1 + 0) / 2. With min_area 16384, only strictly-above-0.75 pixels count:
+    # image 1 is not called, image 0 is, and its 0.5 px stay out of the mask: (1 + 1) / 2.
+    assert finder.scores()[0, :, 0].tolist() == [0.5, 1.0]
+    # Read from the other side: a threshold just below the value does count the pixels.
+    below = PostProcessSearch(top_thresholds=(0.74,), min_areas=(0,), mask_thresholds=(0.49,))
+    below.add(prob, truth)
+    # image 0: 16 true + 16 false px: 2*16/48; image 1: 100 false px: 0.
+    assert below.scores()[0, 0, 0] == pytest.approx((2 * 16 / 48 + 0.0) / 2)
+
+
+def test_apply_on_torch_tensors_matches_numpy() -> None:
+    rng = np.random.default_rng(2)
+    probs = rng.random((3, 16, 16)).astype(np.float32)
+    post = PostProcess(0.8, 30_000, 0.4)  # 30000 of 1024^2 = 7.3 px at 16x16
+    got = post.apply(torch.from_numpy(probs))
+    assert isinstance(got, torch.Tensor)
+    expected = post.apply(probs)
+    assert np.array_equal(got.numpy(), expected)
+    assert 0 < expected.sum() < expected.size  # neither all nor nothing: a real comparison
+
+
 def test_json_round_trip_and_validation() -> None:
-    triplet = PostProcess(0.75, 2000, 0.4)
+    triplet = PostProcess(0.75, 2000, 0.4, tta=True)
     assert PostProcess.from_dict(json.loads(json.dumps(triplet.to_dict()))) == triplet
+    older = {"top_threshold": 0.75, "min_area": 2000, "mask_threshold": 0.4}  # before TTA
+    assert PostProcess.from_dict(older).tta is False
     with pytest.raises(ValueError):
         PostProcess(1.5, 0, 0.5)
     with pytest.raises(ValueError):
         PostProcess(0.5, -1, 0.5)
+    with pytest.raises(ValueError):
+        PostProcess(0.5, 0, 0.5, tta="yes")  # type: ignore[arg-type]
+
+
+def test_search_records_the_tta_setting_of_its_maps() -> None:
+    finder = PostProcessSearch(tta=True)
+    finder.add(np.full((1, 8, 8), 0.9, np.float32), np.ones((1, 8, 8), bool))
+    merged = PostProcessSearch.merged([finder])
+    assert finder.best()[0].tta is True and merged.best()[0].tta is True

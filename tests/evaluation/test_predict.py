@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import boto3
+import cv2
 import numpy as np
 import pydicom
 import pytest
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.inference import Predictor
-from evaluation.predict import PredictConfig, predict
+from evaluation.predict import PredictConfig, overlay_caption, predict
 from ingest.rle import rle_decode
 from shards.errors import ConfigError
 from training.data import LoaderConfig, eval_batches
@@ -31,6 +32,7 @@ def plain_run(trained_run, tmp_path_factory: pytest.TempPathFactory) -> str:
     shutil.copytree(trained_run.run, run)
     post = {"top_threshold": 0.5, "min_area": 0, "mask_threshold": 0.5}
     (run / "postprocess.json").write_text(json.dumps(post))
+    (run / "postprocess_search.json").unlink()
     return str(run)
 
 
@@ -40,9 +42,10 @@ def read_csv(text: str) -> dict[str, str]:
     return dict(rows[1:])
 
 
-def model_masks(run: str, dataset: str) -> dict[str, np.ndarray]:
+def model_masks(run: str, dataset: str) -> dict[str, tuple[np.ndarray, float]]:
     """The masks straight from the model, fed from the dataset's shards by the training
-    loader (not from the DICOM files), upscaled and post-processed."""
+    loader (not from the DICOM files), upscaled and post-processed; and the highest
+    probability of each upscaled map."""
     predictor = Predictor.load(run)
     loader = LoaderConfig(
         dataset=dataset,
@@ -56,12 +59,21 @@ def model_masks(run: str, dataset: str) -> dict[str, np.ndarray]:
     for batch in eval_batches(loader, rank=0, world_size=1):
         probs = predictor.probabilities(batch["image"])
         for image_id, prob, size in zip(batch["image_id"], probs, batch["orig_size"], strict=True):
-            full = F.interpolate(prob[None, None], size=tuple(size), mode="bilinear")
-            out[image_id] = predictor.post.apply(full[0, 0].numpy())
+            full = F.interpolate(prob[None, None], size=tuple(size), mode="bilinear")[0, 0]
+            out[image_id] = predictor.post.apply(full.numpy()), float(full.max())
     return out
 
 
-def test_submission_decodes_to_the_models_masks(trained_run, plain_run, tmp_path: Path) -> None:
+def test_submission_decodes_to_the_models_masks(
+    trained_run, plain_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    captions: dict[str, tuple[float, bool]] = {}
+
+    def caption(image_id: str, max_prob: float, positive: bool) -> list[str]:
+        captions[image_id] = (max_prob, positive)
+        return overlay_caption(image_id, max_prob, positive)
+
+    monkeypatch.setattr("evaluation.predict.overlay_caption", caption)
     out_csv = tmp_path / "submission.csv"
     summary = predict(
         PredictConfig(
@@ -78,16 +90,45 @@ def test_submission_decodes_to_the_models_masks(trained_run, plain_run, tmp_path
     assert set(submitted) == set(expected)  # ImageId = SOPInstanceUID
     partial = 0
     for image_id, rle in submitted.items():
-        mask = expected[image_id]
+        mask = expected[image_id][0]
         decoded = rle_decode(rle, *mask.shape).astype(bool)
         assert np.array_equal(decoded, mask), image_id
         partial += 0 < mask.mean() < 1
     assert partial >= 40  # the round trip was tested on real partial masks
     assert summary["n_positive"] == sum(rle != "-1" for rle in submitted.values())
 
-    overlay = tmp_path / "png" / f"{next(iter(submitted))}.png"
-    with Image.open(overlay) as im:
-        assert im.mode == "RGB" and im.size == (128, 128)  # the demo's original size
+    check_overlays(tmp_path / "png", trained_run.dicoms, expected)
+    # Each caption names its image and the highest probability of its full-size map.
+    assert set(captions) == set(expected)
+    for image_id, (max_prob, positive) in captions.items():
+        assert max_prob == pytest.approx(expected[image_id][1], abs=1e-5)
+        assert positive == bool(expected[image_id][0].any())
+    assert overlay_caption("1.2.3", 0.8766, True) == ["1.2.3", "max p 0.877: pneumothorax"]
+
+
+def check_overlays(folder: Path, dicoms: Path, expected: dict) -> None:
+    """Each overlay is its image at full resolution (128 px, not the model's 64 upscaled),
+    with the mask tinted, and a caption band naming the image and its probability."""
+    sharper = 0
+    for path in sorted(dicoms.rglob("*.dcm"))[:6]:
+        ds = pydicom.dcmread(path)
+        image_id, grey = str(ds.SOPInstanceUID), ds.pixel_array.astype(np.float32)
+        mask = expected[image_id][0]
+        with Image.open(folder / f"{image_id}.png") as im:
+            assert im.mode == "RGB" and im.size == (128, 128)  # the demo's original size
+            rgb = np.asarray(im).astype(np.float32)
+        band = 32  # the caption's two lines cover less than this at 128 px
+        clear = ~mask
+        clear[:band] = False
+        # Untinted pixels are the full-resolution image (±1: JPEG decoders differ).
+        assert np.abs(rgb[..., 1] - grey)[clear].mean() < 0.6, image_id
+        blurred = cv2.resize(cv2.resize(grey, (64, 64), interpolation=cv2.INTER_AREA), (128, 128))
+        sharper += np.abs(blurred - grey)[clear].mean() > 2.0  # what a 64 px copy would show
+        tinted = rgb[mask & (np.arange(128)[:, None] >= band)]
+        assert (tinted[:, 0] > tinted[:, 2] + 20).all()  # orange over grey
+        assert (rgb[:band] >= 250).all(axis=-1).any()  # white caption text
+        assert rgb[:band].mean() < grey[:band].mean()  # on a darkened band
+    assert sharper >= 3  # the comparison can tell a full-resolution image from a blurred one
 
 
 def test_bad_files_are_reported_and_the_rest_goes_on(trained_run, tmp_path: Path) -> None:
