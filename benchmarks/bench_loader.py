@@ -5,15 +5,26 @@ One run, the same images, the same decode size and augmentation for every conten
 1. the shard stream from a local folder          (training.data.train_batches)
 2. the shard stream from S3                       (moto's ThreadedMotoServer on 127.0.0.1)
 3. a per-file PNG dataset on local disk           (the usual Dataset: one image PNG and one
-                                                   mask PNG per sample, read with cv2)
+                                                   mask PNG per sample, both stored at the
+                                                   training size, read with cv2, augmented
+                                                   by albumentations, default collation)
 4. the per-file PNGs as S3 objects                (one GET per image, one per mask)
+
+The per-file PNGs are made once, before timing: each image decoded at full size and
+area-resized to ``--size`` (the usual SIIM preprocessing), its mask likewise. The
+augmentation distribution is the same on both sides (``training.augment`` documents it;
+the baseline runs its albumentations reference).
 
 Loopback S3 has no network latency, so the S3 runs are repeated with ``--s3-latency-ms`` of
 sleep before every request (a botocore ``before-send`` hook), like a remote bucket's
 time to first byte. The dataset comes from the SIIM demo generator and the real ingest when
 they are there, else from the 21 real SIIM JPEG frames in ``shared/data/siim``.
 
-    python benchmarks/bench_loader.py [--n 200] [--size 512] [--workers 2] [--seconds 10]
+    python benchmarks/bench_loader.py [--n 400] [--size 512] [--workers 2] [--seconds 10]
+        [--rounds 3] [--local-only]
+
+Each round measures every contender once, back to back; the summary gives each rate's
+and each ratio's range over the rounds (a ratio compares two rates of the same round).
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import boto3
@@ -41,7 +53,7 @@ from benchmarks.s3sim import s3_server, set_latency  # noqa: E402
 from shards import layout, manifest, stream  # noqa: E402
 from shards.store import open_store  # noqa: E402
 from shards.tario import ShardWriter  # noqa: E402
-from training import data  # noqa: E402
+from training import augment, data  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 SIIM = ROOT.parent / "shared" / "data" / "siim"
@@ -106,8 +118,9 @@ def _store_shard(store: Any, writer: ShardWriter) -> None:
     Path(writer.tmp_path).unlink()
 
 
-def write_pngs(dataset: str, out: Path) -> list[str]:
-    """The training samples as ``images/KEY.png`` and ``masks/KEY.png`` (empty masks too)."""
+def write_pngs(dataset: str, out: Path, size: int) -> list[str]:
+    """The training samples as ``images/KEY.png`` and ``masks/KEY.png`` at ``size`` (empty
+    masks too)."""
     store = open_store(dataset)
     entries = stream.entries_from_table(data.select(dataset, data.DEFAULT_TRAIN_WHERE))
     (out / "images").mkdir(parents=True)
@@ -118,7 +131,8 @@ def write_pngs(dataset: str, out: Path) -> list[str]:
             key = sample["__key__"]
             suffix = "jpg" if "jpg" in sample else "png"
             image = cv2.imdecode(np.frombuffer(sample[suffix], np.uint8), cv2.IMREAD_GRAYSCALE)
-            mask = data.decode_mask(sample.get("mask.png"), image.shape[0]) * 255
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+            mask = data.decode_mask(sample.get("mask.png"), size) * 255
             cv2.imwrite(str(out / "images" / f"{key}.png"), image)
             cv2.imwrite(str(out / "masks" / f"{key}.png"), mask)
     return [e.key for e in entries]
@@ -132,7 +146,7 @@ class PerFile(Dataset):
 
     def __init__(self, keys: list[str], read: Callable[[str], bytes], size: int) -> None:
         self.keys, self.read, self.size = keys, read, size
-        self.compose = data.build_augment()
+        self.compose = augment.reference_compose()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -141,9 +155,11 @@ class PerFile(Dataset):
         key = self.keys[i]
         image = cv2.imdecode(np.frombuffer(self.read(f"images/{key}.png"), np.uint8), 0)
         mask = cv2.imdecode(np.frombuffer(self.read(f"masks/{key}.png"), np.uint8), 0)
-        image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_AREA) >= 128
-        image, mask = data.augment(self.compose, image, mask.astype(np.uint8), seed=i)
+        if image.shape != (self.size, self.size):  # stored at the size: never, here
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        mask = (mask >= 128).astype(np.uint8)
+        image, mask = augment.reference_augment(self.compose, image, mask, seed=i)
         return (torch.from_numpy(image.astype(np.float32) / 255)[None],
                 torch.from_numpy(mask.astype(np.float32))[None])  # fmt: skip
 
@@ -203,14 +219,15 @@ def upload(folder: Path, prefix: str) -> None:
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=200, help="samples in the dataset")
+    p.add_argument("--n", type=int, default=400, help="samples in the dataset")
     p.add_argument("--size", type=int, default=512, help="decode size")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="loader workers")
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per contender")
     p.add_argument("--shard-size", type=int, default=50, help="samples per shard")
     p.add_argument("--s3-latency-ms", type=float, default=20.0, help="sleep before S3 requests")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    p.add_argument("--local-only", action="store_true", help="skip the S3 contenders")
     p.add_argument("--source", choices=["auto", "demo", "frames"], default="auto")
     return p.parse_args()
 
@@ -221,8 +238,11 @@ def main() -> None:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     tmp = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
-        with s3_server(BUCKET):
+        if args.local_only:
             run(args, tmp)
+        else:
+            with s3_server(BUCKET):
+                run(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -232,9 +252,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     build = build_from_demo if use_demo else build_from_frames
     what = build(tmp, args.n, args.shard_size)
     local = str(tmp / "dataset")
-    keys = write_pngs(local, tmp / "png")
-    upload(tmp / "dataset", "dataset")
-    upload(tmp / "png", "png")
+    keys = write_pngs(local, tmp / "png", args.size)
+    if not args.local_only:
+        upload(tmp / "dataset", "dataset")
+        upload(tmp / "png", "png")
     shards = sorted(p for p in (tmp / "dataset").rglob("*.tar"))
     print(f"dataset: {len(keys)} training samples from {what}; {len(shards)} shards, "
           f"{sum(p.stat().st_size for p in shards) / 2**20:.1f} MiB")  # fmt: skip
@@ -246,38 +267,45 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                                 workers=args.workers, augment=True)  # fmt: skip
         return data.bench_loader(cfg, args.seconds)
 
-    latency = args.s3_latency_ms / 1000
-    rates: dict[str, float] = {}
+    latency, lat = args.s3_latency_ms / 1000, f" +{args.s3_latency_ms:g}ms"
     contenders = [
         ("stream local", 0.0, lambda: stream_rate(local)),
-        ("stream S3", 0.0, lambda: stream_rate(f"s3://{BUCKET}/dataset")),
-        (f"stream S3 +{args.s3_latency_ms:g}ms", latency, lambda: stream_rate(f"s3://{BUCKET}/dataset")),
         ("per-file PNG local", 0.0, lambda: per_file_rate(keys, LocalFiles(tmp / "png"), args)),
-        ("per-object S3", 0.0, lambda: per_file_rate(keys, S3Objects("png"), args)),
-        (f"per-object S3 +{args.s3_latency_ms:g}ms", latency,
-         lambda: per_file_rate(keys, S3Objects("png"), args)),
-    ]  # fmt: skip
-    for round_ in range(args.rounds):  # interleaved rounds, best kept: others share the CPU
+    ]
+    ratios = [("stream / per-file PNG (local)", "stream local", "per-file PNG local", 1.3)]
+    if not args.local_only:
+        contenders += [
+            ("stream S3", 0.0, lambda: stream_rate(f"s3://{BUCKET}/dataset")),
+            (f"stream S3{lat}", latency, lambda: stream_rate(f"s3://{BUCKET}/dataset")),
+            ("per-object S3", 0.0, lambda: per_file_rate(keys, S3Objects("png"), args)),
+            (f"per-object S3{lat}", latency, lambda: per_file_rate(keys, S3Objects("png"), args)),
+        ]
+        ratios += [
+            ("S3 stream / local stream", "stream S3", "stream local", 0.9),
+            (f"S3{lat} stream / local stream", f"stream S3{lat}", "stream local", 0.9),
+            ("S3 stream / per-object S3", "stream S3", "per-object S3", 5.0),
+            (f"S3{lat} stream / per-object S3{lat}", f"stream S3{lat}", f"per-object S3{lat}", 5.0),
+        ]
+    rounds: list[dict[str, float]] = []
+    for round_ in range(args.rounds):  # interleaved rounds: others share the CPU
+        rates = {}
         for name, delay, measure in contenders:
             set_latency(delay)
-            rate = measure()
-            rates[name] = max(rates.get(name, 0.0), rate)
-            print(f"round {round_ + 1}  {name:<28} samples/s: {rate:8.1f}", flush=True)
+            rates[name] = measure()
+            print(f"round {round_ + 1}  {name:<28} samples/s: {rates[name]:8.1f}", flush=True)
+        rounds.append(rates)
     set_latency(0.0)
+    print(f"summary over {args.rounds} rounds (min - max, median; ratios within each round):")
     for name, *_ in contenders:
-        print(f"{name:<28} samples/s: {rates[name]:8.1f}  (best of {args.rounds})")
-    lat = f" +{args.s3_latency_ms:g}ms"
-    ratios = [
-        ("S3 stream / local stream", rates["stream S3"], rates["stream local"], 0.9),
-        (f"S3{lat} stream / local stream", rates[f"stream S3{lat}"], rates["stream local"], 0.9),
-        ("stream / per-file PNG (local)", rates["stream local"], rates["per-file PNG local"], 1.0),
-        ("S3 stream / per-object S3", rates["stream S3"], rates["per-object S3"], 5.0),
-        (f"S3{lat} stream / per-object S3{lat}", rates[f"stream S3{lat}"],
-         rates[f"per-object S3{lat}"], 5.0),
-    ]  # fmt: skip
+        print(f"{name:<40} samples/s {_span([r[name] for r in rounds])}")
     for name, a, b, target in ratios:
-        verdict = "ok" if a / b >= target else "BELOW TARGET"
-        print(f"{name:<40} {a / b:6.2f}  (target >= {target:g}: {verdict})")
+        values = [r[a] / r[b] for r in rounds]
+        verdict = "ok" if median(values) >= target else "BELOW TARGET"
+        print(f"{name:<40} {_span(values)}  (target >= {target:g}: {verdict})")
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):8.2f} - {max(values):8.2f}  (median {median(values):.2f})"
 
 
 def _has_ingest() -> bool:

@@ -18,42 +18,50 @@ A batch is a dict::
     labelled   bool [B]                                (has_ptx is not null)
     orig_size  list[(rows, cols)]                      of the stored image
 
-Decoding: JPEG through Pillow's ``draft`` (the decoder itself scales by 1/2, 1/4 or 1/8 in
-the DCT domain, several times faster than a full decode) then ``cv2.INTER_AREA`` to
-``size``; PNG through ``cv2.imdecode``; images are squashed to a square (SIIM and NIH are
-square already). 16-bit PNGs are windowed to [0, 1] by their own 0.5th and 99.5th
-percentiles, since a 16-bit PNG rarely uses its full range and says nothing of its real bit
-depth. Masks are binarised (``> 0``: 0/255 and 0/1 both work), resized by area and
-thresholded at one half.
+Decoding: a JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT
+(``cv2.IMREAD_REDUCED_GRAYSCALE_*``: the smallest scale still at least ``size``), a PNG
+through ``cv2.imdecode``; ingest's 1-bit mask PNGs are inflated and unpacked with numpy
+(``shards.members``). Then one step resizes to ``size`` and augments (``training.augment``:
+a horizontal flip and a mild affine, the distribution of the albumentations pipeline the
+loader used to run, as one ``cv2.warpAffine``); unaugmented (evaluation) it is an area
+resize. Images are squashed to a square (SIIM and NIH are square already). 16-bit PNGs are
+windowed to [0, 1] by their own 0.5th and 99.5th percentiles, since a 16-bit PNG rarely
+uses its full range and says nothing of its real bit depth. Masks are binarised (any
+non-zero value), resized or warped with the image and thresholded at one half. Each sample
+is written straight into the batch tensors: no per-sample float copies, no stacking.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import manifest, stream
 from shards.errors import ConfigError, PneumoError
+from shards.members import jpeg_sof, read_bilevel_png
 from shards.store import open_store
+from training import augment
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRAIN_WHERE = "split == 'train' and has_ptx is not None"
 DEFAULT_EVAL_WHERE = "split == 'val' and has_ptx is not None"
 PREFETCH_BATCHES = 2  # per worker
+_REDUCED = {
+    1: cv2.IMREAD_GRAYSCALE,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
 
 
 class SampleError(PneumoError):
@@ -118,25 +126,38 @@ def decode_image(data: bytes, suffix: str, size: int) -> tuple[np.ndarray, tuple
 
     Returns the image and the stored image's ``(rows, cols)``.
     """
+    pixels, orig = _read_image(data, suffix, size)
+    pixels = augment.apply(pixels, augment.NO_AUGMENT, size)
+    return (_window(pixels) if pixels.dtype == np.uint16 else pixels), orig
+
+
+def _read_image(data: bytes, suffix: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The stored image decoded, a JPEG reduced in the DCT to the smallest 1/2, 1/4 or 1/8
+    scale still at least ``size`` on both sides; uint8 or uint16. Returns it and the
+    stored ``(rows, cols)``."""
+    buffer = np.frombuffer(data, np.uint8)
     if suffix == "jpg":
-        with Image.open(io.BytesIO(data)) as im:
-            cols, rows = im.size
-            im.draft("L", (size, size))  # DCT-domain downscale, never below size
-            pixels = np.asarray(im.convert("L"))
-    else:
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        rows, cols = _jpeg_size(data)
+        factor = max((f for f in (8, 4, 2) if -(-min(rows, cols) // f) >= size), default=1)
+        pixels = cv2.imdecode(buffer, _REDUCED[factor] | cv2.IMREAD_IGNORE_ORIENTATION)
         if pixels is None:
-            raise ValueError("not a PNG cv2 can read")
-        if pixels.ndim == 3:  # cv2 orders colours BGR(A): the PNG's first channel is last
-            pixels = pixels[..., 2] if pixels.shape[2] >= 3 else pixels[..., 0]
-        rows, cols = pixels.shape
-    if pixels.shape != (size, size):
-        pixels = cv2.resize(pixels, (size, size), interpolation=cv2.INTER_AREA)
-    if pixels.dtype == np.uint16:
-        return _window(pixels), (rows, cols)
-    if pixels.dtype != np.uint8:
+            raise ValueError("not a JPEG cv2 can read")
+        return pixels, (rows, cols)
+    pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ValueError("not a PNG cv2 can read")
+    if pixels.ndim == 3:  # cv2 orders colours BGR(A): the PNG's first channel is last
+        pixels = pixels[..., 2] if pixels.shape[2] >= 3 else pixels[..., 0]
+    if pixels.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"unsupported pixel type {pixels.dtype}")
-    return pixels, (rows, cols)
+    return pixels, pixels.shape
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    sof = jpeg_sof(data)
+    if sof is None:
+        raise ValueError("not a JPEG: no start-of-frame header")
+    return sof[1], sof[2]
 
 
 def _window(pixels: np.ndarray) -> np.ndarray:
@@ -147,21 +168,34 @@ def _window(pixels: np.ndarray) -> np.ndarray:
 
 
 def decode_mask(data: bytes | None, size: int) -> np.ndarray:
-    """A mask member (or none) as uint8 ``[size, size]`` of 0 and 1."""
+    """A mask member (or none) as uint8 ``[size, size]`` of 0 and 1 (area-resized, then
+    thresholded at one half)."""
     if data is None:
         return np.zeros((size, size), np.uint8)
+    return _binary(augment.apply(_read_mask(data), augment.NO_AUGMENT, size))
+
+
+def _read_mask(data: bytes) -> np.ndarray:
+    """A mask member at its stored size as uint8 0/255 (any non-zero value is foreground);
+    ingest's 1-bit PNGs without cv2 (see ``shards.members``)."""
+    mask = read_bilevel_png(data)
+    if mask is not None:
+        return mask
     mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError("mask.png is not a PNG cv2 can read")
-    if mask.shape != (size, size):
-        binary = np.where(mask > 0, np.uint8(255), np.uint8(0))
-        return (cv2.resize(binary, (size, size), interpolation=cv2.INTER_AREA) >= 128).astype(
-            np.uint8
-        )
-    return (mask > 0).astype(np.uint8)
+    return cv2.threshold(mask, 0, 255, cv2.THRESH_BINARY)[1]
 
 
-def _decode(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def _binary(mask: np.ndarray) -> np.ndarray:
+    """0/255 (or area-averaged) -> 0/1 at one half."""
+    return cv2.threshold(mask, 127, 1, cv2.THRESH_BINARY)[1]
+
+
+def _decode(
+    sample: dict[str, Any], size: int, d: augment.Draw
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
+    """A sample's image and mask (None: empty), resized to ``size`` and augmented by ``d``."""
     suffix = "jpg" if "jpg" in sample else "png"
     where = f"sample {sample.get('__key__')} of {sample.get('__shard__')}"
     if suffix not in sample:
@@ -170,8 +204,11 @@ def _decode(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, 
     # A negative's mask is empty by definition: skip inflating a 1024x1024 PNG of zeros.
     mask_png = None if entry is not None and entry.has_ptx is False else sample.get("mask.png")
     try:
-        image, orig = decode_image(sample[suffix], suffix, size)
-        mask = decode_mask(mask_png, size)
+        pixels, orig = _read_image(sample[suffix], suffix, size)
+        if pixels.dtype == np.uint16:  # window before the warp: its border is then 0
+            pixels = _window(augment.apply(pixels, augment.NO_AUGMENT, size))
+        image = augment.apply(pixels, d, size)
+        mask = None if mask_png is None else _binary(augment.apply(_read_mask(mask_png), d, size))
     except (OSError, ValueError, cv2.error) as e:
         raise SampleError(f"{where} cannot be decoded: {e}") from e
     return image, mask, orig
@@ -179,69 +216,62 @@ def _decode(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, 
 
 def decode_sample(sample: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray]:
     """A shard sample's image (uint8, or float32 for 16 bits) and 0/1 uint8 mask, both
-    ``[size, size]``. A sample the stream marks negative (``__entry__.has_ptx`` False) gets
-    an all-zero mask without its stored mask being decoded.
+    ``[size, size]``, unaugmented. A sample the stream marks negative (``__entry__.has_ptx``
+    False) gets an all-zero mask without its stored mask being decoded.
 
     Raises:
         SampleError: the sample has no image, or its bytes do not decode.
     """
-    image, mask, _ = _decode(sample, size)
-    return image, mask
+    image, mask, _ = _decode(sample, size, augment.NO_AUGMENT)
+    return image, (np.zeros((size, size), np.uint8) if mask is None else mask)
 
 
 # ---------------------------------------------------------------- augmentation and batches
 
 
-def build_augment() -> A.Compose:
-    """Horizontal flip and a mild affine, applied jointly to image and mask."""
-    affine = A.Affine(
-        scale=(0.9, 1.1),
-        translate_percent=(-0.06, 0.06),
-        rotate=(-10, 10),
-        border_mode=cv2.BORDER_CONSTANT,
-        fill=0,
-        fill_mask=0,
-        p=0.7,
-    )
-    return A.Compose([A.HorizontalFlip(p=0.5), affine])
+def collate(samples: list[dict[str, Any]], cfg: LoaderConfig, augmented: bool) -> dict[str, Any]:
+    """Decode, augment (with each sample's ``__seed__``) and batch samples.
 
-
-def augment(
-    compose: A.Compose, image: np.ndarray, mask: np.ndarray, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``compose`` on one sample, its random choices taken from ``seed`` alone."""
-    # One generator shared by all transforms: Compose.set_random_seed would give each
-    # transform its own generator with the same seed, and correlate flip with affine.
-    compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
-    out = compose(image=image, mask=mask)
-    return out["image"], out["mask"]
-
-
-def collate(
-    samples: list[dict[str, Any]], cfg: LoaderConfig, compose: A.Compose | None
-) -> dict[str, Any]:
-    """Decode, augment (with each sample's ``__seed__``) and stack samples into a batch."""
-    images, masks, origs = [], [], []
-    for sample in samples:
-        image, mask, orig = _decode(sample, cfg.size)
-        if compose is not None:
-            image, mask = augment(compose, image, mask, sample["__seed__"])
-        images.append(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image)
-        masks.append(mask)
+    Each sample is written straight into the batch tensors (the image as float32 / 255,
+    the mask as 0/1): no per-sample float arrays, no stacking, no copy on the way out.
+    """
+    n, size, channels = len(samples), cfg.size, cfg.in_channels
+    image_t, mask_t = _batch_tensor((n, channels, size, size)), _batch_tensor((n, 1, size, size))
+    images, masks = image_t.numpy(), mask_t.numpy()
+    origs = []
+    for i, sample in enumerate(samples):
+        d = augment.draw(sample["__seed__"]) if augmented else augment.NO_AUGMENT
+        image, mask, orig = _decode(sample, size, d)
+        if image.dtype == np.uint8:  # the same float32 division as image / 255
+            np.divide(image, np.float32(255), out=images[i, 0])
+        else:
+            images[i, 0] = image
+        masks[i, 0] = 0 if mask is None else mask
         origs.append(orig)
-    image_t = torch.from_numpy(np.stack(images)[:, None])
-    if cfg.in_channels == 3:
-        image_t = image_t.repeat(1, 3, 1, 1)
+    if channels == 3:
+        images[:, 1:] = images[:, :1]
     entries = [sample["__entry__"] for sample in samples]
     return {
         "image": image_t,
-        "mask": torch.from_numpy(np.stack(masks)[:, None]).float(),
+        "mask": mask_t,
         "key": [e.key for e in entries],
         "image_id": [e.image_id for e in entries],
         "has_ptx": torch.tensor([e.has_ptx is True for e in entries]),
         "labelled": torch.tensor([e.has_ptx is not None for e in entries]),
         "orig_size": origs,
     }
+
+
+def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in a loader worker, in shared memory already.
+
+    A worker's batch travels to the main process through shared memory: made there from
+    the start (as torch's ``default_collate`` does), it is not copied into it on the way.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.empty(0)._typed_storage()._new_shared(int(np.prod(shape)))
+    return torch.empty(0).new(storage).view(shape)
 
 
 class _TrainBatches(IterableDataset):
@@ -252,9 +282,8 @@ class _TrainBatches(IterableDataset):
         loader_worker = _worker_id()
         worker = stream.logical_worker(loader_worker, self.spec.workers, self.spec.start_step)
         store = open_store(self.cfg.dataset, create=False)
-        compose = build_augment() if self.cfg.augment else None
         for _, samples in stream.train_stream(store, self.pools, self.spec, worker):
-            yield collate(samples, self.cfg, compose)
+            yield collate(samples, self.cfg, self.cfg.augment)
 
 
 class _EvalBatches(IterableDataset):
@@ -264,7 +293,7 @@ class _EvalBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         store = open_store(self.cfg.dataset, create=False)
         for samples in stream.eval_stream(store, self.entries, self.spec, _worker_id()):
-            yield collate(samples, self.cfg, None)
+            yield collate(samples, self.cfg, False)
 
 
 def _worker_id() -> int:

@@ -6,6 +6,7 @@ import io
 import logging
 from collections import Counter
 
+import albumentations as A
 import cv2
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from shards.errors import ConfigError
-from training import data
+from training import augment, data
 from training.data import LoaderConfig
 
 SIZE = 64
@@ -117,23 +118,126 @@ def test_a_broken_image_names_the_sample():
 # ---------------------------------------------------------------- augmentation
 
 
+def _augmented(image: np.ndarray, mask: np.ndarray, seed: int, size: int):
+    d = augment.draw(seed)
+    out_mask = augment.apply(mask * np.uint8(255), d, size) >= 128
+    return augment.apply(image, d, size), out_mask.astype(np.uint8), d
+
+
 def test_augmentation_moves_image_and_mask_together_and_is_seeded():
     image = np.full((128, 128), 20, np.uint8)
     image[30:70, 40:90] = 230
     mask = (image > 100).astype(np.uint8)
-    compose = data.build_augment()
     changed = 0
     for seed in range(40):
-        out_image, out_mask = data.augment(compose, image, mask, seed)
+        out_image, out_mask, _ = _augmented(image, mask, seed, 128)
         assert out_mask.sum() > 0.7 * mask.sum()
         on_square = out_image[out_mask == 1] > 125
         assert on_square.mean() > 0.97, f"seed {seed}: mask left the bright square"
         off_square = out_image[out_mask == 0] > 125
         assert off_square.mean() < 0.03
         changed += not np.array_equal(out_mask, mask)
-        again = data.augment(compose, image, mask, seed)
+        again = _augmented(image, mask, seed, 128)
         assert np.array_equal(again[0], out_image) and np.array_equal(again[1], out_mask)
     assert changed > 20  # flips and affines happen (p 0.5 and 0.7)
+
+
+def test_draws_follow_the_documented_distribution():
+    draws = [augment.draw(seed) for seed in range(4000)]
+    assert abs(np.mean([d.flip for d in draws]) - 0.5) < 0.03
+    affine = [d for d in draws if d.affine]
+    assert abs(len(affine) / len(draws) - 0.7) < 0.03
+    scale = np.array([d.scale for d in affine])
+    shift = np.array([d.translate for d in affine])
+    rotate = np.array([d.rotate for d in affine])
+    for values, lo, hi in ((scale, 0.9, 1.1), (shift, -0.06, 0.06), (rotate, -10, 10)):
+        assert lo <= values.min() and values.max() <= hi  # uniform over the whole range
+        assert values.min() < lo + 0.02 * (hi - lo) and values.max() > hi - 0.02 * (hi - lo)
+        assert abs(values.mean() - (lo + hi) / 2) < 0.03 * (hi - lo)
+    # x and y scale (and shift) drawn independently, as albumentations' keep_ratio=False
+    assert abs(np.corrcoef(scale.T)[0, 1]) < 0.1 and abs(np.corrcoef(shift.T)[0, 1]) < 0.1
+    # flip and affine independent: flips are half of the affine draws too
+    assert abs(np.mean([d.flip for d in affine]) - 0.5) < 0.04
+
+
+def _albumentations(d: augment.Draw, image: np.ndarray, mask: np.ndarray, size: int):
+    """albumentations' own transforms with the draw's values (translation in whole pixels)."""
+    steps = [A.HorizontalFlip(p=1.0)] if d.flip else []
+    tx, ty = (round(t * size) for t in d.translate)
+    steps.append(
+        A.Affine(scale={"x": d.scale[0], "y": d.scale[1]}, translate_px={"x": tx, "y": ty},
+                 rotate=(d.rotate, d.rotate), border_mode=cv2.BORDER_CONSTANT, p=1.0)
+    )  # fmt: skip
+    out = A.Compose(steps)(image=image, mask=mask)
+    return (
+        out["image"],
+        out["mask"],
+        augment.Draw(
+            flip=d.flip,
+            affine=True,
+            scale=d.scale,
+            translate=(tx / size, ty / size),
+            rotate=d.rotate,
+        ),
+    )
+
+
+def test_one_warp_matches_albumentations_flip_and_affine(dataset):
+    key = first_key(dataset, "jpeg", positive=True)
+    image, mask = data.decode_sample(sample_of(dataset, key), 128)
+    compared = 0
+    for seed in range(30):
+        d = augment.draw(seed)
+        if not d.affine:
+            continue
+        ref_image, ref_mask, same = _albumentations(d, image, mask, 128)
+        ours = augment.apply(image, same, 128)
+        ours_mask = augment.apply(mask * np.uint8(255), same, 128) >= 128
+        assert np.abs(ours.astype(int) - ref_image).mean() < 1.0, seed  # bilinear both
+        inter, union = (ours_mask & (ref_mask > 0)).sum(), (ours_mask | (ref_mask > 0)).sum()
+        assert inter / union > 0.95, seed  # nearest (theirs) against bilinear + half (ours)
+        compared += 1
+    assert compared > 15
+
+
+def test_the_warp_maps_pixel_centres_like_cv2():
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
+    plain = augment.Draw(flip=False, affine=True)  # an affine that does nothing
+    # resize by 2 in the warp == area resize (the warp samples each 2x2 block's centre)
+    halved = augment.apply(noise, plain, 128).astype(int)
+    assert np.abs(halved - cv2.resize(noise, (128, 128), interpolation=cv2.INTER_AREA)).max() <= 1
+    # flips and a half turn about the image centre are exact
+    flipped = augment.Draw(flip=True, affine=True)
+    assert np.array_equal(augment.apply(noise, flipped, 256), cv2.flip(noise, 1))
+    half_turn = augment.Draw(flip=False, affine=True, rotate=180.0)
+    assert np.array_equal(augment.apply(noise, half_turn, 256), cv2.flip(noise, -1))
+
+
+def test_a_large_source_is_reduced_by_area_before_the_warp():
+    stripes = np.zeros((1024, 1024), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: any skipped pixel shows
+    d = next(augment.draw(s) for s in range(100) if augment.draw(s).affine)
+    out = augment.apply(stripes, d, 64)
+    inside = out[24:40, 24:40]  # away from the 0 border the affine may bring in
+    assert np.abs(inside.astype(int) - 128).max() < 8
+
+
+def test_resize_and_augment_in_one_warp_matches_resize_then_augment(dataset):
+    """From the JPEG's 1/2-scale decode (2x the size) straight to the augmented image."""
+    key = first_key(dataset, "jpeg")
+    jpg = dataset.members[key]["jpg"]
+    big, orig = data._read_image(jpg, "jpg", 128)
+    assert orig == (1024, 1024) and big.shape == (128, 128)  # 1/8 scale in the DCT
+    big, _ = data._read_image(jpg, "jpg", 100)
+    assert big.shape == (128, 128)  # 1/8 still >= 100; the warp reduces the rest
+    big, _ = data._read_image(jpg, "jpg", 200)
+    assert big.shape == (256, 256)
+    small = cv2.resize(big, (200, 200), interpolation=cv2.INTER_AREA)
+    for seed in range(12):
+        d = augment.draw(seed)
+        one = augment.apply(big, d, 200)
+        two = augment.apply(small, d, 200)
+        assert np.abs(one.astype(int) - two).mean() < 2.0, seed
 
 
 # ---------------------------------------------------------------- batches
