@@ -251,15 +251,23 @@ def batch_draws(
 ) -> tuple[list[str], list[int]]:
     """Which pool each sample of batch ``step`` comes from, and its augmentation seed.
 
-    With a ``pos_rate``, the positives of a stream worker's batches follow the running sum
-    of ``batch_size * positive_rate``, rounded: each batch is within one of the rate, and
-    the worker's total per epoch is :func:`draws`, known before the epoch starts.
+    One pool ``all``: every draw from it. With a ``pos_rate``, the positives of a stream
+    worker's batches follow the running sum of ``batch_size * positive_rate``, rounded: each
+    batch is within one of the rate, and the worker's total per epoch is :func:`draws`,
+    known before the epoch starts. Other pools (the N classes of a classifier, named by the
+    caller): the worker's draws go round the classes in turn, so every class is drawn
+    equally often (within one per worker and epoch) whatever its size.
     """
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, step, _BATCH])
     seeds = [int(s) for s in rng.integers(0, 2**32, size=spec.batch_size, dtype=np.uint64)]
     if ALL in pools:
         return [ALL] * spec.batch_size, seeds
     worker = step % spec.workers
+    if spec.pos_rate is None:  # N classes, uniformly
+        classes = sorted(pools)
+        first = (step // spec.workers) * spec.batch_size + spec.epoch  # draws before, rotated
+        names = [classes[(first + i) % len(classes)] for i in range(spec.batch_size)]
+        return [names[i] for i in rng.permutation(spec.batch_size)], seeds
     n_pos = _positives(spec, spec.epoch, worker, step + 1) - _positives(
         spec, spec.epoch, worker, step
     )
@@ -287,21 +295,29 @@ def _rate_sum(spec: TrainSpec, epoch: int, steps: range) -> float:
     return linear + (len(steps) - sliding) * b
 
 
-def draws(spec: TrainSpec, pool: str, epoch: int, worker: int) -> int:
-    """How many samples stream worker ``worker`` (of any rank) draws from ``pool`` in ``epoch``."""
+def draws(spec: TrainSpec, pool: str, epoch: int, worker: int, classes: Sequence[str] = ()) -> int:
+    """How many samples stream worker ``worker`` (of any rank) draws from ``pool`` in ``epoch``.
+
+    ``classes``: the sorted pool names when the stream draws N classes uniformly.
+    """
     n = spec.batch_size * len(range(worker, spec.steps_per_epoch, spec.workers))
     if pool == ALL:
         return n
+    if spec.pos_rate is None:  # draw d of the worker's epoch is class (d + epoch) % K
+        k, j = len(classes), list(classes).index(pool)
+        return n // k + (1 if (j - epoch) % k < n % k else 0)
     positives = _positives(spec, epoch, worker, spec.steps_per_epoch)
     return positives if pool == POS else n - positives
 
 
-def slot_segment(spec: TrainSpec, pool: str, slot: int) -> tuple[int, int]:
+def slot_segment(
+    spec: TrainSpec, pool: str, slot: int, classes: Sequence[str] = ()
+) -> tuple[int, int]:
     """``(start, count)``: the positions of ``pool``'s passes that ``slot`` draws in
     ``spec.epoch``. Epochs take consecutive segments, and within one the slots in order."""
     start = 0
     for epoch in range(spec.epoch + 1):
-        per_worker = [draws(spec, pool, epoch, w) for w in range(spec.workers)]
+        per_worker = [draws(spec, pool, epoch, w, classes) for w in range(spec.workers)]
         if epoch < spec.epoch:
             start += spec.world_size * sum(per_worker)
     rank, worker = divmod(slot, spec.workers)
@@ -321,8 +337,9 @@ def train_stream(
         raise ConfigError(f"worker {worker} is not within {spec.workers} workers")
     slot = spec.rank * spec.workers + worker
     streams: dict[str, Iterator[Sample]] = {}
-    for tag, name in enumerate(sorted(pools), start=1):
-        start, count = slot_segment(spec, name, slot)
+    classes = sorted(pools)
+    for tag, name in enumerate(classes, start=1):
+        start, count = slot_segment(spec, name, slot, classes)
         samples = segment(store, pools[name], (spec.seed, tag), start, count)
         rng = np.random.default_rng([spec.seed, spec.epoch, slot, tag, _BUFFER])
         streams[name] = shuffled(samples, min(spec.shuffle_buffer, count), rng)

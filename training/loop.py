@@ -1,0 +1,439 @@
+"""The one training loop every task shares (nanoGPT's loop, with tasks plugged in).
+
+A task file (``training/segment.py``, ``training/classify.py``, ...) holds a config (a
+:class:`training.task.RunConfig` subclass) and a :class:`training.task.Task` that owns only
+its model, its step, its validation metrics and its optimizer; :func:`run` owns everything
+else, the same way for every task:
+
+1. the process group and device (torchrun: NCCL on GPU, gloo on CPU); only rank 0 writes;
+2. resume (``cfg.resume``): ``auto`` continues from ``RUN/checkpoints/last.pt`` when there
+   is one and starts fresh otherwise, ``never`` refuses a RUN that holds a checkpoint,
+   ``always`` needs one. A resume refuses, in one line, every setting that shapes the stream
+   or the model and differs from the run's (dataset, where, size, batch size, workers,
+   seed, sampling, model, encoder init, world size...): only :data:`FREE_ON_RESUME` may change;
+3. the pinned rows (:mod:`training.rows`): on a fresh start rank 0 selects ``cfg.where``
+   and ``cfg.val_where`` once, the task filters them (``Task.prepare_rows``), and they are
+   stored as ``RUN/rows/{train,val}.parquet`` and sent to every rank; a resumed run reads
+   them back and checks their fingerprints against the checkpoint. A batch committed to
+   the dataset during training changes nothing in the run;
+4. the leakage guard (fresh start, :func:`training.rows.leakage_check`): no
+   ``patient_key`` of the training rows may be in the SIIM val/test rows unless
+   ``allow_overlap``; what it found (and how many NIH patients the unified split keeps
+   out) is recorded in ``config.json`` and every checkpoint;
+5. the model, built after seeding torch with ``cfg.seed`` (the same weights on every rank),
+   its initial weights (``Task.init_weights``: the init chain), DDP, the optimizer and
+   the schedule;
+6. per epoch: exactly ``steps_per_epoch`` batches on every rank (DDP hangs otherwise);
+   ``last.pt`` every ``checkpoint_every`` steps; validation on the plain module, never the
+   DDP wrapper (ranks hold different numbers of validation batches), each rank's part
+   gathered so every rank computes the same figures (a plateau schedule steps the same on
+   every rank); a line in ``metrics.jsonl``, ``curves.png``, ``last.pt``, and ``best.pt``
+   when ``Task.best`` improved;
+7. ``Task.finish`` (segment: the post-processing search), then the summary.
+
+On GPU: bf16 autocast around the step and the validation (``cfg.amp``), channels-last
+images (:func:`training.runs.images_to`), pinned memory, cuDNN autotune.
+
+Progress: ``progress`` (rank 0) gets ``{"event": "step", "step", "total", "epoch",
+"epochs", "loss", "images_per_s"}`` after every step and ``{"event": "epoch", "epochs",
+"headline", **metrics line}`` after every epoch.
+
+Writing a task (the ``train autoencode`` task is one whose batches have no labels)::
+
+    @dataclass(frozen=True, kw_only=True)
+    class AutoencodeConfig(RunConfig):       # RunConfig: dataset, out, where, size, ...
+        where: str = "split == 'train'"      # unlabelled rows are fine
+        val_where: str = "split == 'val'"
+        lr: float = 1e-3
+
+    class AutoencodeTask(Task):
+        name = "autoencode"                  # stored in every checkpoint
+        best = ("val_loss", "min")           # the metrics.jsonl field that picks best.pt
+        headline = ("val_loss",)             # shown in the per-epoch line
+        panels = (Panel("loss", (("train_loss", "training reconstruction loss"),
+                                 ("val_loss", "validation reconstruction loss"))), LR_PANEL)
+        schedule_on = "step"                 # scheduler.step() per step; "val_loss": per
+                                             # epoch with the all-reduced val loss; None
+        def prepare_rows(self, rows, *, train): return rows      # keep unlabelled rows
+        def pools(self, rows): return {stream.ALL: stream.entries_from_table(rows)}
+        def model_args(self): return {"arch": ..., ...}          # JSON-able; extend
+        def build_model(self): ...           # training.model.build_model to rebuild it
+                                             # from a checkpoint; random init (seeded)
+        def optimizer(self, model): return torch.optim.Adam(model.parameters(), self.cfg.lr)
+        def loss(self, job, batch):          # one training batch -> scalar loss
+            x = images_to(job.device, batch["image"])            # no label is read
+            return F.mse_loss(job.net(x).float(), x)             # job.net: DDP-wrapped
+        def validate(self, job, batches):    # this rank's part, picklable, via job.model
+            total, n = 0.0, 0
+            for b in batches:
+                x = images_to(job.device, b["image"])
+                total += float(F.mse_loss(job.model(x).float(), x, reduction="sum"))
+                n += len(x)
+            return total, n
+        def summarise(self, parts):          # every rank's parts -> metrics; needs "loss"
+            n = sum(p[1] for p in parts)
+            return {"loss": sum(p[0] for p in parts) / n, "n_images": n}
+
+    def train_autoencode(cfg, progress=None): return loop.run(AutoencodeTask(cfg), progress)
+
+The stream trains on whatever ``pools`` holds: unlabelled rows too (a task without labels
+never reads ``batch["has_ptx"]`` or ``batch["mask"]``, which are then False / all zero).
+Optional hooks: ``Task.use_rows`` (every rank, with the pinned rows: labels by key),
+``Task.init_weights`` (fresh start: load weights, return their init chain, e.g.
+:func:`training.transfer.load_encoder_weights`), ``Task.scheduler``, ``Task.finish``,
+``Task.fingerprints``, ``Task.loader``. ``validate`` runs under ``torch.no_grad()``,
+``model.eval()`` and autocast, on every rank with its share of the val rows (possibly none).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from shards import stream
+from shards.errors import ConfigError, PneumoError
+from training import checkpoint as ckpts
+from training.data import eval_batches, train_batches
+from training.rows import pin_rows
+from training.runs import (
+    CONFIG_FILE,
+    DistEnv,
+    RunDir,
+    autocast,
+    broadcast_state,
+    gather,
+    on_main,
+    setup_device,
+    teardown,
+)
+from training.task import Task
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+# Settings that change nothing a run computes: a resumed run may differ in them.
+FREE_ON_RESUME = frozenset({"out", "resume", "checkpoint_every"})
+
+
+class TrainingError(PneumoError):
+    """Training cannot go on (e.g. the data stream delivered fewer batches than planned)."""
+
+
+@dataclass(kw_only=True)
+class Job:
+    """A run in progress: what stays fixed (config, model...) and where the loop is."""
+
+    cfg: Any  # the task's RunConfig subclass
+    task: Task
+    env: DistEnv
+    device: torch.device
+    run: RunDir
+    spe: int  # steps per epoch
+    total: int
+    meta: dict[str, Any]  # the checkpoint fields that do not change
+    train_rows: pa.Table
+    val_rows: pa.Table
+    val_entries: list[stream.Entry]
+    pools: dict[str, list[stream.Entry]]  # the training stream's classes
+    model: nn.Module  # the plain module: checkpoints, validation
+    net: nn.Module  # what the training step calls: DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    progress: Progress | None
+    step: int = 0
+    best_score: float | None = None
+    history: list[dict[str, Any]]
+
+
+def run(task: Task, progress: Progress | None = None) -> dict[str, Any]:
+    """Train (or resume) ``task``'s run; under torchrun every rank calls this.
+
+    Returns:
+        ``run``, ``task``, ``step``, ``total_steps``, ``best_metric``, ``best_score``,
+        the last epoch's validation figures, and what :meth:`Task.finish` adds.
+
+    Raises:
+        ConfigError: empty selection, a RUN that holds a run (``resume="never"``), a
+            resume with other settings, or training patients in the held-out rows.
+        CheckpointError: ``resume="always"`` without a checkpoint.
+    """
+    cfg = task.cfg
+    env = DistEnv.from_env()
+    device = setup_device(env)
+    try:
+        job = _start(task, env, device, RunDir(cfg.out, writer=env.is_main), progress)
+        log.info(
+            "training %d steps (%d x %d) from step %d", job.total, cfg.epochs, job.spe, job.step
+        )
+        for epoch in range(job.step // job.spe, cfg.epochs):
+            stats = _train_epoch(job, epoch)
+            _end_epoch(job, epoch, stats)
+        extra = task.finish(job)
+        last = job.history[-1] if job.history else {}
+        return {
+            "run": job.run.url,
+            "task": task.name,
+            "step": job.step,
+            "total_steps": job.total,
+            "best_metric": task.best[0],
+            "best_score": job.best_score,
+            f"best_{task.best[0]}": job.best_score,
+            **{k: v for k, v in last.items() if k.startswith("val_")},
+            **extra,
+        }
+    finally:
+        teardown(env)
+
+
+def _start(
+    task: Task, env: DistEnv, device: torch.device, run_dir: RunDir, progress: Progress | None
+) -> Job:
+    """Resume or start fresh: pinned rows, model, optimizer, schedule, position."""
+    cfg = task.cfg
+    ckpt = _resume_point(task, env, run_dir)
+    train_rows, val_rows, pinned = on_main(env, lambda: pin_rows(task, run_dir, ckpt))
+    task.use_rows(train_rows, val_rows)
+    spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * env.world_size)
+    if spe < 1:
+        raise ConfigError(
+            f"{train_rows.num_rows} training rows give no full batch of {cfg.batch_size} on "
+            f"{env.world_size} rank(s): lower --batch-size or pass --steps-per-epoch"
+        )
+    if ckpt is not None and ckpt.get("model_args") != task.model_args():
+        raise ConfigError(
+            f"cannot resume {run_dir.url}: its model is {ckpt.get('model_args')}, "
+            f"now {task.model_args()}"
+        )
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+    model = task.build_model()
+    chain = ckpt["init"] if ckpt else task.init_weights(model) or [ckpts.random_init(cfg.seed)]
+    if device.type == "cuda":
+        model = model.to(device, memory_format=torch.channels_last)
+    optimizer = task.optimizer(model)
+    meta = {
+        "task": task.name,
+        "model_args": task.model_args(),
+        "config": cfg.to_dict(),
+        "steps_per_epoch": spe,
+        "total_steps": cfg.epochs * spe,
+        "world_size": env.world_size,
+        "init": chain,
+        "best_metric": task.best[0],
+        "train_rows": train_rows.num_rows,
+        "val_rows": val_rows.num_rows,
+        **pinned,
+    }
+    net = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+    job = Job(
+        cfg=cfg,
+        task=task,
+        env=env,
+        device=device,
+        run=run_dir,
+        spe=spe,
+        total=meta["total_steps"],
+        meta=meta,
+        train_rows=train_rows,
+        val_rows=val_rows,
+        val_entries=stream.entries_from_table(val_rows),
+        pools=task.pools(train_rows),
+        model=model,
+        net=net,
+        optimizer=optimizer,
+        scheduler=task.scheduler(optimizer, meta["total_steps"]),
+        progress=progress,
+        history=[],
+    )
+    if ckpt is not None:
+        _restore(job, ckpt)
+    plan = {k: v for k, v in meta.items() if k != "config"}
+    job.run.write_json(CONFIG_FILE, {**meta["config"], **plan})
+    return job
+
+
+def _resume_point(task: Task, env: DistEnv, run_dir: RunDir) -> dict[str, Any] | None:
+    """``last.pt`` to resume from (checked against the settings), or None: start fresh."""
+    cfg = task.cfg
+    exists = on_main(env, lambda: run_dir.exists(ckpts.LAST))
+    if exists and cfg.resume == "never":
+        raise ConfigError(
+            f"{run_dir.url} already holds a run: pass --resume auto to continue it, "
+            "or choose another --out"
+        )
+    if not exists and cfg.resume != "always":
+        return None
+    ckpt = ckpts.load_checkpoint(cfg.out, "last")  # "always" without one: the error says so
+    _check_settings(task, env, ckpt, run_dir.url)
+    return ckpt
+
+
+def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) -> None:
+    """One line naming every setting that differs from the run's, if any does."""
+    old, new = ckpt.get("config", {}), task.cfg.to_dict()
+    problems = [] if ckpt.get("task") == task.name else [f"task {ckpt.get('task')}"]
+    for key in sorted(set(old) | set(new)):
+        if key not in FREE_ON_RESUME and old.get(key) != new.get(key):
+            option = "--" + key.replace("_", "-")
+            problems.append(f"{option} {old.get(key)!r} (now {new.get(key)!r})")
+    if ckpt.get("world_size") != env.world_size:
+        problems.append(f"{ckpt.get('world_size')} processes (now {env.world_size})")
+    if problems:
+        raise ConfigError(
+            f"cannot resume {url}: it was trained with " + "; ".join(problems)
+            + ". Rerun with the run's settings, or choose another --out"
+        )  # fmt: skip
+
+
+def _restore(job: Job, ckpt: dict[str, Any]) -> None:
+    """Weights, optimizer, schedule, RNG, position and history of ``last.pt``."""
+    job.model.load_state_dict(ckpt["model"])
+    job.optimizer.load_state_dict(ckpt["optimizer"])
+    if job.scheduler is not None:
+        job.scheduler.load_state_dict(ckpt["scheduler"])
+    ckpts.set_rng_state(ckpt["rng"])
+    job.step = int(ckpt["step"])
+    job.best_score = ckpt.get("best_score")
+    # Epochs after the checkpoint's are redone: drop their lines, keep the earlier ones.
+    job.history = [r for r in job.run.metrics() if r["epoch"] < job.step // job.spe]
+    log.info("resuming %s at step %d (epoch %d)", job.run.url, job.step, job.step // job.spe)
+
+
+def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
+    """The rest of ``epoch``: exactly the same number of steps on every rank."""
+    cfg, env = job.cfg, job.env
+    job.model.train()
+    started, first = time.perf_counter(), job.step
+    loss_sum = torch.zeros((), device=job.device)
+    batches = train_batches(
+        job.task.loader(train=True),
+        rank=env.rank,
+        world_size=env.world_size,
+        epoch=epoch,
+        steps_per_epoch=job.spe,
+        total_steps=job.total,
+        start_step=job.step - epoch * job.spe,
+        pools=job.pools,
+    )
+    for batch in islice(batches, (epoch + 1) * job.spe - job.step):
+        loss_sum += _train_step(job, batch)
+        job.step += 1
+        end_of_epoch = job.step == (epoch + 1) * job.spe
+        if env.is_main and job.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+            job.run.put(ckpts.LAST, _checkpoint(job, {}))
+        if job.progress and env.is_main:
+            done, seconds = job.step - first, time.perf_counter() - started
+            job.progress({
+                "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
+                "epochs": cfg.epochs, "loss": float(loss_sum) / done,
+                "images_per_s": done * cfg.batch_size * env.world_size / seconds,
+            })  # fmt: skip
+    if job.step != (epoch + 1) * job.spe:  # fail now: a short rank would hang the others
+        raise TrainingError(
+            f"rank {env.rank} got {job.step - first} batches in epoch {epoch}, expected "
+            f"{(epoch + 1) * job.spe - first}: the training stream ran short"
+        )
+    return {"batches": job.step - first, "seconds": time.perf_counter() - started, "loss": loss_sum}
+
+
+def _train_step(job: Job, batch: dict[str, Any]) -> torch.Tensor:
+    with autocast(job.device, job.cfg.amp):
+        loss = job.task.loss(job, batch)
+    job.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    job.optimizer.step()
+    if job.scheduler is not None and job.task.schedule_on == "step":
+        job.scheduler.step()
+    return loss.detach()
+
+
+def validate(job: Job) -> dict[str, Any]:
+    """The task's validation figures over the pinned val rows, the same on every rank."""
+    broadcast_state(job.env, job.model)  # evaluate exactly the weights the checkpoint holds
+    batches = eval_batches(
+        job.task.loader(train=False),
+        rank=job.env.rank,
+        world_size=job.env.world_size,
+        entries=job.val_entries,
+    )
+    job.model.eval()
+    with torch.no_grad(), autocast(job.device, job.cfg.amp):
+        part = job.task.validate(job, batches)
+    job.model.train()
+    return job.task.summarise(gather(job.env, part))
+
+
+def _end_epoch(job: Job, epoch: int, stats: dict[str, Any]) -> None:
+    """Validate, step a plateau schedule, log a metrics line, write the checkpoints."""
+    env, cfg, task = job.env, job.cfg, job.task
+    sums = torch.stack([stats["loss"], torch.tensor(float(stats["batches"])).to(job.device)])
+    if env.distributed:
+        dist.all_reduce(sums)
+    val = validate(job)
+    lr = job.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+    row = {
+        "epoch": epoch,
+        "step": job.step,
+        "lr": lr,
+        "lr_per_rank": gather(env, lr),
+        "train_loss": float(sums[0] / sums[1]) if sums[1] else float("nan"),
+        "images_per_s": stats["batches"] * cfg.batch_size * env.world_size / stats["seconds"],
+        "batches_per_rank": gather(env, stats["batches"]),
+        "time_s": stats["seconds"],
+        **{f"val_{k}": v for k, v in val.items()},
+    }
+    if job.scheduler is not None and task.schedule_on == "val_loss":
+        job.scheduler.step(row["val_loss"])  # the all-reduced loss: every rank steps alike
+    job.history.append(row)
+    job.run.write_metrics(job.history, task.panels, title=_title(job))
+    metric, mode = task.best
+    score = row[metric]
+    improved = score == score and (
+        job.best_score is None
+        or (score > job.best_score if mode == "max" else score < job.best_score)
+    )
+    if improved:
+        job.best_score = score
+    if env.is_main:
+        job.run.put(ckpts.LAST, _checkpoint(job, row))
+        if improved:  # for inference only: no optimizer state, a third of the size
+            job.run.put(ckpts.BEST, _checkpoint(job, row, resumable=False))
+    if job.progress and env.is_main:
+        job.progress({"event": "epoch", "epochs": cfg.epochs, "headline": task.headline, **row})
+    log.info("epoch %d: %s", epoch, ", ".join(f"{k} {row.get(k)}" for k in task.headline))
+
+
+def _title(job: Job) -> str:
+    name = job.run.url.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name} ({job.task.name}, {job.cfg.size} px, step {job.step}/{job.total})"
+
+
+def _checkpoint(job: Job, val: dict[str, Any], *, resumable: bool = True) -> bytes:
+    ckpt = {
+        "format": ckpts.FORMAT,
+        **job.meta,
+        "model": job.model.state_dict(),
+        "step": job.step,
+        "epoch": job.step // job.spe,
+        "best_score": job.best_score,
+        "val": val,
+        "versions": ckpts.versions(),
+    }
+    if resumable:
+        ckpt["optimizer"] = job.optimizer.state_dict()
+        if job.scheduler is not None:
+            ckpt["scheduler"] = job.scheduler.state_dict()
+        ckpt["rng"] = ckpts.rng_state()
+    return ckpts.to_bytes(ckpt)
