@@ -68,6 +68,8 @@ class ClusterConfig:
         clusters: clusters wanted; DBSCAN/HDBSCAN search their radius for it.
         method: ``dbscan``, ``hdbscan`` or ``kmeans``.
         min_samples: DBSCAN's core-point count (the point itself included, as sklearn).
+        min_cluster_size: the fewest core points (DBSCAN) or members (HDBSCAN) a cluster
+            has; smaller groups are noise. None: ``min_samples``.
         noise: ``drop`` noise rows from LABELS, or make them the ``class`` after the last.
         fit_where: rows that fit PCA and the clustering (``--where`` syntax); None: all.
         seed: seeds the fit sample, PCA and k-means.
@@ -85,6 +87,7 @@ class ClusterConfig:
     clusters: int | None = 14
     method: str = "dbscan"
     min_samples: int = 10
+    min_cluster_size: int | None = None
     noise: str = "drop"
     fit_where: str | None = None
     seed: int = 0
@@ -109,8 +112,14 @@ class ClusterConfig:
             raise ConfigError("--pca must be >= 1, --min-samples >= 2, montage images >= 0")
         if not 0 <= self.max_noise < 1:
             raise ConfigError(f"--max-noise must be in [0, 1), got {self.max_noise}")
+        if self.min_cluster_size is not None and self.min_cluster_size < 1:
+            raise ConfigError("--min-cluster-size must be at least 1")
         if self.sample < 2 * self.min_samples:
             raise ConfigError(f"sample {self.sample} is too small for --min-samples")
+
+    @property
+    def smallest_cluster(self) -> int:
+        return self.min_cluster_size or self.min_samples
 
 
 def cluster(cfg: ClusterConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -137,6 +146,7 @@ def cluster(cfg: ClusterConfig, progress: Progress | None = None) -> dict[str, A
     report({"stage": "fit"})
     fitter = {"dbscan": _dbscan, "hdbscan": _hdbscan, "kmeans": _kmeans}[cfg.method]
     raw, params = fitter(z, fit, cfg)
+    _check_noise(cfg, raw[fit], params)
     labels = number_by_size(raw)
     n_clusters = int(labels.max()) + 1 if (labels >= 0).any() else 0
     if n_clusters == 0:
@@ -217,6 +227,18 @@ def project(
 # ---------------------------------------------------------------- methods
 
 
+def _check_noise(cfg: ClusterConfig, fit_labels: np.ndarray, params: dict[str, Any]) -> None:
+    """A searched radius must leave at most ``max_noise`` of the fit rows as noise (the
+    search bounds the noise of the sample; small clusters dropped add to it)."""
+    noise = float((fit_labels < 0).mean())
+    if cfg.method != "kmeans" and cfg.eps is None and noise > cfg.max_noise:
+        raise ClusterError(
+            f"the {cfg.method} parameters giving {cfg.clusters} clusters ({params}) leave "
+            f"{noise:.0%} of the fit rows as noise, over --max-noise {cfg.max_noise:.0%}: "
+            "try --method kmeans, or another --clusters or --min-samples"
+        )
+
+
 def _sample(fit: np.ndarray, size: int, seed: int) -> np.ndarray:
     rows = np.flatnonzero(fit)
     if len(rows) > size:
@@ -237,7 +259,7 @@ def _kmeans(z: np.ndarray, fit: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndar
 def _dbscan(z: np.ndarray, fit: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndarray, dict]:
     rows = _sample(fit, cfg.sample, cfg.seed)
     tree = dbscan.DensityTree.fit(z[rows], cfg.min_samples)
-    radii, counts, noise = tree.curve()
+    radii, counts, noise = tree.curve(cfg.smallest_cluster)
     if cfg.eps is not None:
         eps, interval = cfg.eps, None
     else:
@@ -247,11 +269,12 @@ def _dbscan(z: np.ndarray, fit: np.ndarray, cfg: ClusterConfig) -> tuple[np.ndar
         if found is None:
             raise ClusterError(_unreachable(cfg, seen, len(rows), int(fit.sum()), tree))
         eps, interval = found.eps, [found.lo, found.hi]
-    cores, labels = tree.core_labels(eps)
+    cores, labels = tree.core_labels(eps, cfg.smallest_cluster)
     params = {
         "eps": eps,
         "eps_interval": interval,
         "min_samples": cfg.min_samples,
+        "min_cluster_size": cfg.smallest_cluster,
         "fit_sample": len(rows),
     }
     return dbscan.assign(z, tree.x[cores], labels, eps), params
@@ -262,11 +285,12 @@ def _hdbscan(z: np.ndarray, fit: np.ndarray, cfg: ClusterConfig) -> tuple[np.nda
     from sklearn.cluster import HDBSCAN
 
     rows = _sample(fit, cfg.sample, cfg.seed)
-    tree = HDBSCAN(min_cluster_size=cfg.min_samples, min_samples=cfg.min_samples, copy=True)
+    size = cfg.smallest_cluster
+    tree = HDBSCAN(min_cluster_size=max(size, 2), min_samples=cfg.min_samples, copy=True)
     tree.fit(z[rows])
 
     def at(cut: float) -> np.ndarray:
-        return tree.dbscan_clustering(cut, min_cluster_size=cfg.min_samples).astype(np.int64)
+        return tree.dbscan_clustering(cut, min_cluster_size=size).astype(np.int64)
 
     cut = cfg.eps if cfg.eps is not None else _search_cut(cfg, z[rows], at, int(fit.sum()))
     labels = at(cut)
@@ -274,7 +298,7 @@ def _hdbscan(z: np.ndarray, fit: np.ndarray, cfg: ClusterConfig) -> tuple[np.nda
     params = {
         "cut": cut,
         "min_samples": cfg.min_samples,
-        "min_cluster_size": cfg.min_samples,
+        "min_cluster_size": size,
         "fit_sample": len(rows),
     }
     return dbscan.assign(z, z[rows][members], labels[members], cut), params
@@ -321,7 +345,9 @@ def _unreachable(
     labels_at: Callable[[float], np.ndarray] | None = None,
 ) -> str:
     """One line: what the radii gave, the nearest to K, and what to try instead."""
-    name, knob = ("DBSCAN", "radius") if cfg.method == "dbscan" else ("HDBSCAN", "cut")
+    name, knob, knobs = (
+        ("DBSCAN", "radius", "radii") if cfg.method == "dbscan" else ("HDBSCAN", "cut", "cuts")
+    )
     head = (
         f"no {name} {knob} gives {cfg.clusters} clusters with at most {cfg.max_noise:.0%} noise "
         f"(min_samples {cfg.min_samples}, fitted on {n_sample:,} of {n_fit:,} rows)"
@@ -335,14 +361,14 @@ def _unreachable(
     counts = sorted({f.clusters for f in seen})
     near = min(reversed(seen), key=lambda f: abs(f.clusters - int(cfg.clusters or 0)))
     if tree is not None:
-        cores, core_labels = tree.core_labels(near.eps)
+        cores, core_labels = tree.core_labels(near.eps, cfg.smallest_cluster)
         labels = dbscan.assign(tree.x, tree.x[cores], core_labels, near.eps)
     else:
         labels = labels_at(near.eps) if labels_at is not None else np.zeros(0, np.int64)
     sizes = np.bincount(labels[labels >= 0]) if (labels >= 0).any() else np.zeros(1)
     largest = sizes.max() / max(len(labels), 1)
     return (
-        f"{head}: {knob}s gave {counts[0]} to {counts[-1]} clusters; the nearest, "
+        f"{head}: {knobs} gave {counts[0]} to {counts[-1]} clusters; the nearest, "
         f"{near.clusters} clusters at {knob} {near.eps:.4g}, has its largest cluster at "
         f"{largest:.0%} of the rows and {near.noise:.0%} noise. {hint}"
     )

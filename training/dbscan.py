@@ -123,25 +123,71 @@ class DensityTree:
         core, reach = core_and_reach(x, min_samples)
         return cls(x=x, core=core, reach=reach, mst=mutual_reachability_mst(x, core))
 
-    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def curve(self, min_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(radii, clusters, noise)``: from each radius to the next, the number of clusters
-        and the noise share are constant (each radius is where one of them changes)."""
-        core, weights = np.sort(self.core), np.sort(self.mst[2])
-        radii = np.unique(np.concatenate([core, weights, self.reach]))
-        clusters = np.searchsorted(core, radii, "right") - np.searchsorted(weights, radii, "right")
-        noise = 1.0 - np.searchsorted(np.sort(self.reach), radii, "right") / len(self.x)
+        of at least ``min_size`` core points and the noise share (a lower bound when
+        ``min_size > 1``: the small clusters' points are counted as clustered) are constant.
+
+        Without a size floor, DBSCAN's count jitters: a point turning core before any of its
+        neighbours does is a cluster of one for a moment, and on one Gaussian cloud such
+        fragments add up to any K at some radius.
+        """
+        n = len(self.x)
+        u, v, w = self.mst
+        # Events in radius order; a point turns core (kind 0) before its tree edges join it.
+        radius = np.concatenate([self.core, w])
+        kind = np.concatenate([np.zeros(n, np.int8), np.ones(n - 1, np.int8)])
+        order = np.lexsort((kind, radius))
+        after = _count_big_components(order, n, u, v, min_size)
+        event_radii = radius[order]
+        radii = np.unique(np.concatenate([self.core, w, self.reach]))
+        last = np.searchsorted(event_radii, radii, "right") - 1
+        clusters = np.where(last >= 0, after[np.maximum(last, 0)], 0)
+        noise = 1.0 - np.searchsorted(np.sort(self.reach), radii, "right") / n
         return radii, clusters, noise
 
-    def core_labels(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
-        """The core points at radius ``eps`` (indices) and their cluster numbers."""
+    def core_labels(self, eps: float, min_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The core points at radius ``eps`` in clusters of at least ``min_size`` core points
+        (indices), and their cluster numbers."""
         cores = np.flatnonzero(self.core <= eps)
         u, v, w = self.mst
         keep = w <= eps
         n = len(self.x)
         graph = coo_matrix((np.ones(int(keep.sum())), (u[keep], v[keep])), shape=(n, n))
         _, components = connected_components(graph, directed=False)
-        _, labels = np.unique(components[cores], return_inverse=True)
-        return cores, labels
+        _, labels, sizes = np.unique(components[cores], return_inverse=True, return_counts=True)
+        big = sizes[labels] >= min_size
+        _, labels = np.unique(labels[big], return_inverse=True)
+        return cores[big], labels
+
+
+def _count_big_components(
+    order: np.ndarray, n: int, u: np.ndarray, v: np.ndarray, min_size: int
+) -> np.ndarray:
+    """After each event of ``order`` (< n: point i turns core; else tree edge i - n joins its
+    two ends), the number of components of at least ``min_size`` core points (union-find)."""
+    parent = list(range(n))
+    size = [1] * n
+    big = 0
+    out = np.empty(len(order), np.int64)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+
+    for j, event in enumerate(order.tolist()):
+        if event < n:
+            big += min_size <= 1
+        else:
+            a, b = root(int(u[event - n])), root(int(v[event - n]))
+            big -= (size[a] >= min_size) + (size[b] >= min_size)
+            parent[b] = a
+            size[a] += size[b]
+            big += size[a] >= min_size
+        out[j] = big
+    return out
 
 
 def assign(
