@@ -101,10 +101,11 @@ def _write_shards(
     per_shard: int,
     one_shard: bool,
     batch: str = "b0",
+    dataset: str = "siim",
 ) -> None:
     """A dataset written directly (no ingest): ``rows`` (manifest values; ``shard`` and
-    ``batch`` are filled in) in shards grouped by split and label of ``per_shard`` samples,
-    or all in one shard."""
+    ``batch`` are filled in; their ``dataset`` must be ``dataset``) in shards grouped by
+    split and label of ``per_shard`` samples, or all in one shard."""
     from shards import layout, manifest
     from shards.store import open_store
     from shards.tario import ShardWriter
@@ -117,13 +118,13 @@ def _write_shards(
     with tempfile.TemporaryDirectory() as tmp:
         for (split, group), grouped in sorted(groups.items()):
             for start in range(0, len(grouped), per_shard):
-                path = layout.shard_path("siim", batch, split, group, start // per_shard)
+                path = layout.shard_path(dataset, batch, split, group, start // per_shard)
                 writer = ShardWriter(path, tmp)
                 for row in grouped[start : start + per_shard]:
                     writer.write({"__key__": row["key"], **members_of(row)})
                     row.update(shard=path, batch=batch)
                 store.move_file(path, writer.close().tmp_path)
-    manifest.write_part(store, layout.manifest_part("siim", batch), manifest.to_table(rows))
+    manifest.write_part(store, layout.manifest_part(dataset, batch), manifest.to_table(rows))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,10 @@ def run(dataset, pneumo) -> Path:
         "1",
     )
     assert "step 6/6" in proc.stdout
+    # Not a terminal: no bar, one line per epoch with the validation figures.
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"], proc.stderr
+    assert "val_dice" in epochs[-1] and "img/s" in epochs[-1]
     return out
 
 
@@ -74,8 +78,10 @@ def test_evaluate_json(run, pneumo):
     )
     assert {"dice", "dice_pos", "n_images"} <= set(summary)
     assert summary["n_images"] > 0 and 0.0 <= summary["dice"] <= 1.0
+    assert summary["init"] == "random init (seed 0)"
     table = pneumo("evaluate", "segment", str(run), "--tta", "--workers", "0").stdout
     assert "dice_pos" in table
+    assert "random init (seed 0)" in table  # where the weights came from
 
 
 def test_predict_real_dicoms_to_a_submission(run, shared_data, tmp_path, pneumo):

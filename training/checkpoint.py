@@ -4,16 +4,22 @@ A checkpoint is one ``torch.save``d dict; everything needed to rebuild the model
 training or trace what it was trained on is inside::
 
     format                "pneumo.checkpoint/1"
-    task                  "segment"
-    model_args            {"arch": "unet", "encoder": "resnet34", "in_channels": 1}
+    task                  "segment" | "classify" | ...
+    model_args            the architecture, e.g. {"arch": "unet", "encoder": "resnet34",
+                          "in_channels": 1}; training.model.build_model(model_args) rebuilds it
     model                 the model's state dict (never DDP-wrapped: no "module." prefix)
+    init                  the init chain: where the weights started, newest first, e.g.
+                          [{"source": ".../checkpoints/best.pt", "sha256": ..., "task":
+                          "classify", ...}, {"source": "random", "seed": 0}] (see init_line)
     step                  optimizer steps done (global, all epochs)
     epoch                 the epoch the next step belongs to (= step // steps_per_epoch)
     steps_per_epoch, total_steps, world_size
     config                the full training config, as a JSON-able dict
-    manifest_fingerprint  shards.manifest.fingerprint of the selected training rows
-    train_rows            how many rows that selection had
-    best_score            best validation score so far (segment: SIIM Dice)
+    fingerprints          {"train", "val"[, "labels"]}: shards.manifest.fingerprint of the
+                          pinned rows (and of a label table)
+    train_rows, val_rows  how many rows each pinned selection has
+    leakage               the held-out patient check at the run's start (training.loop)
+    best_metric           the metrics.jsonl field that picks best.pt, and best_score its value
     val                   the validation metrics of the epoch that wrote it ({} mid-epoch)
     versions              {"torch", "smp"}
     optimizer, scheduler  their state dicts             } last.pt only: best.pt is for
@@ -26,6 +32,7 @@ reads it: loading a checkpoint never unpickles arbitrary objects.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -38,7 +45,7 @@ from torch import nn
 
 from shards.errors import PneumoError
 from shards.store import open_store, read_url
-from training.model import build_unet
+from training.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def load_checkpoint(run: str, which: str = "best") -> dict[str, Any]:
             store = open_store(run, create=False)
             if not store.exists(_NAMED[which]):
                 raise CheckpointError(
-                    f"{store.url_of(_NAMED[which])} does not exist: has `pneumo train segment "
+                    f"{store.url_of(_NAMED[which])} does not exist: has `pneumo train ... "
                     f"--out {run}` finished an epoch?"
                 )
             blob, name = store.get(_NAMED[which]), store.url_of(_NAMED[which])
@@ -89,18 +96,56 @@ def load_checkpoint(run: str, which: str = "best") -> dict[str, Any]:
     return ckpt
 
 
-def model_args(encoder: str, in_channels: int) -> dict[str, Any]:
-    return {"arch": "unet", "encoder": encoder, "in_channels": in_channels}
+def model_from_checkpoint(ckpt: dict[str, Any], *, arch: str | None = None) -> nn.Module:
+    """Rebuild the network a checkpoint describes, with its weights, in eval mode.
 
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the network a checkpoint describes, with its weights, in eval mode."""
+    Raises:
+        CheckpointError: ``arch`` is given and the checkpoint holds another architecture.
+    """
     args = ckpt["model_args"]
-    if args.get("arch") != "unet":
-        raise CheckpointError(f"checkpoint holds a {args.get('arch')!r}, not a U-Net")
-    model = build_unet(in_channels=args["in_channels"], encoder=args["encoder"])
+    if arch is not None and args.get("arch") != arch:
+        raise CheckpointError(
+            f"the checkpoint holds a {args.get('arch')!r} ({ckpt.get('task')} run), not a {arch}"
+        )
+    model = build_model(args)
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's tensors: names, dtypes, shapes and bytes, in name order.
+
+    The hash names the weights, not the file: the same tensors saved twice, or inside
+    checkpoints with other metadata, hash the same.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not torch.is_tensor(t):
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def random_init(seed: int) -> dict[str, Any]:
+    """The last link of every init chain: weights drawn at random from ``seed``."""
+    return {"source": "random", "seed": seed}
+
+
+def init_line(chain: list[dict[str, Any]]) -> str:
+    """An init chain in one line, newest first: ``classify checkpoint X (sha256 ab12..) <-
+    random init (seed 0)``."""
+    parts = []
+    for link in chain:
+        if link.get("source") == "random":
+            parts.append(f"random init (seed {link.get('seed')})")
+            continue
+        what = f"{link['task']} checkpoint" if link.get("task") else "state dict"
+        step = f", step {link['step']}" if link.get("step") is not None else ""
+        parts.append(f"{what} {link['source']} (sha256 {str(link.get('sha256'))[:16]}{step})")
+    return " <- ".join(parts) if parts else "unknown"
 
 
 def versions() -> dict[str, str]:

@@ -300,6 +300,7 @@ def train_batches(
     steps_per_epoch: int,
     total_steps: int,
     start_step: int = 0,
+    pools: dict[str, list[stream.Entry]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """This rank's training batches for ``epoch``, from ``start_step`` to ``steps_per_epoch``.
 
@@ -307,15 +308,21 @@ def train_batches(
     Unlabelled samples are never trained on. The manifest is read and the plan checked
     now; loader workers start on the first ``next()``.
 
+    ``pools`` (class name -> entries, see :func:`shards.stream.class_pools`) replaces the
+    selection by ``cfg.where``: a training run pins its rows once at its start, and its
+    task groups them into the classes the stream draws from.
+
     Raises:
         ConfigError: bad rank/step values, or nothing selected to train on.
         ManifestError: a malformed ``where``.
     """
-    table = select(cfg.dataset, cfg.where or DEFAULT_TRAIN_WHERE)
-    entries = stream.entries_from_table(table)
-    labelled = [e for e in entries if e.has_ptx is not None]
-    if len(labelled) < len(entries):
-        log.warning("%d unlabelled samples left out of training", len(entries) - len(labelled))
+    if pools is None:
+        table = select(cfg.dataset, cfg.where or DEFAULT_TRAIN_WHERE)
+        entries = stream.entries_from_table(table)
+        labelled = [e for e in entries if e.has_ptx is not None]
+        if len(labelled) < len(entries):
+            log.warning("%d unlabelled samples left out of training", len(entries) - len(labelled))
+        pools = stream.class_pools(labelled, cfg.pos_rate)
     spec = stream.TrainSpec(
         seed=cfg.seed,
         epoch=epoch,
@@ -329,18 +336,25 @@ def train_batches(
         pos_rate=cfg.pos_rate,
         shuffle_buffer=cfg.shuffle_buffer,
     )
-    pools = stream.class_pools(labelled, cfg.pos_rate)
     return _batches(_TrainBatches(cfg, pools, spec), cfg)
 
 
-def eval_batches(cfg: LoaderConfig, *, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+def eval_batches(
+    cfg: LoaderConfig,
+    *,
+    rank: int,
+    world_size: int,
+    entries: list[stream.Entry] | None = None,
+) -> Iterator[dict[str, Any]]:
     """This rank's share of the selected samples, each exactly once over all ranks, unaugmented.
 
     Ranks may get different numbers of batches (the last one of each worker is short):
     sum per-rank results and ``all_reduce`` the sums, and evaluate the bare model, not the
     DDP wrapper. Unlabelled samples are kept (``labelled`` False) for predictions.
+    ``entries`` (a run's pinned validation rows) replaces the selection by ``cfg.where``.
     """
-    entries = stream.entries_from_table(select(cfg.dataset, cfg.where or DEFAULT_EVAL_WHERE))
+    if entries is None:
+        entries = stream.entries_from_table(select(cfg.dataset, cfg.where or DEFAULT_EVAL_WHERE))
     spec = stream.EvalSpec(
         rank=rank, world_size=world_size, workers=cfg.stream_workers, batch_size=cfg.batch_size
     )

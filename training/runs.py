@@ -3,9 +3,11 @@
 A RUN is a store (a local folder or ``s3://bucket/prefix``, see :mod:`shards.store`)::
 
     RUN/
-      config.json            the full config, written at start
+      config.json            the full config and the run's plan, written at start
+      rows/train.parquet     the pinned training rows (manifest columns, + the task's label)
+      rows/val.parquet       the pinned validation rows
       metrics.jsonl          one JSON line per epoch (appended; continued on --resume)
-      curves.png             loss / Dice / learning-rate curves, redrawn each epoch
+      curves.png             the task's curves (losses, validation figures, lr), each epoch
       checkpoints/last.pt    written every ``checkpoint_every`` steps and at each epoch end
       checkpoints/best.pt    the epoch with the best validation score
       postprocess.json       (segment) the post-processing triplet chosen on validation
@@ -23,15 +25,17 @@ import io
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from shards.errors import ConfigError
+from shards.errors import ConfigError, PneumoError
 from shards.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,33 @@ def broadcast_state(env: DistEnv, module: torch.nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
+def broadcast(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; for small things like a table of rows)."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only; its result, or the error of ours it raised, on every rank.
+
+    Without this, an error on rank 0 (an empty selection, say) would leave the other ranks
+    waiting for a broadcast until the process group's timeout.
+    """
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except (PneumoError, OSError) as e:
+            error = e
+    result, error = broadcast(env, (result, error))
+    if error is not None:
+        raise error
+    return result
+
+
 def gather(env: DistEnv, obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` when not distributed)."""
     if not env.distributed:
@@ -158,6 +189,15 @@ class RunDir:
         if self.writer:
             self.store.put(path, data)
 
+    def put_table(self, path: str, table: pa.Table) -> None:
+        if self.writer:
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            self.store.put(path, buf.getvalue())
+
+    def get_table(self, path: str) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.store.get(path)))
+
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of ``metrics.jsonl`` (empty when there is none yet)."""
         if not self.store.exists(METRICS_FILE):
@@ -165,7 +205,9 @@ class RunDir:
         lines = self.store.get(METRICS_FILE).decode().splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
-    def write_metrics(self, rows: Sequence[dict[str, Any]]) -> None:
+    def write_metrics(
+        self, rows: Sequence[dict[str, Any]], panels: Sequence[Panel], title: str
+    ) -> None:
         """Rewrite ``metrics.jsonl`` whole (stores have no append) and redraw the curves."""
         if not self.writer:
             return
@@ -173,31 +215,44 @@ class RunDir:
         clean = [{k: None if v != v else v for k, v in row.items()} for row in rows]
         text = "".join(json.dumps(row, sort_keys=True, allow_nan=False) + "\n" for row in clean)
         self.store.put(METRICS_FILE, text.encode())
-        self.store.put(CURVES_FILE, plot_curves(rows))
+        self.store.put(CURVES_FILE, plot_curves(rows, panels, title))
 
 
-def plot_curves(rows: Sequence[dict[str, Any]]) -> bytes:
-    """A PNG of the per-epoch curves: losses, validation Dice, learning rate."""
+@dataclass(frozen=True)
+class Panel:
+    """One plot of ``curves.png``: a title and the ``metrics.jsonl`` fields it draws, each
+    with the label its legend shows (say what the line is, not just the field name)."""
+
+    title: str
+    lines: tuple[tuple[str, str], ...]  # (field, label)
+
+
+LR_PANEL = Panel("learning rate", (("lr", "learning rate at the epoch's end"),))
+
+
+def plot_curves(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], title: str) -> bytes:
+    """A PNG of the per-epoch curves, one subplot per panel, titled with the run's name."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot's import
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [
-        ("loss", ["train_loss", "val_loss"]),
-        ("validation Dice", ["val_dice", "val_dice_pos", "val_empty_dice"]),
-        ("learning rate", ["lr"]),
-    ]
-    for ax, (title, keys) in zip(axes, panels, strict=True):
-        for key in keys:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for key, label in panel.lines:
             values = [r.get(key) for r in rows]
-            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=key)
-        ax.set_title(title)
+            if all(v is None for v in values):
+                continue  # a field this run does not have (e.g. no positives in val)
+            ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
+        ax.set_title(panel.title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

@@ -1,44 +1,43 @@
-"""``pneumo train segment``: a U-Net/ResNet-34 on streamed SIIM shards, read top to bottom.
+"""``pneumo train segment``: a U-Net/ResNet-34 on streamed SIIM shards, a task of the shared loop.
 
-The flow of :func:`train_segment`:
+This file owns what is particular to segmentation; :mod:`training.loop` owns the rest
+(processes, pinned rows, resume, checkpoints, ``metrics.jsonl``, curves, GPU settings).
+Read top to bottom:
 
-1. join the torchrun process group, if any (NCCL on GPU, gloo on CPU); only rank 0 writes;
-2. select the training rows in the manifest; their fingerprint goes into every checkpoint;
-3. build the U-Net (offline: optional encoder weights from a file/object you name), Adam
-   and the learning-rate schedule: linear warm-up over ``warmup_steps``, then cosine decay
-   to 10% of ``lr`` at the last step (nanoGPT's schedule);
-4. resume from ``RUN/checkpoints/last.pt`` when asked: weights, optimizer, schedule, RNG
-   states, step, and the stream position (epoch, step within it);
-5. per epoch: exactly ``steps_per_epoch`` batches on every rank (DDP hangs otherwise),
-   ``checkpoints/last.pt`` every ``checkpoint_every`` steps, then validation on the val
-   split (SIIM Dice at probability 0.5, the official per-image mean), a line in
-   ``metrics.jsonl``, ``curves.png``, ``last.pt`` and ``best.pt`` (by val Dice);
-6. at the end, the SIIM 1st-place post-processing triplet is chosen on the val split with
-   the best weights and stored as ``postprocess.json`` for ``pneumo evaluate``/``predict``.
-
-On GPU: bf16 autocast (``amp``), channels-last tensors, non-blocking copies, cuDNN autotune.
+1. the config: labelled SIIM train rows, validated on the labelled val rows, 512 px,
+   batch 8, Adam at 1e-4, the positive share of a batch sliding 0.8 -> 0.4 (SIIM 1st place);
+2. the model: a U-Net on a ResNet-34 encoder, random, or with the encoder taken from a
+   ``train classify`` RUN, a checkpoint or a torchvision/timm state dict
+   (``encoder_init``; its init chain goes into every checkpoint);
+3. the optimizer: Adam, a linear warm-up over ``warmup_steps`` then cosine decay to 10% of
+   ``lr`` at the last step (nanoGPT's schedule), stepped every step;
+4. the step: 10 x focal + 1 x Dice loss on the logits (:mod:`training.losses`);
+5. validation: the SIIM Dice at probability 0.5, scored at the training resolution
+   (``val_dice``, ``val_dice_pos`` on positives, ``val_empty_dice`` the all-empty
+   baseline), and the loss; ``best.pt`` is the best ``val_dice``;
+6. the end: the SIIM 1st-place post-processing triplet chosen on the val rows with the best
+   weights, stored as ``postprocess.json`` for ``pneumo evaluate``/``predict``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from itertools import islice
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from shards import manifest
-from shards.errors import ConfigError, PneumoError
+from shards import stream
+from shards.errors import ConfigError
 from training import checkpoint as ckpts
-from training.data import LoaderConfig, eval_batches, select, train_batches
+from training import loop
+from training.data import LoaderConfig, eval_batches
+from training.loop import Job, Progress, RunConfig, Task, absolute
 from training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
 from training.metrics import (
     PostProcess,
@@ -47,85 +46,55 @@ from training.metrics import (
     overlap_counts,
     siim_summary,
 )
-from training.model import build_unet, load_encoder_weights, predict_proba
+from training.model import build_unet, predict_proba, unet_args
 from training.runs import (
-    CONFIG_FILE,
+    LR_PANEL,
     POSTPROCESS_FILE,
-    DistEnv,
-    RunDir,
+    Panel,
     autocast,
     broadcast_state,
     gather,
     images_to,
-    setup_device,
-    teardown,
 )
+from training.transfer import load_encoder_weights
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], None]
-
-
-class TrainingError(PneumoError):
-    """Training cannot go on (e.g. the data stream delivered fewer batches than planned)."""
-
 
 @dataclass(frozen=True, kw_only=True)
-class SegmentConfig:
+class SegmentConfig(RunConfig):
     """Everything a segmentation run depends on; stored whole in config.json and checkpoints.
 
+    The shared settings (dataset, out, size, batch_size, epochs, workers, seed, resume...)
+    are :class:`training.loop.RunConfig`'s. Segmentation adds:
+
     Attributes:
-        dataset: the DATASET (folder or s3://) holding shards and manifest.
-        out: the RUN (folder or s3://) for checkpoints, metrics and plots.
-        where: manifest filter of the training rows.
-        val_where: manifest filter of the validation rows.
-        size: square input side in pixels (the report: 512).
-        batch_size: images per step per rank (the report: 8).
         lr: Adam's peak learning rate (the report: 1e-4).
         warmup_steps: linear warm-up steps before the cosine decay.
-        epochs: passes of ``steps_per_epoch`` steps.
-        steps_per_epoch: None: training rows // (batch_size x world size).
-        workers: loader processes per rank.
         encoder: smp encoder name.
-        encoder_init: file or s3:// object with ResNet weights for the encoder (None: random).
+        encoder_init: a classify RUN, a checkpoint, or a torchvision/timm ResNet state dict
+            (file or s3://) for the encoder on a fresh start (None: random).
         pos_rate: positive share of training batches, sliding linearly from the first value
             to the second over the run (SIIM 1st place: 0.8 -> 0.4); None: the natural rate.
-        seed: seeds model init, sampling and augmentation.
-        resume: continue the run in ``out`` from its last checkpoint.
-        in_channels: image channels (1: grey).
         focal_weight, dice_weight: loss weights (see training.losses).
-        checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
-        amp: bf16 autocast on GPU (ignored on CPU).
     """
 
-    dataset: str
-    out: str
     where: str = "dataset == 'siim' and split == 'train' and has_ptx is not None"
     val_where: str = "dataset == 'siim' and split == 'val' and has_ptx is not None"
     size: int = 512
     batch_size: int = 8
     lr: float = 1e-4
     warmup_steps: int = 100
-    epochs: int = 10
-    steps_per_epoch: int | None = None
-    workers: int = 2
     encoder: str = "resnet34"
     encoder_init: str | None = None
     pos_rate: tuple[float, float] | None = (0.8, 0.4)
-    seed: int = 0
-    resume: bool = False
-    in_channels: int = 1
     focal_weight: float = FOCAL_WEIGHT
     dice_weight: float = DICE_WEIGHT
-    checkpoint_every: int = 500
-    amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
+        super().__post_init__()
+        if self.encoder_init is not None:
+            object.__setattr__(self, "encoder_init", absolute(self.encoder_init))
         if self.size % 32:
             raise ConfigError(f"size must be a multiple of 32 (U-Net strides), got {self.size}")
         if not self.lr > 0 or self.warmup_steps < 0:
@@ -149,133 +118,129 @@ class SegmentConfig:
             in_channels=self.in_channels,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["pos_rate"] = list(self.pos_rate) if self.pos_rate is not None else None
-        return d
-
-
-@dataclass(kw_only=True)
-class _State:
-    """What changes as training goes: the loop's position and its history."""
-
-    step: int = 0
-    best_dice: float = -1.0
-    rows: list[dict[str, Any]]
-
-
-@dataclass(kw_only=True)
-class _Job:
-    """What stays fixed during a run: config, process, model and its optimizer."""
-
-    cfg: SegmentConfig
-    env: DistEnv
-    device: torch.device
-    run: RunDir
-    spe: int  # steps per epoch
-    total: int
-    meta: dict[str, Any]  # the checkpoint fields that do not change
-    model: nn.Module  # the plain module: checkpoints, validation
-    net: nn.Module  # what the training step calls: DDP-wrapped when distributed
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loss_fn: FocalDiceLoss
-    progress: Progress | None
-
 
 def train_segment(cfg: SegmentConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Train (or resume) a segmentation run; returns the final summary (see module doc).
+    """Train (or resume) a segmentation run; under torchrun every rank calls this.
 
-    Under torchrun every rank calls this; ``progress`` is called on rank 0 only, with
-    ``{"step", "total", "epoch", "loss", "images_per_s"}``.
-
-    Raises:
-        ConfigError: empty selection, a RUN that already holds a run (without ``resume``),
-            or a resume against other data or another model.
-        CheckpointError: ``resume`` without a checkpoint to resume from.
+    Returns the loop's summary (see :func:`training.loop.run`) with ``val_dice``,
+    ``val_dice_pos``, ``best_val_dice``, ``postprocess`` and ``postprocess_val_dice``.
     """
-    env = DistEnv.from_env()
-    device = setup_device(env)
-    try:
-        job = _setup(cfg, env, device, progress)
-        state = _start(job)
-        job.run.write_json(CONFIG_FILE, {**job.meta["config"], **_plan(job)})
-        log.info(
-            "training %d steps (%d x %d) from step %d", job.total, cfg.epochs, job.spe, state.step
+    return loop.run(SegmentTask(cfg), progress)
+
+
+class SegmentTask(Task):
+    """The U-Net on SIIM masks: model, step, validation, optimizer, post-processing."""
+
+    name = "segment"
+    best = ("val_dice", "max")
+    headline = ("train_loss", "val_loss", "val_dice", "val_dice_pos", "val_empty_dice")
+    panels = (
+        Panel(
+            "loss (10 x focal + Dice)",
+            (("train_loss", "training loss"), ("val_loss", "validation loss")),
+        ),
+        Panel(
+            "validation SIIM Dice (p > 0.5, training size)",
+            (
+                ("val_dice", "model, all images"),
+                ("val_dice_pos", "model, images with pneumothorax"),
+                ("val_empty_dice", "baseline: predict nothing"),
+            ),
+        ),
+        LR_PANEL,
+    )
+    schedule_on = "step"
+    cfg: SegmentConfig
+
+    def __init__(self, cfg: SegmentConfig) -> None:
+        super().__init__(cfg)
+        self.loss_fn = FocalDiceLoss(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight)
+
+    # --- the data: labelled rows, positives drawn at the configured rate
+
+    def loader(self, *, train: bool) -> LoaderConfig:
+        return self.cfg.loader(train=train)
+
+    def prepare_rows(self, rows: pa.Table, *, train: bool) -> pa.Table:
+        labelled = rows.filter(pc.is_valid(rows["has_ptx"]))
+        if labelled.num_rows < rows.num_rows:
+            log.warning(
+                "%d unlabelled rows left out of %s",
+                rows.num_rows - labelled.num_rows,
+                "training" if train else "validation",
+            )
+        return labelled
+
+    def pools(self, rows: pa.Table) -> dict[str, list[stream.Entry]]:
+        return stream.class_pools(stream.entries_from_table(rows), self.cfg.pos_rate)
+
+    # --- the model and its optimizer
+
+    def model_args(self) -> dict[str, Any]:
+        return unet_args(self.cfg.encoder, self.cfg.in_channels)
+
+    def build_model(self) -> torch.nn.Module:
+        return build_unet(self.cfg.in_channels, self.cfg.encoder)
+
+    def init_weights(self, model: torch.nn.Module) -> list[dict[str, Any]]:
+        if self.cfg.encoder_init is None:
+            return []
+        return load_encoder_weights(model, self.cfg.encoder_init).chain
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam(model.parameters(), lr=self.cfg.lr)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        warmup = self.cfg.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, warmup=warmup, total=total_steps)
         )
-        for epoch in range(state.step // job.spe, cfg.epochs):
-            stats = _train_epoch(job, state, epoch)
-            _end_epoch(job, state, epoch, stats)
+
+    # --- the step and the validation
+
+    def loss(self, job: Job, batch: dict[str, Any]) -> torch.Tensor:
+        images = images_to(job.device, batch["image"])
+        masks = batch["mask"].to(job.device, non_blocking=True)
+        return self.loss_fn(job.net(images), masks)
+
+    def validate(self, job: Job, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Loss and per-image pixel counts at probability 0.5 over this rank's val share."""
+        inter, pred_area, true_area, loss_sum, n = [], [], [], 0.0, 0
+        for batch in batches:
+            images = images_to(job.device, batch["image"])
+            masks = batch["mask"].to(job.device, non_blocking=True)
+            logits = job.model(images)
+            loss_sum += float(self.loss_fn(logits, masks)) * len(images)
+            n += len(images)
+            counts = overlap_counts(logits.float() > 0, masks > 0.5)  # logit 0 = prob 0.5
+            for acc, c in zip((inter, pred_area, true_area), counts, strict=True):
+                acc.append(c)
+        return {
+            "inter": inter,
+            "pred_area": pred_area,
+            "true_area": true_area,
+            "loss_sum": loss_sum,
+            "n": n,
+        }
+
+    def summarise(self, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """SIIM Dice and friends from every rank's validation counts."""
+        cat = {
+            k: np.concatenate([a for p in parts for a in p[k]] or [np.zeros(0, np.int64)])
+            for k in ("inter", "pred_area", "true_area")
+        }
+        dice = dice_from_counts(cat["inter"], cat["pred_area"], cat["true_area"])
+        out = siim_summary(dice, cat["true_area"])
+        n = sum(p["n"] for p in parts)
+        out["loss"] = sum(p["loss_sum"] for p in parts) / n if n else float("nan")
+        return out
+
+    # --- the end: the post-processing triplet
+
+    def finish(self, job: Job) -> dict[str, Any]:
         post, post_dice = _choose_postprocess(job)
         job.run.write_json(POSTPROCESS_FILE, {**post.to_dict(), "val_dice": post_dice})
-        last = state.rows[-1] if state.rows else {}
-        return {
-            "run": job.run.url,
-            "step": state.step,
-            "total_steps": job.total,
-            "best_val_dice": state.best_dice,
-            "val_dice": last.get("val_dice"),
-            "val_dice_pos": last.get("val_dice_pos"),
-            "postprocess": post.to_dict(),
-            "postprocess_val_dice": post_dice,
-        }
-    finally:
-        teardown(env)
-
-
-def _setup(cfg: SegmentConfig, env: DistEnv, device: torch.device, progress: Progress | None):
-    """Select the data, size the run, build model, optimizer and schedule."""
-    train_rows = select(cfg.dataset, cfg.where)
-    if train_rows.num_rows == 0:
-        raise ConfigError(f"--where {cfg.where!r} selects no rows in {cfg.dataset}")
-    spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * env.world_size)
-    if spe < 1:
-        raise ConfigError(
-            f"{train_rows.num_rows} training rows give no full batch of {cfg.batch_size} on "
-            f"{env.world_size} rank(s): lower --batch-size or pass --steps-per-epoch"
-        )
-    if select(cfg.dataset, cfg.val_where).num_rows == 0:
-        raise ConfigError(f"--val-where {cfg.val_where!r} selects no rows in {cfg.dataset}")
-    total = cfg.epochs * spe
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-    model = build_unet(cfg.in_channels, cfg.encoder)
-    if cfg.encoder_init and not cfg.resume:
-        load_encoder_weights(model, cfg.encoder_init)
-    if device.type == "cuda":
-        model = model.to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total)
-    )
-    meta = {
-        "task": "segment",
-        "model_args": ckpts.model_args(cfg.encoder, cfg.in_channels),
-        "steps_per_epoch": spe,
-        "total_steps": total,
-        "config": cfg.to_dict(),
-        "manifest_fingerprint": manifest.fingerprint(train_rows),
-        "train_rows": train_rows.num_rows,
-        "world_size": env.world_size,
-    }
-    net = model
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-    return _Job(
-        cfg=cfg,
-        env=env,
-        device=device,
-        run=RunDir(cfg.out, writer=env.is_main),
-        spe=spe,
-        total=total,
-        meta=meta,
-        model=model,
-        net=net,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss_fn=FocalDiceLoss(focal_weight=cfg.focal_weight, dice_weight=cfg.dice_weight),
-        progress=progress,
-    )
+        return {"postprocess": post.to_dict(), "postprocess_val_dice": post_dice}
 
 
 def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
@@ -286,205 +251,13 @@ def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.1) -> floa
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def _start(job: _Job) -> _State:
-    """A fresh run (RUN must not hold one), or the state of ``last.pt`` with ``resume``."""
-    cfg, run = job.cfg, job.run
-    if not cfg.resume:
-        if run.exists(ckpts.LAST):
-            raise ConfigError(
-                f"{run.url} already holds a run: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        return _State(rows=[])
-    ckpt = ckpts.load_checkpoint(cfg.out, "last")
-    _check_resumable(job, ckpt)
-    job.model.load_state_dict(ckpt["model"])
-    job.optimizer.load_state_dict(ckpt["optimizer"])
-    job.scheduler.load_state_dict(ckpt["scheduler"])
-    ckpts.set_rng_state(ckpt["rng"])
-    step = int(ckpt["step"])
-    # Epochs after the checkpoint's are redone: drop their lines, keep the earlier ones.
-    rows = [r for r in run.metrics() if r["epoch"] < step // job.spe]
-    log.info("resuming %s at step %d (epoch %d)", run.url, step, step // job.spe)
-    return _State(step=step, best_dice=float(ckpt["best_score"]), rows=rows)
-
-
-def _plan(job: _Job) -> dict[str, Any]:
-    keys = ("steps_per_epoch", "total_steps", "manifest_fingerprint", "train_rows", "world_size")
-    return {k: job.meta[k] for k in keys}
-
-
-def _check_resumable(job: _Job, ckpt: dict[str, Any]) -> None:
-    """Resuming only makes sense on the same rows, the same model and the same epochs."""
-    problems = []
-    for key in ("manifest_fingerprint", "model_args", "steps_per_epoch"):
-        if ckpt.get(key) != job.meta[key]:
-            problems.append(f"{key}: checkpoint {ckpt.get(key)!r}, now {job.meta[key]!r}")
-    if problems:
-        raise ConfigError(
-            f"cannot resume {job.run.url}: "
-            + "; ".join(problems)
-            + " (same --where, dataset, model, --batch-size and world size needed)"
-        )
-
-
-def _train_epoch(job: _Job, state: _State, epoch: int) -> dict[str, Any]:
-    """The rest of ``epoch``: exactly the same number of steps on every rank."""
-    cfg, env = job.cfg, job.env
-    job.model.train()
-    started, first = time.perf_counter(), state.step
-    loss_sum = torch.zeros((), device=job.device)
-    batches = train_batches(
-        cfg.loader(train=True),
-        rank=env.rank,
-        world_size=env.world_size,
-        epoch=epoch,
-        steps_per_epoch=job.spe,
-        total_steps=job.total,
-        start_step=state.step - epoch * job.spe,
-    )
-    for batch in islice(batches, (epoch + 1) * job.spe - state.step):
-        loss_sum += _train_step(job, batch)
-        state.step += 1
-        end_of_epoch = state.step == (epoch + 1) * job.spe
-        if env.is_main and state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-            job.run.put(ckpts.LAST, _checkpoint(job, state, {}))
-        if job.progress and env.is_main:
-            done, seconds = state.step - first, time.perf_counter() - started
-            job.progress(
-                {
-                    "step": state.step,
-                    "total": job.total,
-                    "epoch": epoch,
-                    "loss": float(loss_sum) / done,
-                    "images_per_s": done * cfg.batch_size * env.world_size / seconds,
-                }
-            )
-    if state.step != (epoch + 1) * job.spe:  # fail now: a short rank would hang the others
-        raise TrainingError(
-            f"rank {env.rank} got {state.step - first} batches in epoch {epoch}, expected "
-            f"{(epoch + 1) * job.spe - first}: the training stream ran short"
-        )
-    seconds = time.perf_counter() - started
-    return {"batches": state.step - first, "seconds": seconds, "loss_sum": loss_sum}
-
-
-def _train_step(job: _Job, batch: dict[str, Any]) -> torch.Tensor:
-    images = images_to(job.device, batch["image"])
-    masks = batch["mask"].to(job.device, non_blocking=True)
-    with autocast(job.device, job.cfg.amp):
-        logits = job.net(images)
-    loss = job.loss_fn(logits, masks)
-    job.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    job.optimizer.step()
-    job.scheduler.step()
-    return loss.detach()
-
-
-def _end_epoch(job: _Job, state: _State, epoch: int, stats: dict[str, Any]) -> None:
-    """Validate, log a metrics line, redraw the curves, write last.pt and maybe best.pt."""
-    env, cfg = job.env, job.cfg
-    sums = torch.stack([stats["loss_sum"], torch.tensor(float(stats["batches"])).to(job.device)])
-    if env.distributed:
-        dist.all_reduce(sums)
-    broadcast_state(env, job.model)  # evaluate exactly the weights the checkpoint holds
-    val = _validate(job, _val_batches(job, env.rank, env.world_size))
-    images = stats["batches"] * cfg.batch_size * env.world_size
-    row = {
-        "epoch": epoch,
-        "step": state.step,
-        "lr": job.scheduler.get_last_lr()[0],
-        "train_loss": float(sums[0] / sums[1]) if sums[1] else float("nan"),
-        "images_per_s": images / max(stats["seconds"], 1e-9),
-        "batches_per_rank": gather(env, stats["batches"]),
-        "time_s": stats["seconds"],
-        **{f"val_{k}": v for k, v in _summarise(gather(env, val)).items()},
-    }
-    state.rows.append(row)
-    job.run.write_metrics(state.rows)
-    improved = row["val_dice"] > state.best_dice
-    state.best_dice = max(state.best_dice, row["val_dice"])
-    if env.is_main:
-        job.run.put(ckpts.LAST, _checkpoint(job, state, row))
-        if improved:  # for inference only: no optimizer state, a third of the size
-            job.run.put(ckpts.BEST, _checkpoint(job, state, row, resumable=False))
-    log.info(
-        "epoch %d: train loss %.4f, val loss %.4f, val dice %.4f (positives %.4f)",
-        epoch,
-        row["train_loss"],
-        row["val_loss"],
-        row["val_dice"],
-        row["val_dice_pos"],
+def _val_batches(job: Job, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
+    return eval_batches(
+        job.cfg.loader(train=False), rank=rank, world_size=world_size, entries=job.val_entries
     )
 
 
-def _checkpoint(job: _Job, state: _State, val: dict[str, Any], *, resumable=True) -> bytes:
-    ckpt = {
-        "format": ckpts.FORMAT,
-        **job.meta,
-        "model": job.model.state_dict(),
-        "step": state.step,
-        "epoch": state.step // job.spe,
-        "best_score": state.best_dice,
-        "val": val,
-        "versions": ckpts.versions(),
-    }
-    if resumable:
-        ckpt["optimizer"] = job.optimizer.state_dict()
-        ckpt["scheduler"] = job.scheduler.state_dict()
-        ckpt["rng"] = ckpts.rng_state()
-    return ckpts.to_bytes(ckpt)
-
-
-def _val_batches(job: _Job, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
-    return eval_batches(job.cfg.loader(train=False), rank=rank, world_size=world_size)
-
-
-def _validate(job: _Job, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Loss and per-image pixel counts at probability 0.5 over this rank's share of val.
-
-    The plain module is used, never DDP: ranks may hold different numbers of val batches,
-    and DDP's forward would wait for the others.
-    """
-    model = job.model
-    model.eval()
-    inter, pred_area, true_area, loss_sum, n = [], [], [], 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            images = images_to(job.device, batch["image"])
-            masks = batch["mask"].to(job.device, non_blocking=True)
-            with autocast(job.device, job.cfg.amp):
-                logits = model(images)
-            loss_sum += float(job.loss_fn(logits, masks)) * len(images)
-            n += len(images)
-            counts = overlap_counts(logits.float() > 0, masks > 0.5)  # logit 0 = prob 0.5
-            for acc, c in zip((inter, pred_area, true_area), counts, strict=True):
-                acc.append(c)
-    model.train()
-    return {
-        "inter": inter,
-        "pred_area": pred_area,
-        "true_area": true_area,
-        "loss_sum": loss_sum,
-        "n": n,
-    }
-
-
-def _summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """SIIM Dice and friends from every rank's validation counts."""
-    cat = {
-        k: np.concatenate([a for p in parts for a in p[k]] or [np.zeros(0, np.int64)])
-        for k in ("inter", "pred_area", "true_area")
-    }
-    dice = dice_from_counts(cat["inter"], cat["pred_area"], cat["true_area"])
-    out = siim_summary(dice, cat["true_area"])
-    n = sum(p["n"] for p in parts)
-    out["loss"] = sum(p["loss_sum"] for p in parts) / n if n else float("nan")
-    return out
-
-
-def _choose_postprocess(job: _Job) -> tuple[PostProcess, float]:
+def _choose_postprocess(job: Job) -> tuple[PostProcess, float]:
     """The post-processing triplet maximising val SIIM Dice with the best weights.
 
     Rank 0 loads ``best.pt`` and broadcasts the weights; every rank counts its share of the

@@ -63,7 +63,7 @@ def demo_cmd(
         warmup_steps=10,
         workers=1,
         seed=seed,
-        resume=_has_checkpoint(run),
+        resume="auto",
     )
     result = run_training(train_cfg)
     typer.echo(f"3/4 trained: {train_line(result or {})}")
@@ -77,12 +77,6 @@ def demo_cmd(
         f"{summary['n_positive']} positive):"
     )
     typer.echo(dice_table([("No additional pretrain (U-Net, ResNet-34)", summary)]))
-
-
-def _has_checkpoint(run: str) -> bool:
-    from shards.store import open_store
-
-    return open_store(run).exists("checkpoints/last.pt")
 
 
 def dice_table(rows: list[tuple[str, dict[str, Any]]]) -> str:

@@ -45,10 +45,18 @@ def evaluate_segment_cmd(
     )
     with ProgressBar("evaluate", unit="img") as bar:
         summary = evaluate_segment(cfg, progress=lambda p: bar.update_to(p["images"]))
+    summary = {**summary, "init": _init_line(run, checkpoint)}
     if fmt == "json":
         typer.echo(json.dumps(summary, default=str))
     else:
         print_summary(summary, sys.stdout)
+
+
+def _init_line(run: str, checkpoint: str) -> str:
+    """Where the evaluated weights started: the checkpoint's init chain, in one line."""
+    from training.checkpoint import init_line, load_checkpoint
+
+    return init_line(load_checkpoint(run, checkpoint).get("init", []))
 
 
 def print_summary(summary: dict[str, Any], out: Any) -> None:

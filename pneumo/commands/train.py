@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from typing import Annotated, Any
 
 import typer
+from tqdm import tqdm
 
 from pneumo.commands.options import BatchSize, DatasetArg, LoaderWorkers, Size
 from pneumo.render import ProgressBar, fail_on_errors
 from shards.errors import ConfigError
 
 app = typer.Typer(help="Train models from a dataset's shards.", no_args_is_help=True)
+
+Out = Annotated[
+    str, typer.Option(help="Run folder or s3:// prefix for checkpoints, metrics and plots.")
+]
+Epochs = Annotated[int, typer.Option(help="Epochs.", min=1)]
+StepsPerEpoch = Annotated[
+    int | None,
+    typer.Option(help="Steps per epoch. Default: training rows // (batch size x processes)."),
+]
+Seed = Annotated[int, typer.Option(help="Seed for init, sampling and augmentation.")]
+Resume = Annotated[
+    str,
+    typer.Option(
+        "--resume",
+        is_flag=False,
+        flag_value="always",
+        help="auto: continue the run in --out if it holds a checkpoint, else start fresh; "
+        "never: refuse a --out that holds one; always (or a bare --resume): it must.",
+    ),
+]
+InChannels = Annotated[int, typer.Option(help="1 (grey) or 3 (grey replicated).")]
+CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)]
+AllowOverlap = Annotated[
+    bool,
+    typer.Option(
+        "--allow-overlap",
+        help="Train even when training patients are in the SIIM val/test rows (recorded).",
+    ),
+]
 
 
 def parse_pos_rate(text: str | None) -> tuple[float, float] | None:
@@ -31,9 +63,7 @@ def parse_pos_rate(text: str | None) -> tuple[float, float] | None:
 @fail_on_errors
 def train_segment_cmd(
     dataset: DatasetArg,
-    out: Annotated[
-        str, typer.Option(help="Run folder or s3:// prefix for checkpoints, metrics and plots.")
-    ],
+    out: Out,
     where: Annotated[
         str | None,
         typer.Option(help="Training rows (manifest filter). Default: labelled SIIM train split."),
@@ -44,17 +74,14 @@ def train_segment_cmd(
     size: Size = 512,
     batch_size: BatchSize = 8,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
-    epochs: Annotated[int, typer.Option(help="Epochs.", min=1)] = 10,
-    steps_per_epoch: Annotated[
-        int | None,
-        typer.Option(help="Steps per epoch. Default: training rows // (batch size x processes)."),
-    ] = None,
+    epochs: Epochs = 10,
+    steps_per_epoch: StepsPerEpoch = None,
     workers: LoaderWorkers = 2,
     encoder_init: Annotated[
         str | None,
         typer.Option(
-            help="ResNet-34 weights for the encoder: our classifier checkpoint, or a "
-            "torchvision/timm state dict (file or s3://)."
+            help="Encoder weights on a fresh start: a `train classify` RUN (its best.pt), a "
+            "checkpoint, or a torchvision/timm ResNet state dict (file or s3://)."
         ),
     ] = None,
     pos_rate: Annotated[
@@ -64,15 +91,14 @@ def train_segment_cmd(
             "is fixed, 'none' keeps the data's rate."
         ),
     ] = "0.8:0.4",
-    seed: Annotated[int, typer.Option(help="Seed for init, sampling and augmentation.")] = 0,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
-    ] = False,
-    in_channels: Annotated[int, typer.Option(help="1 (grey) or 3 (grey replicated).")] = 1,
+    seed: Seed = 0,
+    resume: Resume = "auto",
+    in_channels: InChannels = 1,
     focal_weight: Annotated[float, typer.Option(help="Weight of the focal loss.")] = 10.0,
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice loss.")] = 1.0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)] = 500,
+    checkpoint_every: CheckpointEvery = 500,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)] = 100,
+    allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train the U-Net (ResNet-34 encoder) on a dataset's shards; torchrun for several GPUs."""
     from training.segment import SegmentConfig
@@ -95,6 +121,7 @@ def train_segment_cmd(
         dice_weight=dice_weight,
         checkpoint_every=checkpoint_every,
         warmup_steps=warmup_steps,
+        allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )
     result = run_training(cfg)
@@ -107,27 +134,70 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
-def run_training(cfg: Any) -> dict[str, Any] | None:
+def run_training(cfg: Any, train: Any = None) -> dict[str, Any] | None:
+    """``train(cfg)`` (default: ``train_segment``) with progress on rank 0; other ranks
+    log warnings only."""
     from training.runs import DistEnv
-    from training.segment import train_segment
+
+    if train is None:
+        from training.segment import train_segment as train
 
     if DistEnv.from_env().rank != 0:  # one progress bar and one log, from rank 0
         logging.getLogger().setLevel(logging.WARNING)
-        train_segment(cfg)
+        train(cfg)
         return None
-    with ProgressBar("train segment", unit="step") as bar:
-        return train_segment(
-            cfg,
-            progress=lambda p: bar.update_to(
-                p["step"], p["total"], loss=f"{p['loss']:.4f}", img_s=f"{p['images_per_s']:.1f}"
-            ),
+    with ProgressBar(f"train {cfg.out.rstrip('/').rsplit('/', 1)[-1]}", unit="step") as bar:
+        return train(cfg, progress=TrainProgress(bar))
+
+
+class TrainProgress:
+    """Renders the loop's progress: the bar (epoch, step, loss, images/s) on a terminal, and
+    one line per epoch with the validation figures (the only output without a terminal)."""
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self.bar = bar
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        if p.get("event") == "epoch":
+            tqdm.write(epoch_line(p), file=sys.stderr)
+            return
+        self.bar.update_to(
+            p["step"],
+            p["total"],
+            epoch=f"{p['epoch'] + 1}/{p['epochs']}",
+            loss=f"{p['loss']:.4f}",
+            img_s=f"{p['images_per_s']:.1f}",
         )
 
 
-def train_line(result: dict[str, Any]) -> str:
+def epoch_line(p: dict[str, Any]) -> str:
+    """``epoch 2/10 step 200 train_loss 0.41 val_loss 0.52 val_auroc 0.81 ... 95.2 img/s``."""
+    figures = "  ".join(f"{k} {_fmt(p.get(k))}" for k in p.get("headline", ()))
     return (
-        f"step {result.get('step')}/{result.get('total_steps')}, val Dice "
-        f"{result.get('val_dice', float('nan')):.4f} at p > 0.5, "
-        f"{result.get('postprocess_val_dice', float('nan')):.4f} with the post-processing "
+        f"epoch {p['epoch'] + 1}/{p['epochs']}  step {p['step']}  {figures}  "
+        f"lr {p['lr']:.3g}  {p['images_per_s']:.1f} img/s"
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def train_line(result: dict[str, Any]) -> str:
+    """The last line of a training command: where the run is and how good it got."""
+    head = f"step {result.get('step')}/{result.get('total_steps')}"
+    if result.get("task") == "classify":
+        return (
+            f"{head}, val AUROC {_fmt(result.get('val_auroc'))} (best "
+            f"{_fmt(result.get('best_score'))}), balanced accuracy "
+            f"{_fmt(result.get('val_balanced_accuracy'))}, accuracy "
+            f"{_fmt(result.get('val_accuracy'))} vs majority rate "
+            f"{_fmt(result.get('val_majority_rate'))} -> {result.get('run')}"
+        )
+    return (
+        f"{head}, val Dice {_fmt(result.get('val_dice'))} at p > 0.5, "
+        f"{_fmt(result.get('postprocess_val_dice'))} with the post-processing "
         f"chosen on val -> {result.get('run')}"
     )

@@ -1,4 +1,4 @@
-"""The U-Net, its encoder initialisation from other code's ResNet-34 weights, and the loss."""
+"""The U-Net and the classifier, encoder transfer from other code's ResNet-34 weights, the loss."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import timm
 import torch
 import torchvision
 
+from training.checkpoint import weights_sha256
 from training.losses import FocalDiceLoss
-from training.model import EncoderWeightsError, build_unet, load_encoder_weights, predict_proba
+from training.model import EncoderWeightsError, build_classifier, build_unet, predict_proba
+from training.transfer import load_encoder_weights
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +35,13 @@ def test_unet_maps_a_grey_image_to_one_logit_channel() -> None:
     assert model.encoder.conv1.weight.shape == (64, 1, 7, 7)
 
 
-def test_torchvision_state_dict_loads_into_the_encoder(
-    torchvision_resnet34: dict[str, torch.Tensor], tmp_path: Path
+def test_a_3_channel_torchvision_state_dict_loads_with_conv1_summed(
+    torchvision_resnet34: dict[str, torch.Tensor], tmp_path: Path, caplog
 ) -> None:
     model = build_unet()
     before = model.encoder.layer3[0].conv1.weight.clone()
-    report = load_encoder_weights(model, save(torchvision_resnet34, tmp_path / "tv.pt"))
+    init = load_encoder_weights(model, save(torchvision_resnet34, tmp_path / "tv.pt"))
+    report = init.report
     enc = model.encoder.state_dict()
     assert torch.equal(enc["layer3.0.conv1.weight"], torchvision_resnet34["layer3.0.conv1.weight"])
     assert not torch.equal(enc["layer3.0.conv1.weight"], before)
@@ -46,8 +49,13 @@ def test_torchvision_state_dict_loads_into_the_encoder(
     expected = torchvision_resnet34["conv1.weight"].sum(1, keepdim=True)
     assert torch.allclose(enc["conv1.weight"], expected)
     assert report.adapted == ["conv1.weight"]
-    assert report.missing == [] and report.unexpected == []  # fc.* dropped, not unexpected
+    assert "summed over channels" in caplog.text  # warned, not silent
+    assert report.unexpected == []  # fc.* dropped, not unexpected
     assert len(report.loaded) == len(enc)
+    # The init chain names the file and the hash of its weights; the chain ends there.
+    assert init.chain == [
+        {"source": str(tmp_path / "tv.pt"), "sha256": weights_sha256(torchvision_resnet34)}
+    ]
 
 
 def test_timm_state_dict_loads_into_the_encoder(tmp_path: Path) -> None:
@@ -68,7 +76,7 @@ def test_classifier_checkpoint_with_prefixes_and_extra_keys(
     wrapped["module.projector.weight"] = torch.zeros(3)
     ckpt = {"model": wrapped, "step": 7, "config": {"task": "classify"}}
     model = build_unet(in_channels=3)
-    report = load_encoder_weights(model, save(ckpt, tmp_path / "cls.pt"))
+    report = load_encoder_weights(model, save(ckpt, tmp_path / "cls.pt")).report
     enc = model.encoder.state_dict()
     assert torch.equal(enc["conv1.weight"], torchvision_resnet34["conv1.weight"])  # 3 channels
     assert report.adapted == []
@@ -97,8 +105,24 @@ def test_a_state_dict_of_something_else_is_refused(tmp_path: Path) -> None:
 
 def test_another_resnet_is_refused_by_shape(tmp_path: Path) -> None:
     resnet50 = torchvision.models.resnet50(weights=None).state_dict()
-    with pytest.raises(EncoderWeightsError, match="wrong shape"):
+    with pytest.raises(EncoderWeightsError, match="wrong shape.*layer1.0.conv1.weight"):
         load_encoder_weights(build_unet(), save(resnet50, tmp_path / "r50.pt"))
+
+
+def test_a_partial_state_dict_is_refused_naming_the_missing_keys(
+    torchvision_resnet34: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    partial = {k: v for k, v in torchvision_resnet34.items() if not k.startswith("layer4.")}
+    with pytest.raises(EncoderWeightsError, match=r"not in it.*'layer4\.0\.bn1\.bias'"):
+        load_encoder_weights(build_unet(), save(partial, tmp_path / "partial.pt"))
+
+
+def test_the_classifier_has_the_unet_encoders_layout() -> None:
+    classifier = build_classifier("resnet34", in_channels=1, num_classes=2)
+    trunk = {k for k in classifier.state_dict() if not k.startswith("fc.")}
+    assert trunk == set(build_unet().encoder.state_dict())
+    assert classifier.conv1.weight.shape == (64, 1, 7, 7)
+    assert classifier(torch.rand(2, 1, 64, 64)).shape == (2, 2)
 
 
 def test_unreadable_or_missing_files_are_clear_errors(tmp_path: Path) -> None:

@@ -1,18 +1,21 @@
-"""``train_segment`` end to end on CPU: it learns, it resumes, it runs on two gloo ranks."""
+"""``train_segment`` end to end on CPU: it learns, it resumes, it pins its rows, it refuses to
+resume with other settings, and it runs on two gloo ranks."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import boto3
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks_helper import run_ranks
 
 from ingest.batch import BatchConfig
 from ingest.demo import write_siim_demo
@@ -58,6 +61,13 @@ def metrics(run: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def reference(demo: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted small run, the yardstick of the resume and pinning tests."""
+    cfg = small(demo, tmp_path_factory.mktemp("reference") / "run")
+    return {"cfg": cfg, "result": train_segment(cfg), "metrics": metrics(cfg.out)}
+
+
 @pytest.mark.slow
 def test_a_short_run_learns_more_than_predicting_nothing(demo: str, tmp_path: Path) -> None:
     # ResNet-34, the report's model, with the default pos_rate 0.8 -> 0.4.
@@ -90,14 +100,19 @@ def test_a_short_run_learns_more_than_predicting_nothing(demo: str, tmp_path: Pa
     post = json.loads((tmp_path / "run" / "postprocess.json").read_text())
     assert post["val_dice"] >= best - 1e-9  # the plain 0.5 threshold is in the grid
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["total_steps"] == 60
-    assert [r["step"] for r in reports] == list(range(1, 61))
-    assert reports[-1]["total"] == 60 and reports[-1]["images_per_s"] > 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["total_steps"] == 60 and config["init"] == [{"source": "random", "seed": 0}]
+    steps = [r for r in reports if r["event"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, 61))
+    assert steps[-1]["total"] == 60 and steps[-1]["epochs"] == 4
+    epochs = [r for r in reports if r["event"] == "epoch"]
+    assert [r["val_dice"] for r in epochs] == [r["val_dice"] for r in rows]
 
     last = load_checkpoint(cfg.out, "last")
-    train = select(demo, cfg.where)
-    assert last["manifest_fingerprint"] == manifest.fingerprint(train)
+    assert last["fingerprints"]["train"] == manifest.fingerprint(select(demo, cfg.where))
+    assert last["fingerprints"]["val"] == manifest.fingerprint(val)
     assert last["config"] == cfg.to_dict() and last["step"] == 60 and last["epoch"] == 4
+    assert last["task"] == "segment" and last["best_metric"] == "val_dice"
     assert {"optimizer", "scheduler", "rng"} <= set(last)
     best_ckpt = load_checkpoint(cfg.out, "best")
     assert "optimizer" not in best_ckpt and best_ckpt["val"]["val_dice"] == best
@@ -108,32 +123,111 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.slow
-def test_resume_continues_where_the_run_stopped(demo: str, tmp_path: Path) -> None:
-    whole = small(demo, tmp_path / "whole")
-    expected = train_segment(whole)
-
-    broken = replace(whole, out=str(tmp_path / "broken"))
-
-    def crash_at_step_7(report: dict[str, Any]) -> None:
-        if report["step"] == 7:  # last.pt was written at step 6 (checkpoint_every=3)
+def crash_at(step: int):
+    def progress(report: dict[str, Any]) -> None:
+        if report["event"] == "step" and report["step"] == step:
             raise Crash
 
-    with pytest.raises(Crash):
-        train_segment(broken, progress=crash_at_step_7)
+    return progress
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_where_the_run_stopped(
+    reference: dict[str, Any], tmp_path: Path
+) -> None:
+    broken = replace(reference["cfg"], out=str(tmp_path / "broken"))
+    with pytest.raises(Crash):  # last.pt was written at step 6 (checkpoint_every=3)
+        train_segment(broken, progress=crash_at(7))
     before = metrics(broken.out)
     assert [r["epoch"] for r in before] == [0]
     assert load_checkpoint(broken.out, "last")["step"] == 6
 
-    result = train_segment(replace(broken, resume=True))
-    assert result["step"] == expected["step"] == 8
-    rows, reference = metrics(broken.out), metrics(whole.out)
+    result = train_segment(broken)  # the same call: resume="auto" finds last.pt
+    assert result["step"] == reference["result"]["step"] == 8
+    rows, whole = metrics(broken.out), reference["metrics"]
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[0] == before[0]  # the line written before the crash, kept as it was
     # Same batches, same weights: the resumed run validates exactly like the whole one.
     for key in ("val_dice", "val_loss", "val_dice_pos", "lr", "step"):
-        assert rows[1][key] == pytest.approx(reference[1][key]), key
-    assert result["postprocess"] == expected["postprocess"]
+        assert rows[1][key] == pytest.approx(whole[1][key]), key
+    assert result["postprocess"] == reference["result"]["postprocess"]
+
+
+def _commit_batch(dataset: str, write_shards) -> None:
+    """A second SIIM batch: 12 healthy train and 6 val images of a flat grey."""
+    rows = [
+        {
+            "key": f"late{i:02d}", "image_id": f"late.{i}", "dataset": "siim",
+            "split": "val" if i % 3 == 0 else "train", "has_ptx": False,
+            "rows": 64, "cols": 64, "content_sha256": f"{i:064x}",
+        }
+        for i in range(18)
+    ]  # fmt: skip
+    ok, png = cv2.imencode(".png", np.full((64, 64), 90, np.uint8))
+    members = {"png": png.tobytes(), "json": b"{}"}
+    write_shards(
+        Path(dataset), rows, lambda row: members, per_shard=8, one_shard=False, batch="late"
+    )
+
+
+@pytest.mark.slow
+def test_a_batch_committed_during_training_changes_nothing(
+    reference: dict[str, Any], demo: str, tmp_path: Path, write_shards
+) -> None:
+    dataset = shutil.copytree(demo, tmp_path / "dataset")
+    cfg = replace(reference["cfg"], dataset=str(dataset), out=str(tmp_path / "run"))
+    before = select(cfg.dataset, cfg.where)
+
+    def commit_after_the_first_step(report: dict[str, Any]) -> None:
+        if report["event"] == "step" and report["step"] == 1:
+            _commit_batch(cfg.dataset, write_shards)
+
+    train_segment(cfg, progress=commit_after_the_first_step)
+    assert select(cfg.dataset, cfg.where).num_rows == before.num_rows + 12  # it did land
+    pinned = pq.read_table(Path(cfg.out) / "rows" / "train.parquet")
+    assert sorted(pinned["key"].to_pylist()) == sorted(before["key"].to_pylist())
+    for row, ref in zip(metrics(cfg.out), reference["metrics"], strict=True):
+        assert row["val_n_images"] == ref["val_n_images"]
+        for key in ("train_loss", "val_loss", "val_dice"):
+            assert row[key] == pytest.approx(ref[key]), key
+    # A resumed run reads its pinned rows back, not the manifest of today.
+    assert train_segment(cfg)["val_n_images"] == reference["metrics"][-1]["val_n_images"]
+
+
+def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train_segment(small(demo, tmp_path / "empty", resume="always"))
+    cfg = small(demo, tmp_path / "run", epochs=1, steps_per_epoch=1)
+    train_segment(cfg)
+    with pytest.raises(ConfigError, match="already holds a run.*--resume auto"):
+        train_segment(replace(cfg, resume="never"))
+    changes = {
+        "--where": dict(where="split == 'train' and has_ptx"),
+        "--seed": dict(seed=1),
+        "--workers": dict(workers=1),
+        "--pos-rate": dict(pos_rate=(0.5, 0.5)),
+        "--size": dict(size=96),
+        "--batch-size": dict(batch_size=2),
+        "--encoder": dict(encoder="resnet34"),
+        "--encoder-init": dict(encoder_init=str(tmp_path / "weights.pt")),
+        "--dataset": dict(dataset=str(tmp_path)),
+    }
+    for option, change in changes.items():
+        with pytest.raises(ConfigError, match=f"cannot resume .*{option} ") as err:
+            train_segment(replace(cfg, **change))
+        assert "\n" not in str(err.value) and str(err.value).count("(now") == 1, option
+    # Settings that change nothing computed may differ.
+    assert train_segment(replace(cfg, checkpoint_every=7))["step"] == 1
+
+
+def test_a_relative_dataset_is_recorded_absolute(
+    demo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(demo).parent)
+    cfg = small("dataset", "run")
+    assert cfg.dataset == demo and Path(cfg.dataset).is_absolute()
+    s3 = small("s3://bucket/dataset", "run")
+    assert s3.dataset == "s3://bucket/dataset"
 
 
 @pytest.mark.slow
@@ -147,35 +241,17 @@ def test_a_run_in_s3_resumes_from_its_checkpoint(demo: str, s3_bucket: str) -> N
         checkpoint_every=1,
         encoder="mobilenet_v2",
     )
-
-    def crash_at_step_2(report: dict[str, Any]) -> None:
-        if report["step"] == 2:  # after last.pt of step 1, before the epoch end
-            raise Crash
-
-    with pytest.raises(Crash):
-        train_segment(cfg, progress=crash_at_step_2)
+    with pytest.raises(Crash):  # after last.pt of step 1, before the epoch end
+        train_segment(cfg, progress=crash_at(2))
     assert load_checkpoint(cfg.out, "last")["step"] == 1
-    result = train_segment(replace(cfg, resume=True))
+    result = train_segment(cfg)
     assert result["step"] == 2
     assert load_checkpoint(cfg.out, "best")["step"] == 2
     bucket = s3_bucket.removeprefix("s3://")
     listed = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix="runs/r1/")
     names = {o["Key"].removeprefix("runs/r1/") for o in listed["Contents"]}
     assert {"config.json", "metrics.jsonl", "curves.png", "postprocess.json"} <= names
-
-
-def test_a_run_folder_is_never_overwritten_or_resumed_on_other_data(
-    demo: str, tmp_path: Path
-) -> None:
-    with pytest.raises(CheckpointError, match="last.pt"):
-        train_segment(small(demo, tmp_path / "empty", resume=True))
-    cfg = small(demo, tmp_path / "run", epochs=1, steps_per_epoch=1)
-    train_segment(cfg)
-    with pytest.raises(ConfigError, match="--resume"):
-        train_segment(cfg)
-    other = replace(cfg, where="split == 'train' and has_ptx", resume=True)
-    with pytest.raises(ConfigError, match="manifest_fingerprint"):
-        train_segment(other)
+    assert {"rows/train.parquet", "rows/val.parquet"} <= names
 
 
 def test_config_is_checked_on_construction() -> None:
@@ -187,6 +263,8 @@ def test_config_is_checked_on_construction() -> None:
         small("data", "run", batch_size=0)
     with pytest.raises(ConfigError, match="dice_weight"):
         small("data", "run", focal_weight=0, dice_weight=0)
+    with pytest.raises(ConfigError, match="--resume 'yes'"):
+        small("data", "run", resume="yes")
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
@@ -196,30 +274,11 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world_size: int, port: int, cfg: SegmentConfig) -> None:
-    # What torchrun sets for each process.
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
-    train_segment(cfg)
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_on_one_shard_take_equal_steps(one_shard_dataset, tmp_path: Path) -> None:
     """30 labelled training images in a single shard, 2 ranks: neither may run short."""
     cfg = small(one_shard_dataset.url, tmp_path / "ddp", steps_per_epoch=None)
-    mp.spawn(_rank_main, args=(2, _free_port(), cfg), nprocs=2, join=True)
+    run_ranks(train_segment, cfg, world_size=2)
 
     rows = metrics(cfg.out)
     labelled_train = len(one_shard_dataset.keys("train"))
