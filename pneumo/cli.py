@@ -29,6 +29,7 @@ app.command("manifest")(manifest.manifest_cmd)
 app.command("demo-data")(ingest.demo_data_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("demo")(demo.demo_cmd)
+train.app.command("autoencode")(unsup.train_autoencode_cmd)
 app.command("embed")(unsup.embed_cmd)
 app.command("cluster")(unsup.cluster_cmd)
 

@@ -36,7 +36,7 @@ STRIDE = 2 ** len(CHANNELS)  # the image side must be a multiple of this
 def _down(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        nn.GroupNorm(8, c_out),
         nn.LeakyReLU(0.2, inplace=True),
     )
 
@@ -44,7 +44,7 @@ def _down(c_in: int, c_out: int) -> nn.Sequential:
 def _up(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
         nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
+        nn.GroupNorm(8, c_out),
         nn.LeakyReLU(0.2, inplace=True),
     )
 

@@ -1,4 +1,5 @@
-"""``pneumo embed`` and ``pneumo cluster``: autoencoder embeddings into pseudo-labels."""
+"""``pneumo train autoencode``, ``pneumo embed`` and ``pneumo cluster``: unlabelled images
+into autoencoder embeddings into pseudo-labels (for ``pneumo train classify --labels``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,81 @@ from typing import Annotated, Any
 import typer
 
 from pneumo.commands.options import BatchSize, DatasetArg, LoaderWorkers, RunArg
+from pneumo.commands.train import (
+    AllowOverlap,
+    CheckpointEvery,
+    Epochs,
+    Out,
+    Resume,
+    Seed,
+    StepsPerEpoch,
+    _fmt,
+    _given,
+    run_training,
+)
 from pneumo.render import ProgressBar, fail_on_errors
+
+
+@fail_on_errors
+def train_autoencode_cmd(
+    dataset: DatasetArg,
+    out: Out,
+    kind: Annotated[str, typer.Option(help="ae (BCE) | vae (β-VAE: ELBO).")],
+    where: Annotated[
+        str | None,
+        typer.Option(help="Training rows (unlabelled too). Default: the train split."),
+    ] = None,
+    val_where: Annotated[
+        str | None, typer.Option(help="Validation rows. Default: the val split.")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Square input side (multiple of 32).")] = 256,
+    latent_dim: Annotated[int, typer.Option(help="Length of the code (the VAE's mu).")] = 128,
+    beta: Annotated[float, typer.Option(help="β: the KL's weight in the ELBO.")] = 4.0,
+    kl_anneal_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Steps to grow the KL weight from 0 to β. Default: a quarter of the run."
+        ),
+    ] = None,
+    batch_size: BatchSize = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
+    epochs: Epochs = 10,
+    steps_per_epoch: StepsPerEpoch = None,
+    workers: LoaderWorkers = 2,
+    seed: Seed = 0,
+    resume: Resume = "auto",
+    checkpoint_every: CheckpointEvery = 500,
+    allow_overlap: AllowOverlap = False,
+) -> None:
+    """Train a convolutional autoencoder or β-VAE on a dataset's images (no labels read)."""
+    from training.autoencode import AutoencodeConfig, train_autoencode
+
+    cfg = AutoencodeConfig(
+        dataset=dataset,
+        out=out,
+        kind=kind,
+        size=size,
+        latent_dim=latent_dim,
+        beta=beta,
+        kl_anneal_steps=kl_anneal_steps,
+        batch_size=batch_size,
+        lr=lr,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        workers=workers,
+        seed=seed,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        allow_overlap=allow_overlap,
+        **_given(where=where, val_where=val_where),
+    )
+    result = run_training(cfg, train=train_autoencode)
+    if result is not None:
+        typer.echo(
+            f"step {result['step']}/{result['total_steps']}, val loss "
+            f"{_fmt(result.get('val_loss'))} (best {_fmt(result.get('best_score'))}), PSNR "
+            f"{_fmt(result.get('val_psnr'))} dB -> {result['run']}"
+        )
 
 
 @fail_on_errors

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from shards.errors import ConfigError
+from training.autoencode import AutoencodeConfig, train_autoencode
 from training.autoencoders import (
     Autoencoder,
     autoencoder_loss,
@@ -117,3 +124,45 @@ def test_bad_model_arguments() -> None:
         Autoencoder(kind="ae", size=100, latent_dim=8)
     with pytest.raises(ConfigError, match="--kind"):
         Autoencoder(kind="gan", size=64, latent_dim=8)
+
+
+# ---------------------------------------------------------------- the training task
+
+
+def run_autoencode(dataset: str, out: Path, kind: str, **changes: Any) -> dict[str, Any]:
+    cfg = AutoencodeConfig(
+        dataset=dataset, out=str(out), kind=kind, size=64, batch_size=4, latent_dim=8,
+        epochs=3, steps_per_epoch=4, workers=0, lr=3e-3, beta=1.0, kl_anneal_steps=6,
+        **changes,
+    )  # fmt: skip
+    return train_autoencode(cfg)
+
+
+def metrics(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_training_lowers_the_loss_and_draws_reconstructions(tmp_path: Path, dataset, kind) -> None:
+    result = run_autoencode(dataset.url, tmp_path / "run", kind)
+    rows = metrics(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]  # the ELBO with the full β for the VAE
+    if kind == "vae":
+        assert len(rows[-1]["val_kl_per_dim"]) == 8
+        assert sum(rows[-1]["val_kl_per_dim"]) == pytest.approx(rows[-1]["val_kl"], rel=1e-3)
+        assert 0 <= rows[-1]["val_active_dims"] <= 8
+    else:
+        assert rows[-1]["val_kl"] == 0.0
+        assert rows[-1]["val_psnr"] > rows[0]["val_psnr"]
+    # Unlabelled rows are trained on: the pinned training rows keep them.
+    pinned = pq.read_table(tmp_path / "run" / "rows" / "train.parquet")
+    assert pinned.num_rows == 32 and pinned.column("has_ptx").null_count == 2
+    png = cv2.imdecode(
+        np.frombuffer((tmp_path / "run" / "reconstructions.png").read_bytes(), np.uint8), 0
+    )
+    assert png is not None and png.shape[1] > png.shape[0]  # two rows of eight
+    assert result["reconstructions"].endswith("reconstructions.png")
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
+    assert best["task"] == "autoencode" and best["model_args"]["kind"] == kind
