@@ -21,21 +21,20 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards import manifest, stream
 from shards.errors import ConfigError, PneumoError
 from shards.store import open_store, read_url
 from training import checkpoint as ckpts
 from training.autoencoders import Autoencoder, build_autoencoder
-from training.data import LoaderConfig, collate, select
+from training.data import LoaderConfig, eval_batches, select
 from training.runs import DistEnv, autocast, gather, images_to, setup_device, teardown
 from training.tables import write_json
 
@@ -73,24 +72,6 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
-
-
-class _Batches(IterableDataset):
-    """This rank's share of ``entries``, each sample once, decoded and collated."""
-
-    def __init__(self, loader: LoaderConfig, entries: list, spec: stream.EvalSpec) -> None:
-        self.loader, self.entries, self.spec = loader, entries, spec
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker = 0 if info is None else info.id
-        store = open_store(self.loader.dataset, create=False)
-        for samples in stream.eval_stream(store, self.entries, self.spec, worker):
-            yield collate(samples, self.loader, None)
-
-
-def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
-    return batch
 
 
 def embed(cfg: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -196,17 +177,7 @@ def _embed_rank(
         augment=False,
     )
     entries = stream.entries_from_table(rows.select(stream.ENTRY_COLUMNS))
-    spec = stream.EvalSpec(
-        rank=env.rank, world_size=env.world_size, workers=loader.stream_workers,
-        batch_size=cfg.batch_size,
-    )  # fmt: skip
-    batches = DataLoader(
-        _Batches(loader, entries, spec),
-        batch_size=None,
-        collate_fn=_as_is,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-    )
+    batches = eval_batches(loader, rank=env.rank, world_size=env.world_size, entries=entries)
     keys: list[str] = []
     parts: list[np.ndarray] = []
     with torch.no_grad():
