@@ -5,12 +5,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -115,3 +119,28 @@ def test_a_segmentation_checkpoint_is_refused(tmp_path: Path, dataset) -> None:
         embed(EmbedConfig(run=str(tmp_path / "run"), dataset=dataset.url, out=str(tmp_path / "e")))
     with pytest.raises(ckpts.CheckpointError, match="no autoencoder checkpoint"):
         embed(EmbedConfig(run=str(tmp_path), dataset=dataset.url, out=str(tmp_path / "e")))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_torchrun_ranks_write_one_part_each(tmp_path: Path, dataset, free_port: int) -> None:
+    run, _ = write_run(tmp_path / "run", "vae")
+    bin_dir = Path(sys.executable).parent
+    script = shutil.which("pneumo", path=str(bin_dir))
+    assert script, "the pneumo console script is installed next to the interpreter"
+    out = tmp_path / "emb"
+    proc = subprocess.run(
+        [
+            str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port),
+            script, "embed", run, dataset.url, "--out", str(out), "--workers", "0",
+            "--batch-size", "4",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    parts = sorted(p.name for p in out.glob("*.parquet"))
+    assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    per_part = [pq.read_table(out / p).column("key").to_pylist() for p in parts]
+    assert all(per_part) and not set(per_part[0]) & set(per_part[1])
+    assert set(per_part[0]) | set(per_part[1]) == {r["key"] for r in dataset.rows}
+    assert json.loads((out / "_embed.json").read_text())["rows"] == 40
