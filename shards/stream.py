@@ -295,14 +295,23 @@ def positive_rate(spec: TrainSpec, step: int) -> float:
 def batch_draws(
     spec: TrainSpec, step: int, pools: Mapping[str, Any]
 ) -> tuple[list[str], list[int]]:
-    """Which pool each sample of batch ``step`` comes from, and its augmentation seed."""
+    """Which pool each sample of batch ``step`` comes from, and its augmentation seed.
+
+    One pool ``all``: every draw from it. ``pos``/``neg`` with a ``pos_rate``: a positive
+    with :func:`positive_rate`. Other pools (the N classes of a classifier, named by the
+    caller): each draw picks a pool uniformly, so every class is drawn equally often
+    whatever its size (the two-class case is a positive rate of one half).
+    """
     rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, step, _BATCH])
     uniform = rng.random(spec.batch_size)
     seeds = [int(s) for s in rng.integers(0, 2**32, size=spec.batch_size, dtype=np.uint64)]
     if ALL in pools:
         return [ALL] * spec.batch_size, seeds
-    p = positive_rate(spec, step)
-    return [POS if u < p else NEG for u in uniform], seeds
+    if spec.pos_rate is not None:
+        p = positive_rate(spec, step)
+        return [POS if u < p else NEG for u in uniform], seeds
+    names = sorted(pools)
+    return [names[min(int(u * len(names)), len(names) - 1)] for u in uniform], seeds
 
 
 def _slot_share(pool: Sequence[Entry], spec: TrainSpec, slot: int) -> list[Entry]:

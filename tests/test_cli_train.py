@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -157,3 +158,68 @@ def test_torchrun_two_processes_run_the_same_command(dataset, tmp_path, free_por
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["batches_per_rank"] == [2, 2]
+
+
+@pytest.fixture(scope="module")
+def nih_dataset(tmp_path_factory, pneumo) -> Path:
+    root = tmp_path_factory.mktemp("cli-classify")
+    pneumo("demo-data", "nih", str(root / "raw"), "--n", "48", "--size", "64")
+    pneumo(
+        "ingest", "nih", str(root / "raw"), "--labels", str(root / "raw" / "Data_Entry_2017.csv"),
+        "--out", str(root / "ds"), "--split-fractions", "0.5,0.25,0.25",
+    )  # fmt: skip
+    return root / "ds"
+
+
+CLASSIFY = ["--size", "64", "--arch", "resnet18", "--batch-size", "4", "--steps-per-epoch", "2"]
+
+
+def test_train_and_evaluate_classify(nih_dataset, tmp_path, pneumo):
+    out = tmp_path / "cls"
+    proc = pneumo(
+        "train", "classify", str(nih_dataset), "--out", str(out), "--epochs", "2",
+        "--workers", "0", *CLASSIFY,
+    )  # fmt: skip
+    assert "step 4/4" in proc.stdout and "majority rate" in proc.stdout
+    epochs = [line for line in proc.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and "val_auroc" in epochs[0] and "val_majority_rate" in epochs[0]
+    summary = json.loads(
+        pneumo("evaluate", "classify", str(out), "--format", "json", "--workers", "0").stdout
+    )
+    assert {"auroc", "accuracy", "balanced_accuracy", "majority_rate", "n_images"} <= set(summary)
+    assert summary["n_images"] == len(pq.read_table(out / "eval" / "test.parquet"))
+    assert (out / "eval" / "test-roc.png").stat().st_size > 1000
+    # The same command again resumes (--resume auto) a finished run: nothing to redo.
+    again = pneumo(
+        "train", "classify", str(nih_dataset), "--out", str(out), "--epochs", "2",
+        "--workers", "0", *CLASSIFY,
+    )  # fmt: skip
+    assert "step 4/4" in again.stdout and not [
+        line for line in again.stderr.splitlines() if line.startswith("epoch ")
+    ]
+    refused = pneumo(
+        "train", "classify", str(nih_dataset), "--out", str(out), "--epochs", "2",
+        "--workers", "0", "--seed", "3", *CLASSIFY, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: cannot resume")
+    assert "--seed 0 (now 3)" in refused.stderr
+
+
+def test_torchrun_two_processes_classify_with_equal_steps(nih_dataset, tmp_path, free_port):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    script = shutil.which("pneumo", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp-cls"
+    proc = subprocess.run(
+        [
+            str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port), script,
+            "train", "classify", str(nih_dataset), "--out", str(out), "--epochs", "1",
+            "--workers", "1", *CLASSIFY,
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["batches_per_rank"] == [2, 2]
+    assert metrics["lr_per_rank"] == [0.001, 0.001]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2

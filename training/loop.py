@@ -1,8 +1,9 @@
 """The one training loop every task shares (nanoGPT's loop, with tasks plugged in).
 
-A task file (``training/segment.py``, ``training/classify.py``, ...) owns only its model,
-its step, its validation metrics and its optimizer; :func:`run` owns everything else,
-the same way for every task:
+A task file (``training/segment.py``, ``training/classify.py``, ...) holds a config (a
+:class:`training.task.RunConfig` subclass) and a :class:`training.task.Task` that owns only
+its model, its step, its validation metrics and its optimizer; :func:`run` owns everything
+else, the same way for every task:
 
 1. the process group and device (torchrun: NCCL on GPU, gloo on CPU); only rank 0 writes;
 2. resume (``cfg.resume``): ``auto`` continues from ``RUN/checkpoints/last.pt`` when there
@@ -10,16 +11,17 @@ the same way for every task:
    ``always`` needs one. A resume refuses, in one line, every setting that shapes the stream
    or the model and differs from the run's (dataset, where, size, batch size, workers,
    seed, sampling, model, encoder init, world size...): only :data:`FREE_ON_RESUME` may change;
-3. the pinned rows: on a fresh start rank 0 selects ``cfg.where`` and ``cfg.val_where``
-   once, the task filters them (:meth:`Task.prepare_rows`), and they are stored as
-   ``RUN/rows/{train,val}.parquet`` and sent to every rank; a resumed run reads them back
-   and checks their fingerprints against the checkpoint. A batch committed to the dataset
-   during training changes nothing in the run;
-4. the leakage guard (fresh start): no ``patient_key`` of the training rows may be in the
-   SIIM val/test rows (:data:`shards.audit.HELD_OUT_WHERE`) unless ``allow_overlap``;
-   what it found (and how many NIH patients the unified split keeps out) is recorded;
+3. the pinned rows (:mod:`training.rows`): on a fresh start rank 0 selects ``cfg.where``
+   and ``cfg.val_where`` once, the task filters them (``Task.prepare_rows``), and they are
+   stored as ``RUN/rows/{train,val}.parquet`` and sent to every rank; a resumed run reads
+   them back and checks their fingerprints against the checkpoint. A batch committed to
+   the dataset during training changes nothing in the run;
+4. the leakage guard (fresh start, :func:`training.rows.leakage_check`): no
+   ``patient_key`` of the training rows may be in the SIIM val/test rows unless
+   ``allow_overlap``; what it found (and how many NIH patients the unified split keeps
+   out) is recorded in ``config.json`` and every checkpoint;
 5. the model, built after seeding torch with ``cfg.seed`` (the same weights on every rank),
-   its initial weights (:meth:`Task.init_weights`: the init chain), DDP, the optimizer and
+   its initial weights (``Task.init_weights``: the init chain), DDP, the optimizer and
    the schedule;
 6. per epoch: exactly ``steps_per_epoch`` batches on every rank (DDP hangs otherwise);
    ``last.pt`` every ``checkpoint_every`` steps; validation on the plain module, never the
@@ -27,7 +29,7 @@ the same way for every task:
    gathered so every rank computes the same figures (a plateau schedule steps the same on
    every rank); a line in ``metrics.jsonl``, ``curves.png``, ``last.pt``, and ``best.pt``
    when ``Task.best`` improved;
-7. :meth:`Task.finish` (segment: the post-processing search), then the summary.
+7. ``Task.finish`` (segment: the post-processing search), then the summary.
 
 On GPU: bf16 autocast around the step and the validation (``cfg.amp``), channels-last
 images (:func:`training.runs.images_to`), pinned memory, cuDNN autotune.
@@ -54,8 +56,9 @@ Writing a task (the ``train autoencode`` task is one whose batches have no label
                                              # epoch with the all-reduced val loss; None
         def prepare_rows(self, rows, *, train): return rows      # keep unlabelled rows
         def pools(self, rows): return {stream.ALL: stream.entries_from_table(rows)}
-        def model_args(self): return {"arch": ..., ...}          # JSON-able
-        def build_model(self): ...           # random init; torch is already seeded
+        def model_args(self): return {"arch": ..., ...}          # JSON-able; extend
+        def build_model(self): ...           # training.model.build_model to rebuild it
+                                             # from a checkpoint; random init (seeded)
         def optimizer(self, model): return torch.optim.Adam(model.parameters(), self.cfg.lr)
         def loss(self, job, batch):          # one training batch -> scalar loss
             x = images_to(job.device, batch["image"])            # no label is read
@@ -73,22 +76,23 @@ Writing a task (the ``train autoencode`` task is one whose batches have no label
 
     def train_autoencode(cfg, progress=None): return loop.run(AutoencodeTask(cfg), progress)
 
-Optional hooks: :meth:`Task.use_rows` (every rank, with the pinned rows: labels by key),
-:meth:`Task.init_weights` (fresh start: load weights, return their init chain),
-:meth:`Task.scheduler`, :meth:`Task.finish`, :meth:`Task.fingerprints`, :meth:`Task.loader`.
-``validate`` runs under ``torch.no_grad()``, ``model.eval()`` and autocast.
+The stream trains on whatever ``pools`` holds: unlabelled rows too (a task without labels
+never reads ``batch["has_ptx"]`` or ``batch["mask"]``, which are then False / all zero).
+Optional hooks: ``Task.use_rows`` (every rank, with the pinned rows: labels by key),
+``Task.init_weights`` (fresh start: load weights, return their init chain, e.g.
+:func:`training.transfer.load_encoder_weights`), ``Task.scheduler``, ``Task.finish``,
+``Task.fingerprints``, ``Task.loader``. ``validate`` runs under ``torch.no_grad()``,
+``model.eval()`` and autocast, on every rank with its share of the val rows (possibly none).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
-from typing import Any, ClassVar
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -96,16 +100,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shards import manifest, stream
-from shards.audit import HELD_OUT_WHERE, held_out_overlap
+from shards import stream
 from shards.errors import ConfigError, PneumoError
-from shards.store import is_s3_url, open_store
 from training import checkpoint as ckpts
-from training.data import LoaderConfig, eval_batches, select, train_batches
+from training.data import eval_batches, train_batches
+from training.rows import pin_rows
 from training.runs import (
     CONFIG_FILE,
     DistEnv,
-    Panel,
     RunDir,
     autocast,
     broadcast_state,
@@ -114,149 +116,17 @@ from training.runs import (
     setup_device,
     teardown,
 )
+from training.task import Task
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
-RESUME_MODES = ("auto", "never", "always")
-TRAIN_ROWS, VAL_ROWS = "rows/train.parquet", "rows/val.parquet"
 # Settings that change nothing a run computes: a resumed run may differ in them.
 FREE_ON_RESUME = frozenset({"out", "resume", "checkpoint_every"})
 
 
 class TrainingError(PneumoError):
     """Training cannot go on (e.g. the data stream delivered fewer batches than planned)."""
-
-
-def absolute(url: str) -> str:
-    """``url`` as given when it is ``s3://`` or absolute, else as an absolute path."""
-    return url if is_s3_url(url) or os.path.isabs(url) else os.path.abspath(url)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """The settings every task has; a task's config subclasses it and adds its own.
-
-    Attributes:
-        dataset: the DATASET (folder or s3://); stored absolute, so the RUN is relocatable.
-        out: the RUN (folder or s3://) for checkpoints, rows, metrics and plots.
-        where, val_where: manifest filters of the training and validation rows.
-        size: square input side in pixels.
-        batch_size: images per step per rank.
-        epochs: passes of ``steps_per_epoch`` steps.
-        steps_per_epoch: None: training rows // (batch_size x world size).
-        workers: loader processes per rank.
-        seed: seeds model init, sampling and augmentation.
-        resume: ``auto`` | ``never`` | ``always`` (see the module doc).
-        in_channels: image channels (1: grey; 3: the grey image replicated).
-        checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
-        amp: bf16 autocast on GPU (ignored on CPU).
-        allow_overlap: train even when training patients are in the SIIM val/test rows.
-    """
-
-    dataset: str
-    out: str
-    where: str
-    val_where: str
-    size: int = 512
-    batch_size: int = 8
-    epochs: int = 10
-    steps_per_epoch: int | None = None
-    workers: int = 2
-    seed: int = 0
-    resume: str = "auto"
-    in_channels: int = 1
-    checkpoint_every: int = 500
-    amp: bool = True
-    allow_overlap: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dataset", absolute(self.dataset))
-        if self.resume not in RESUME_MODES:
-            raise ConfigError(f"--resume {self.resume!r}: expected one of {RESUME_MODES}")
-        for name in ("epochs", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as stored in config.json and checkpoints (JSON types: tuples as lists)."""
-        return json.loads(json.dumps(asdict(self)))
-
-
-class Task:
-    """What a task supplies to :func:`run` (see the module doc for an example)."""
-
-    name: ClassVar[str]
-    best: ClassVar[tuple[str, str]]  # (metrics.jsonl field, "max" | "min")
-    headline: ClassVar[tuple[str, ...]]  # fields of the per-epoch line
-    panels: ClassVar[tuple[Panel, ...]]  # curves.png
-    schedule_on: ClassVar[str | None] = "step"  # "step" | "val_loss" | None
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-
-    def loader(self, *, train: bool) -> LoaderConfig:
-        """How to stream batches (``train``: augmented, with the task's positive rate)."""
-        cfg = self.cfg
-        return LoaderConfig(
-            dataset=cfg.dataset,
-            size=cfg.size,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            seed=cfg.seed,
-            pos_rate=self.pos_rate() if train else None,
-            augment=train,
-            in_channels=cfg.in_channels,
-        )
-
-    def pos_rate(self) -> tuple[float, float] | None:
-        return None
-
-    def prepare_rows(self, rows: pa.Table, *, train: bool) -> pa.Table:
-        """The selected rows the run pins (fresh start, rank 0): filter, add a ``label``..."""
-        return rows
-
-    def use_rows(self, train: pa.Table, val: pa.Table) -> None:
-        """Every rank, fresh or resumed: the pinned rows (e.g. to map keys to labels)."""
-
-    def pools(self, rows: pa.Table) -> dict[str, list[stream.Entry]]:
-        """The classes the training stream draws from (see :func:`shards.stream.batch_draws`)."""
-        return {stream.ALL: stream.entries_from_table(rows)}
-
-    def fingerprints(self) -> dict[str, str]:
-        """Fingerprints of the task's own inputs (e.g. a label table), at a fresh start."""
-        return {}
-
-    def model_args(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def build_model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def init_weights(self, model: nn.Module) -> list[dict[str, Any]]:
-        """Load initial weights (fresh start); their init chain, or [] for random init."""
-        return []
-
-    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
-        return None
-
-    def loss(self, job: Job, batch: dict[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def validate(self, job: Job, batches: Iterable[dict[str, Any]]) -> Any:
-        raise NotImplementedError
-
-    def summarise(self, parts: list[Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def finish(self, job: Job) -> dict[str, Any]:
-        """After the last epoch, on every rank; extra entries of the summary."""
-        return {}
 
 
 @dataclass(kw_only=True)
@@ -330,22 +200,19 @@ def _start(
 ) -> Job:
     """Resume or start fresh: pinned rows, model, optimizer, schedule, position."""
     cfg = task.cfg
-    exists = on_main(env, lambda: run_dir.exists(ckpts.LAST))
-    if exists and cfg.resume == "never":
-        raise ConfigError(
-            f"{run_dir.url} already holds a run: pass --resume auto to continue it, "
-            "or choose another --out"
-        )
-    ckpt = ckpts.load_checkpoint(cfg.out, "last") if exists or cfg.resume == "always" else None
-    if ckpt is not None:
-        _check_settings(task, env, ckpt, run_dir.url)
-    train_rows, val_rows, pinned = on_main(env, lambda: _pin_rows(task, run_dir, ckpt))
+    ckpt = _resume_point(task, env, run_dir)
+    train_rows, val_rows, pinned = on_main(env, lambda: pin_rows(task, run_dir, ckpt))
     task.use_rows(train_rows, val_rows)
     spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * env.world_size)
     if spe < 1:
         raise ConfigError(
             f"{train_rows.num_rows} training rows give no full batch of {cfg.batch_size} on "
             f"{env.world_size} rank(s): lower --batch-size or pass --steps-per-epoch"
+        )
+    if ckpt is not None and ckpt.get("model_args") != task.model_args():
+        raise ConfigError(
+            f"cannot resume {run_dir.url}: its model is {ckpt.get('model_args')}, "
+            f"now {task.model_args()}"
         )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = task.build_model()
@@ -366,11 +233,6 @@ def _start(
         "val_rows": val_rows.num_rows,
         **pinned,
     }
-    if ckpt is not None and ckpt.get("model_args") != meta["model_args"]:
-        raise ConfigError(
-            f"cannot resume {run_dir.url}: its model is {ckpt.get('model_args')}, "
-            f"now {meta['model_args']}"
-        )
     net = model
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -402,6 +264,22 @@ def _start(
     return job
 
 
+def _resume_point(task: Task, env: DistEnv, run_dir: RunDir) -> dict[str, Any] | None:
+    """``last.pt`` to resume from (checked against the settings), or None: start fresh."""
+    cfg = task.cfg
+    exists = on_main(env, lambda: run_dir.exists(ckpts.LAST))
+    if exists and cfg.resume == "never":
+        raise ConfigError(
+            f"{run_dir.url} already holds a run: pass --resume auto to continue it, "
+            "or choose another --out"
+        )
+    if not exists and cfg.resume != "always":
+        return None
+    ckpt = ckpts.load_checkpoint(cfg.out, "last")  # "always" without one: the error says so
+    _check_settings(task, env, ckpt, run_dir.url)
+    return ckpt
+
+
 def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) -> None:
     """One line naming every setting that differs from the run's, if any does."""
     old, new = ckpt.get("config", {}), task.cfg.to_dict()
@@ -417,83 +295,6 @@ def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) ->
             f"cannot resume {url}: it was trained with " + "; ".join(problems)
             + ". Rerun with the run's settings, or choose another --out"
         )  # fmt: skip
-
-
-def _pin_rows(
-    task: Task, run_dir: RunDir, ckpt: dict[str, Any] | None
-) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
-    """Rank 0: the run's rows (selected now and stored, or read back) and their record."""
-    cfg = task.cfg
-    if ckpt is not None:
-        if not (run_dir.exists(TRAIN_ROWS) and run_dir.exists(VAL_ROWS)):
-            raise ConfigError(f"cannot resume {run_dir.url}: its pinned rows/ are missing")
-        train, val = run_dir.get_table(TRAIN_ROWS), run_dir.get_table(VAL_ROWS)
-        found = {"train": manifest.fingerprint(train), "val": manifest.fingerprint(val)}
-        want = ckpt["fingerprints"]
-        if any(found[k] != want.get(k) for k in found):
-            raise ConfigError(
-                f"cannot resume {run_dir.url}: its rows/ do not match its checkpoint "
-                f"(fingerprints {found}, checkpoint {want})"
-            )
-        return train, val, {"fingerprints": want, "leakage": ckpt["leakage"]}
-    train = task.prepare_rows(_select(cfg.dataset, cfg.where, "--where"), train=True)
-    val = task.prepare_rows(_select(cfg.dataset, cfg.val_where, "--val-where"), train=False)
-    for rows, option, where in ((train, "--where", cfg.where), (val, "--val-where", cfg.val_where)):
-        if rows.num_rows == 0:
-            raise ConfigError(f"{option} {where!r} selects no usable rows in {cfg.dataset}")
-    leakage = leakage_check(cfg, train)
-    run_dir.put_table(TRAIN_ROWS, train)
-    run_dir.put_table(VAL_ROWS, val)
-    fingerprints = {
-        "train": manifest.fingerprint(train),
-        "val": manifest.fingerprint(val),
-        **task.fingerprints(),
-    }
-    return train, val, {"fingerprints": fingerprints, "leakage": leakage}
-
-
-def _select(dataset: str, where: str, option: str) -> pa.Table:
-    rows = select(dataset, where)
-    if rows.num_rows == 0:
-        raise ConfigError(f"{option} {where!r} selects no rows in {dataset}")
-    return rows
-
-
-def leakage_check(cfg: RunConfig, train: pa.Table) -> dict[str, Any]:
-    """Refuse training patients that are in the SIIM val/test rows; what was found.
-
-    Returns:
-        ``held_out_where``, ``held_out_patients``, ``overlap_patients`` (training patients
-        among them), ``allow_overlap``, and ``nih_patients_excluded``: the NIH patients who
-        are SIIM val/test patients, whom the unified split keeps out of NIH's train split.
-
-    Raises:
-        ConfigError: an overlap without ``cfg.allow_overlap``.
-    """
-    store = open_store(cfg.dataset, create=False)
-    held = manifest.read(store, HELD_OUT_WHERE, columns=["patient_key"])
-    nih = manifest.read(store, "dataset == 'nih'", columns=["patient_key"])
-    held_patients = set(held.column("patient_key").to_pylist()) - {None}
-    overlap = held_out_overlap(train, held)
-    info = {
-        "held_out_where": HELD_OUT_WHERE,
-        "held_out_patients": len(held_patients),
-        "nih_patients_excluded": len(set(nih.column("patient_key").to_pylist()) & held_patients),
-        "overlap_patients": len(overlap),
-        "allow_overlap": cfg.allow_overlap,
-    }
-    if overlap and not cfg.allow_overlap:
-        raise ConfigError(
-            f"{len(overlap)} patient(s) of the training rows (--where {cfg.where!r}) are also "
-            f"in the SIIM val/test rows ({HELD_OUT_WHERE}), so their SIIM scores would leak: "
-            "select only the train split of a dataset whose SIIM rows were ingested with "
-            "--nih-xref (one split per patient), or pass --allow-overlap to train anyway"
-        )
-    if overlap:
-        log.warning(
-            "--allow-overlap: %d training patients are SIIM val/test patients", len(overlap)
-        )
-    return info
 
 
 def _restore(job: Job, ckpt: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from shards.errors import ConfigError
 from training import checkpoint as ckpts
 from training import loop
 from training.data import LoaderConfig, eval_batches
-from training.loop import Job, Progress, RunConfig, Task, absolute
+from training.loop import Job, Progress
 from training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
 from training.metrics import (
     PostProcess,
@@ -56,6 +56,7 @@ from training.runs import (
     gather,
     images_to,
 )
+from training.task import RunConfig, Task, absolute
 from training.transfer import load_encoder_weights
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class SegmentConfig(RunConfig):
     """Everything a segmentation run depends on; stored whole in config.json and checkpoints.
 
     The shared settings (dataset, out, size, batch_size, epochs, workers, seed, resume...)
-    are :class:`training.loop.RunConfig`'s. Segmentation adds:
+    are :class:`training.task.RunConfig`'s. Segmentation adds:
 
     Attributes:
         lr: Adam's peak learning rate (the report: 1e-4).

@@ -59,6 +59,44 @@ def _init_line(run: str, checkpoint: str) -> str:
     return init_line(load_checkpoint(run, checkpoint).get("init", []))
 
 
+@app.command("classify")
+@fail_on_errors
+def evaluate_classify_cmd(
+    run: RunArg,
+    dataset: Annotated[str | None, typer.Argument(help="Dataset (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    where: Annotated[str | None, typer.Option(help="Rows to score instead of --split.")] = None,
+    checkpoint: Checkpoint = "best",
+    workers: LoaderWorkers = 2,
+    batch_size: BatchSize = 32,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Score a classify run: AUROC, accuracy beside the majority-class rate, ROC curve."""
+    from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
+
+    if fmt not in ("table", "json"):
+        raise ConfigError(f"--format {fmt!r}: expected table or json")
+    cfg = EvaluateClassifyConfig(
+        run=run,
+        dataset=dataset,
+        split=split,
+        where=where,
+        checkpoint=checkpoint,
+        workers=workers,
+        batch_size=batch_size,
+    )
+    with ProgressBar("evaluate", unit="img") as bar:
+        summary = evaluate_classify(cfg, progress=lambda p: bar.update_to(p["images"]))
+    if fmt == "json":
+        typer.echo(json.dumps(summary, default=str))
+        return
+    print_summary(summary, sys.stdout)
+    typer.echo(
+        "(majority_rate: the accuracy of always guessing the most frequent class; "
+        "balanced_accuracy and auroc are 0.5 for that guess)"
+    )
+
+
 def print_summary(summary: dict[str, Any], out: Any) -> None:
     rows = [(k, v) for k, v in summary.items() if isinstance(v, int | float | str)]
     width = max(len(k) for k, _ in rows)

@@ -28,11 +28,8 @@ Seed = Annotated[int, typer.Option(help="Seed for init, sampling and augmentatio
 Resume = Annotated[
     str,
     typer.Option(
-        "--resume",
-        is_flag=False,
-        flag_value="always",
         help="auto: continue the run in --out if it holds a checkpoint, else start fresh; "
-        "never: refuse a --out that holds one; always (or a bare --resume): it must.",
+        "never: refuse an --out that holds one; always: it must hold one.",
     ),
 ]
 InChannels = Annotated[int, typer.Option(help="1 (grey) or 3 (grey replicated).")]
@@ -125,6 +122,81 @@ def train_segment_cmd(
         **_given(where=where, val_where=val_where),
     )
     result = run_training(cfg)
+    if result is not None:
+        typer.echo(train_line(result))
+
+
+@app.command("classify")
+@fail_on_errors
+def train_classify_cmd(
+    dataset: DatasetArg,
+    out: Out,
+    where: Annotated[
+        str | None, typer.Option(help="Training rows. Default: the NIH train split.")
+    ] = None,
+    val_where: Annotated[
+        str | None, typer.Option(help="Validation rows. Default: the NIH val split.")
+    ] = None,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="'has_ptx' (pneumothorax yes/no), or a Parquet label table (file, folder or "
+            "s3://) with columns key and label (int), joined by key."
+        ),
+    ] = "has_ptx",
+    size: Size = 512,
+    batch_size: BatchSize = 32,
+    arch: Annotated[str, typer.Option(help="resnet18 | resnet34 | resnet50.")] = "resnet34",
+    optimizer: Annotated[str, typer.Option(help="sgd | adam.")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-3,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    plateau_patience: Annotated[
+        int, typer.Option(help="Epochs without val-loss improvement before lowering the lr.")
+    ] = 5,
+    plateau_factor: Annotated[float, typer.Option(help="Factor that lowers the lr.")] = 0.1,
+    balance: Annotated[
+        str,
+        typer.Option(
+            help="How batches mix classes: 'classes' (each class equally often), "
+            "'pos-rate:A' or 'pos-rate:A:B' (positives, two classes), 'none' (as in the data)."
+        ),
+    ] = "classes",
+    epochs: Epochs = 10,
+    steps_per_epoch: StepsPerEpoch = None,
+    in_channels: InChannels = 1,
+    workers: LoaderWorkers = 2,
+    seed: Seed = 0,
+    resume: Resume = "auto",
+    checkpoint_every: CheckpointEvery = 500,
+    allow_overlap: AllowOverlap = False,
+) -> None:
+    """Train a ResNet classifier (pneumothorax, or a label table's classes) for pretraining."""
+    from training.classify import ClassifyConfig, train_classify
+
+    cfg = ClassifyConfig(
+        dataset=dataset,
+        out=out,
+        labels=labels,
+        size=size,
+        batch_size=batch_size,
+        arch=arch,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        plateau_patience=plateau_patience,
+        plateau_factor=plateau_factor,
+        balance=balance,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        in_channels=in_channels,
+        workers=workers,
+        seed=seed,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        allow_overlap=allow_overlap,
+        **_given(where=where, val_where=val_where),
+    )
+    result = run_training(cfg, train_classify)
     if result is not None:
         typer.echo(train_line(result))
 

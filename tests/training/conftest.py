@@ -21,6 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import generate_frames
+from synthetic import nih_rows, write_nih
 
 BATCH = "b0"
 N_SAMPLES = 40
@@ -150,3 +151,19 @@ def _s3_copy(dataset: Dataset, s3_endpoint: str) -> str:
 def s3_dataset(_s3_copy: str, dataset: Dataset) -> Dataset:
     """``dataset`` in ``s3://pneumo-data/many`` (the AWS_* variables point at its server)."""
     return Dataset(url=_s3_copy, rows=dataset.rows, members=dataset.members)
+
+
+# ---------------------------------------------------------------- a learnable NIH stand-in
+
+
+@pytest.fixture(scope="session")
+def nih_demo(tmp_path_factory: pytest.TempPathFactory, write_shards) -> str:
+    """128 learnable NIH-like images, a quarter positive: 64 train, 32 val, 32 test."""
+    root = tmp_path_factory.mktemp("nih-demo")
+    rows = (
+        nih_rows(64, split="train", start=0, pos_every=4)
+        + nih_rows(32, split="val", start=64, pos_every=4)
+        + nih_rows(32, split="test", start=96, pos_every=4)
+    )
+    write_nih(root, write_shards, rows)
+    return str(root)

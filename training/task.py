@@ -1,0 +1,158 @@
+"""What a training task is: its config (a :class:`RunConfig` subclass) and a :class:`Task`.
+
+:func:`training.loop.run` trains any task; its module docstring shows how to write one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from shards import stream
+from shards.errors import ConfigError
+from shards.store import is_s3_url
+from training.data import LoaderConfig
+from training.runs import Panel
+
+if TYPE_CHECKING:
+    from training.loop import Job
+
+RESUME_MODES = ("auto", "never", "always")
+
+
+def absolute(url: str) -> str:
+    """``url`` as given when it is ``s3://`` or absolute, else as an absolute path."""
+    return url if is_s3_url(url) or os.path.isabs(url) else os.path.abspath(url)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """The settings every task has; a task's config subclasses it and adds its own.
+
+    Attributes:
+        dataset: the DATASET (folder or s3://); stored absolute, so the RUN is relocatable.
+        out: the RUN (folder or s3://) for checkpoints, rows, metrics and plots.
+        where, val_where: manifest filters of the training and validation rows.
+        size: square input side in pixels.
+        batch_size: images per step per rank.
+        epochs: passes of ``steps_per_epoch`` steps.
+        steps_per_epoch: None: training rows // (batch_size x world size).
+        workers: loader processes per rank.
+        seed: seeds model init, sampling and augmentation.
+        resume: ``auto`` | ``never`` | ``always`` (see the module doc).
+        in_channels: image channels (1: grey; 3: the grey image replicated).
+        checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
+        amp: bf16 autocast on GPU (ignored on CPU).
+        allow_overlap: train even when training patients are in the SIIM val/test rows.
+    """
+
+    dataset: str
+    out: str
+    where: str
+    val_where: str
+    size: int = 512
+    batch_size: int = 8
+    epochs: int = 10
+    steps_per_epoch: int | None = None
+    workers: int = 2
+    seed: int = 0
+    resume: str = "auto"
+    in_channels: int = 1
+    checkpoint_every: int = 500
+    amp: bool = True
+    allow_overlap: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dataset", absolute(self.dataset))
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(f"--resume {self.resume!r}: expected one of {RESUME_MODES}")
+        for name in ("epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as stored in config.json and checkpoints (JSON types: tuples as lists)."""
+        return json.loads(json.dumps(asdict(self)))
+
+
+class Task:
+    """What a task supplies to :func:`run` (see the module doc for an example)."""
+
+    name: ClassVar[str]
+    best: ClassVar[tuple[str, str]]  # (metrics.jsonl field, "max" | "min")
+    headline: ClassVar[tuple[str, ...]]  # fields of the per-epoch line
+    panels: ClassVar[tuple[Panel, ...]]  # curves.png
+    schedule_on: ClassVar[str | None] = "step"  # "step" | "val_loss" | None
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def loader(self, *, train: bool) -> LoaderConfig:
+        """How to stream batches (``train``: augmented, with the task's positive rate)."""
+        cfg = self.cfg
+        return LoaderConfig(
+            dataset=cfg.dataset,
+            size=cfg.size,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            pos_rate=self.pos_rate() if train else None,
+            augment=train,
+            in_channels=cfg.in_channels,
+        )
+
+    def pos_rate(self) -> tuple[float, float] | None:
+        return None
+
+    def prepare_rows(self, rows: pa.Table, *, train: bool) -> pa.Table:
+        """The selected rows the run pins (fresh start, rank 0): filter, add a ``label``..."""
+        return rows
+
+    def use_rows(self, train: pa.Table, val: pa.Table) -> None:
+        """Every rank, fresh or resumed: the pinned rows (e.g. to map keys to labels)."""
+
+    def pools(self, rows: pa.Table) -> dict[str, list[stream.Entry]]:
+        """The classes the training stream draws from (see :func:`shards.stream.batch_draws`)."""
+        return {stream.ALL: stream.entries_from_table(rows)}
+
+    def fingerprints(self) -> dict[str, str]:
+        """Fingerprints of the task's own inputs (e.g. a label table), at a fresh start."""
+        return {}
+
+    def model_args(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def init_weights(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Load initial weights (fresh start); their init chain, or [] for random init."""
+        return []
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        return None
+
+    def loss(self, job: Job, batch: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validate(self, job: Job, batches: Iterable[dict[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def summarise(self, parts: list[Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, job: Job) -> dict[str, Any]:
+        """After the last epoch, on every rank; extra entries of the summary."""
+        return {}
