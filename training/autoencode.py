@@ -41,8 +41,9 @@ from training.autoencoders import (
     model_args,
 )
 from training.data import eval_batches
-from training.loop import Job, Progress, RunConfig, Task
+from training.loop import Job, Progress
 from training.runs import LR_PANEL, Panel, images_to
+from training.task import RunConfig, Task
 
 log = logging.getLogger(__name__)
 
