@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,23 +33,17 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from shards.errors import ConfigError, ManifestError, PneumoError
-from shards.manifest import write_part
 from shards.query import parse_where
 from shards.store import open_store
 from training import dbscan
-from training.cluster_plots import montage_png, scatter_png
-from training.tables import fingerprint, open_parquet, read_json, vectors, write_json
+from training.cluster_outputs import summarise, write_labels, write_plots
+from training.tables import open_parquet, vectors
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 METHODS = ("dbscan", "hdbscan", "kmeans")
 NOISE = ("drop", "class")
-LABELS_PART = "part-0.parquet"
-CLUSTERS_FILE = "_clusters.json"
-SCATTER_FILE = "_scatter.png"
-MONTAGE_FILE = "_montage.png"
-EMBED_FILE = "_embed.json"  # written by training.embed beside the embeddings
 N_CUTS = 512  # HDBSCAN cuts tried, geometrically spaced
 
 
@@ -153,10 +147,10 @@ def cluster(cfg: ClusterConfig, progress: Progress | None = None) -> dict[str, A
         raise ClusterError(f"every row is noise with {params}: lower --min-samples or use kmeans")
     keep = labels >= 0 if cfg.noise == "drop" else np.ones(len(labels), bool)
     out_labels = np.where(labels >= 0, labels, n_clusters)[keep]
-    summary = _summary(cfg, table, x, fit, labels, out_labels, params, pca_info)
+    summary = summarise(cfg, table, x, fit, labels, out_labels, params, pca_info)
     report({"stage": "write"})
-    _write(cfg, [k for k, kept in zip(keys, keep, strict=True) if kept], out_labels, summary)
-    _plots(cfg, keys, z, fit, labels)
+    write_labels(cfg, [k for k, kept in zip(keys, keep, strict=True) if kept], out_labels, summary)
+    write_plots(cfg, keys, z, fit, labels)
     log.info(
         "%d clusters (%s), noise %.1f%%, majority %.1f%% -> %s",
         n_clusters, params, 100 * summary["noise_share"], 100 * summary["majority_share"], cfg.out,
@@ -386,70 +380,3 @@ def number_by_size(raw: np.ndarray) -> np.ndarray:
     mapping[order] = np.arange(len(order))
     out[members] = mapping[raw[members]]
     return out
-
-
-# ---------------------------------------------------------------- output
-
-
-def _summary(
-    cfg: ClusterConfig,
-    table: pa.Table,
-    x: np.ndarray,
-    fit: np.ndarray,
-    labels: np.ndarray,
-    out_labels: np.ndarray,
-    params: dict[str, Any],
-    pca_info: dict[str, Any],
-) -> dict[str, Any]:
-    n_clusters = int(labels.max()) + 1
-    sizes = np.bincount(labels[labels >= 0], minlength=n_clusters)
-    noise_rows = int((labels < 0).sum())
-    embed_meta = read_json(open_store(cfg.embeddings, create=False), EMBED_FILE) or {}
-    return {
-        "method": cfg.method,
-        "parameters": params,
-        "clusters": n_clusters,
-        "sizes": sizes.tolist(),
-        "rows": len(labels),
-        "fit_rows": int(fit.sum()),
-        "labelled_rows": len(out_labels),
-        "noise_rows": noise_rows,
-        "noise_share": noise_rows / len(labels),
-        "noise_label": n_clusters if cfg.noise == "class" and noise_rows else None,
-        "majority_share": float(np.bincount(out_labels).max() / len(out_labels)),
-        "pca": pca_info,
-        "embeddings": cfg.embeddings,
-        "embeddings_fingerprint": fingerprint(table.column("key").to_pylist(), x),
-        "embeddings_source": {
-            k: embed_meta.get(k)
-            for k in ("checkpoint", "checkpoint_sha256", "manifest_fingerprint", "dataset")
-        },
-        "config": asdict(cfg),
-    }
-
-
-def _write(cfg: ClusterConfig, keys: list[str], labels: np.ndarray, summary: dict) -> None:
-    store = open_store(cfg.out)
-    others = [p for p in store.list() if p.endswith(".parquet") and p != LABELS_PART]
-    if others:
-        raise ConfigError(
-            f"{store.url} holds other Parquet files ({others[0]}, ...): choose an empty --out"
-        )
-    table = pa.table({"key": pa.array(keys, pa.string()), "label": pa.array(labels, pa.int64())})
-    write_part(store, LABELS_PART, table)
-    write_json(store, CLUSTERS_FILE, summary)
-
-
-def _plots(
-    cfg: ClusterConfig, keys: list[str], z: np.ndarray, fit: np.ndarray, labels: np.ndarray
-) -> None:
-    store = open_store(cfg.out)
-    store.put(SCATTER_FILE, scatter_png(z, fit, labels, seed=cfg.seed))
-    dataset = cfg.dataset
-    if dataset is None:
-        meta = read_json(open_store(cfg.embeddings, create=False), EMBED_FILE) or {}
-        dataset = meta.get("dataset")
-    if dataset is None or cfg.montage_images == 0:
-        log.warning("no DATASET known for the embeddings' images (--dataset): no montage")
-        return
-    store.put(MONTAGE_FILE, montage_png(dataset, keys, z, labels, per_cluster=cfg.montage_images))

@@ -1,19 +1,34 @@
-"""The pictures of a clustering: a 2-D PCA scatter and a montage of each cluster's images."""
+"""What a clustering writes into LABELS: the label table, ``_clusters.json``, a 2-D PCA
+scatter and a montage of each cluster's images (see :mod:`training.cluster`)."""
 
 from __future__ import annotations
 
 import io
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from shards import manifest, stream
+from shards.errors import ConfigError
+from shards.manifest import write_part
 from shards.store import open_store
 from training.data import decode_image
+from training.tables import fingerprint, read_json, write_json
+
+if TYPE_CHECKING:
+    from training.cluster import ClusterConfig
 
 log = logging.getLogger(__name__)
 
+LABELS_PART = "part-0.parquet"
+CLUSTERS_FILE = "_clusters.json"
+SCATTER_FILE = "_scatter.png"
+MONTAGE_FILE = "_montage.png"
+EMBED_FILE = "_embed.json"  # written by training.embed beside the embeddings
 THUMB = 96  # montage tile side, pixels
 MAX_ROWS = 30  # clusters shown in the montage (the largest)
 MAX_POINTS = 20_000  # points drawn in the scatter
@@ -118,3 +133,67 @@ def montage_png(
     ax.set_title("clusters (size): the images nearest each centre")
     fig.tight_layout()
     return _png(fig)
+
+
+def summarise(
+    cfg: ClusterConfig,
+    table: pa.Table,
+    x: np.ndarray,
+    fit: np.ndarray,
+    labels: np.ndarray,
+    out_labels: np.ndarray,
+    params: dict[str, Any],
+    pca_info: dict[str, Any],
+) -> dict[str, Any]:
+    n_clusters = int(labels.max()) + 1
+    sizes = np.bincount(labels[labels >= 0], minlength=n_clusters)
+    noise_rows = int((labels < 0).sum())
+    embed_meta = read_json(open_store(cfg.embeddings, create=False), EMBED_FILE) or {}
+    return {
+        "method": cfg.method,
+        "parameters": params,
+        "clusters": n_clusters,
+        "sizes": sizes.tolist(),
+        "rows": len(labels),
+        "fit_rows": int(fit.sum()),
+        "labelled_rows": len(out_labels),
+        "noise_rows": noise_rows,
+        "noise_share": noise_rows / len(labels),
+        "noise_label": n_clusters if cfg.noise == "class" and noise_rows else None,
+        "majority_share": float(np.bincount(out_labels).max() / len(out_labels)),
+        "pca": pca_info,
+        "embeddings": cfg.embeddings,
+        "embeddings_fingerprint": fingerprint(table.column("key").to_pylist(), x),
+        "embeddings_source": {
+            k: embed_meta.get(k)
+            for k in ("checkpoint", "checkpoint_sha256", "manifest_fingerprint", "dataset")
+        },
+        "config": asdict(cfg),
+    }
+
+
+def write_labels(cfg: ClusterConfig, keys: list[str], labels: np.ndarray, summary: dict) -> None:
+    store = open_store(cfg.out)
+    others = [p for p in store.list() if p.endswith(".parquet") and p != LABELS_PART]
+    if others:
+        raise ConfigError(
+            f"{store.url} holds other Parquet files ({others[0]}, ...): choose an empty --out"
+        )
+    table = pa.table({"key": pa.array(keys, pa.string()), "label": pa.array(labels, pa.int64())})
+    write_part(store, LABELS_PART, table)
+    write_json(store, CLUSTERS_FILE, summary)
+
+
+def write_plots(
+    cfg: ClusterConfig, keys: list[str], z: np.ndarray, fit: np.ndarray, labels: np.ndarray
+) -> None:
+    store = open_store(cfg.out)
+    store.put(SCATTER_FILE, scatter_png(z, fit, labels, seed=cfg.seed))
+    dataset = cfg.dataset
+    if dataset is None:
+        meta = read_json(open_store(cfg.embeddings, create=False), EMBED_FILE) or {}
+        dataset = meta.get("dataset")
+    if dataset is None or cfg.montage_images == 0:
+        log.warning("no DATASET known for the embeddings' images (--dataset): no montage")
+        return
+    store.put(MONTAGE_FILE, montage_png(dataset, keys, z, labels, per_cluster=cfg.montage_images))
