@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from pneumo.commands import audit, batch, bench, demo, evaluate, ingest, manifest, train
+from pneumo.commands import audit, batch, bench, demo, evaluate, ingest, manifest, train, unsup
 from pneumo.render import fail_on_errors
 
 app = typer.Typer(
@@ -35,6 +35,9 @@ app.command("demo-data")(ingest.demo_data_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("demo")(demo.demo_cmd)
 app.command("audit")(audit.audit_cmd)
+train.app.command("autoencode")(unsup.train_autoencode_cmd)
+app.command("embed")(unsup.embed_cmd)
+app.command("cluster")(unsup.cluster_cmd)
 
 
 @app.callback()
