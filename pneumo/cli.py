@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from pneumo.commands import bench, demo, evaluate, ingest, manifest, train
+from pneumo.commands import bench, demo, evaluate, experiment, ingest, manifest, train
 from pneumo.render import fail_on_errors
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("manifest")(manifest.manifest_cmd)
 app.command("demo-data")(ingest.demo_data_cmd)
 app.command("predict")(evaluate.predict_cmd)
 app.command("demo")(demo.demo_cmd)
+app.command("experiment")(experiment.experiment_cmd)
 
 
 @app.callback()
