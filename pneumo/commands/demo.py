@@ -1,14 +1,25 @@
-"""``pneumo demo``: the main job on the embedded default, end to end."""
+"""``pneumo demo``: the report in miniature, on synthetic SIIM and NIH data."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from pneumo.commands.options import Size
-from pneumo.commands.train import run_training, train_line
+from pneumo.commands.experiment import (
+    ArmsOption,
+    ResumeOption,
+    SeedsOption,
+    parse_arms,
+    print_result,
+    run_with_progress,
+)
 from pneumo.render import ProgressBar, fail_on_errors
+
+# The demo's split policy: NIH's official-style lists put 20% of patients in test; the
+# rest go to train and val 70:15 (ingest rescales), and SIIM images follow their patients.
+DEMO_FRACTIONS = (0.7, 0.15, 0.15)
 
 
 @fail_on_errors
@@ -16,83 +27,72 @@ def demo_cmd(
     out: Annotated[
         str, typer.Option(help="Where the demo writes: folder or s3://bucket/prefix.")
     ] = "demo",
-    n: Annotated[int, typer.Option(help="Synthetic SIIM images.", min=16)] = 200,
-    size: Size = 128,
-    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 150,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seeds: SeedsOption = None,
+    arms: ArmsOption = None,
+    n_nih: Annotated[int, typer.Option(help="Synthetic NIH images.", min=100)] = 400,
+    n_siim: Annotated[int, typer.Option(help="SIIM images drawn from them.", min=50)] = 200,
+    size: Annotated[int, typer.Option(help="Stored image side in pixels.", min=64)] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    resume: ResumeOption = "auto",
 ) -> None:
-    """The main job on the embedded default: synthetic SIIM batch -> ingest -> train ->
-    evaluate, printing the Dice table (a few minutes on a 2-core CPU)."""
-    from pathlib import Path
+    """The report in miniature: synthetic NIH and SIIM data (SIIM images are NIH images, as
+    in the real data sets) -> one dataset split by patient -> `pneumo experiment` with the
+    demo recipe, printing Table 1 (under 10 minutes on a 2-core CPU)."""
+    import shlex
+    import sys
 
-    from evaluation.evaluate import EvaluateConfig, evaluate_segment
+    from experiment.recipe import load_recipe
+    from experiment.run import ExperimentConfig
     from ingest.batch import BatchConfig
-    from ingest.demo import write_siim_demo
+    from ingest.demo import DEMO_PATIENT_SECRET, write_demo_pair
+    from ingest.nih import NihConfig, ingest_nih
     from ingest.siim import SiimConfig, ingest_siim
-    from training.segment import SegmentConfig
 
     root = out.rstrip("/")
     raw = Path("demo-raw") if root.startswith("s3://") else Path(root) / "raw"
-    with ProgressBar("demo-data siim", unit="img", total=n) as bar:
-        demo = write_siim_demo(raw, n=n, seed=seed, progress=bar.update_to)
-    typer.echo(
-        f"1/4 wrote {demo.n_images} synthetic SIIM DICOMs ({demo.n_positive} positive) "
-        f"under {demo.image_root}"
-    )
-    ingest_cfg = SiimConfig(
-        dicom_root=str(demo.image_root),
-        labels=demo.labels_csv,
-        batch=BatchConfig(out=f"{root}/dataset", workers=2, split_fractions=(0.7, 0.15, 0.15)),
-    )
-    with ProgressBar("ingest siim", unit="img") as bar:
-        batch = ingest_siim(ingest_cfg, progress=bar.update_to)
-    splits = ", ".join(f"{k} {v}" for k, v in sorted(batch.splits.items()))
-    typer.echo(
-        f"2/4 batch {batch.batch} already in {root}/dataset"
-        if batch.already_committed
-        else f"2/4 ingested {batch.ingested} ({splits}) into {root}/dataset"
-    )
-    run = f"{root}/runs/unet-r34-{size}px-{steps}steps-seed{seed}"
-    epochs = max(1, steps // 50)
-    train_cfg = SegmentConfig(
-        dataset=f"{root}/dataset",
-        out=run,
-        size=size,
-        epochs=epochs,
-        steps_per_epoch=max(1, steps // epochs),
-        warmup_steps=10,
-        workers=1,
-        seed=seed,
-        resume=_has_checkpoint(run),
-    )
-    result = run_training(train_cfg)
-    typer.echo(f"3/4 trained: {train_line(result or {})}")
-    with ProgressBar("evaluate", unit="img") as bar:
-        summary = evaluate_segment(
-            EvaluateConfig(run=run, split="test", workers=1),
-            progress=lambda p: bar.update_to(p["images"]),
+    with ProgressBar("demo data", unit="img", total=n_nih + n_siim) as bar:
+        pair = write_demo_pair(
+            raw, n_nih=n_nih, n_siim=n_siim, seed=seed, size=size, progress=bar.update_to
         )
     typer.echo(
-        f"4/4 evaluated the test split ({summary['n_images']} images, "
-        f"{summary['n_positive']} positive):"
+        f"1/3 wrote {pair.nih.n_images} NIH PNGs ({pair.nih.n_positive} with pneumothorax) and "
+        f"{pair.siim.n_images} SIIM DICOMs drawn from them ({pair.siim.n_positive} positive), "
+        f"linked by {pair.xref}"
     )
-    typer.echo(dice_table([("No additional pretrain (U-Net, ResNet-34)", summary)]))
+    dataset = f"{root}/dataset"
 
+    def batch(**kw: object) -> BatchConfig:
+        # An explicit secret: the demo's patient keys (and so its splits) are reproducible.
+        return BatchConfig(out=dataset, workers=2, patient_secret=DEMO_PATIENT_SECRET, **kw)
 
-def _has_checkpoint(run: str) -> bool:
-    from shards.store import open_store
-
-    return open_store(run).exists("checkpoints/last.pt")
-
-
-def dice_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """The report's Table 1 layout: model, SIIM Dice, and what stands behind it."""
-    head = f"{'Model':<44} {'Dice':>6} {'Dice+':>6} {'Sens':>6} {'Spec':>6} {'images':>6}"
-    lines = [head, "-" * len(head)]
-    for name, s in rows:
-        lines.append(
-            f"{name:<44} {100 * s['dice']:6.1f} {100 * s['dice_pos']:6.1f} "
-            f"{100 * s['sensitivity']:6.1f} {100 * s['specificity']:6.1f} "
-            f"{s['n_images']:6d}"
-        )
-    return "\n".join(lines)
+    nih_cfg = NihConfig(
+        image_root=str(pair.nih.image_root),
+        labels=pair.nih.labels_csv,
+        train_val_list=pair.nih.out_dir / "train_val_list.txt",
+        test_list=pair.nih.out_dir / "test_list.txt",
+        batch=batch(split_fractions=DEMO_FRACTIONS),
+    )
+    siim_cfg = SiimConfig(
+        dicom_root=str(pair.siim.image_root),
+        labels=pair.siim.labels_csv,
+        nih_xref=pair.xref,
+        batch=batch(),
+    )
+    counts = []
+    for name, ingest, cfg in (("nih", ingest_nih, nih_cfg), ("siim", ingest_siim, siim_cfg)):
+        with ProgressBar(f"ingest {name}", unit="img") as bar:
+            summary = ingest(cfg, progress=bar.update_to)
+        splits = ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items()))
+        counts.append(f"{name}: " + ("already in" if summary.already_committed else splits))
+    typer.echo(f"2/3 ingested into {dataset}, split by patient ({'; '.join(counts)})")
+    typer.echo("3/3 the experiment, demo recipe:")
+    cfg = ExperimentConfig(
+        dataset=dataset,
+        out=f"{root}/experiment",
+        recipe=load_recipe("demo"),
+        seeds=seeds,
+        arms=parse_arms(arms),
+        resume=resume,
+        command="pneumo " + shlex.join(sys.argv[1:]),
+    )
+    print_result(run_with_progress(cfg))
