@@ -17,10 +17,6 @@ from pneumo.commands.experiment import (
 )
 from pneumo.render import ProgressBar, fail_on_errors
 
-# The demo's split policy: NIH's official-style lists put 20% of patients in test; the
-# rest go to train and val 70:15 (ingest rescales), and SIIM images follow their patients.
-DEMO_FRACTIONS = (0.7, 0.15, 0.15)
-
 
 @fail_on_errors
 def demo_cmd(
@@ -41,53 +37,47 @@ def demo_cmd(
     import shlex
     import sys
 
+    from experiment.demo import DemoDataConfig, make_demo_dataset
     from experiment.recipe import load_recipe
     from experiment.run import ExperimentConfig
-    from ingest.batch import BatchConfig
-    from ingest.demo import DEMO_PATIENT_SECRET, write_demo_pair
-    from ingest.nih import NihConfig, ingest_nih
-    from ingest.siim import SiimConfig, ingest_siim
 
     root = out.rstrip("/")
-    raw = Path("demo-raw") if root.startswith("s3://") else Path(root) / "raw"
-    with ProgressBar("demo data", unit="img", total=n_nih + n_siim) as bar:
-        pair = write_demo_pair(
-            raw, n_nih=n_nih, n_siim=n_siim, seed=seed, size=size, progress=bar.update_to
-        )
+    data_cfg = DemoDataConfig(
+        raw=Path("demo-raw") if root.startswith("s3://") else Path(root) / "raw",
+        dataset=f"{root}/dataset",
+        n_nih=n_nih,
+        n_siim=n_siim,
+        size=size,
+        seed=seed,
+    )
+    bars: dict[str, ProgressBar] = {}
+
+    def show(p: dict) -> None:
+        if p["phase"] not in bars:
+            for bar in bars.values():
+                bar.bar.close()
+            bars[p["phase"]] = ProgressBar(str(p["phase"]), unit="img")
+        bars[p["phase"]].update_to(p["done"], p["total"])
+
+    try:
+        data = make_demo_dataset(data_cfg, progress=show)
+    finally:
+        for bar in bars.values():
+            bar.bar.close()
+    pair = data.pair
     typer.echo(
         f"1/3 wrote {pair.nih.n_images} NIH PNGs ({pair.nih.n_positive} with pneumothorax) and "
         f"{pair.siim.n_images} SIIM DICOMs drawn from them ({pair.siim.n_positive} positive), "
         f"linked by {pair.xref}"
     )
-    dataset = f"{root}/dataset"
-
-    def batch(**kw: object) -> BatchConfig:
-        # An explicit secret: the demo's patient keys (and so its splits) are reproducible.
-        return BatchConfig(out=dataset, workers=2, patient_secret=DEMO_PATIENT_SECRET, **kw)
-
-    nih_cfg = NihConfig(
-        image_root=str(pair.nih.image_root),
-        labels=pair.nih.labels_csv,
-        train_val_list=pair.nih.out_dir / "train_val_list.txt",
-        test_list=pair.nih.out_dir / "test_list.txt",
-        batch=batch(split_fractions=DEMO_FRACTIONS),
-    )
-    siim_cfg = SiimConfig(
-        dicom_root=str(pair.siim.image_root),
-        labels=pair.siim.labels_csv,
-        nih_xref=pair.xref,
-        batch=batch(),
-    )
-    counts = []
-    for name, ingest, cfg in (("nih", ingest_nih, nih_cfg), ("siim", ingest_siim, siim_cfg)):
-        with ProgressBar(f"ingest {name}", unit="img") as bar:
-            summary = ingest(cfg, progress=bar.update_to)
-        splits = ", ".join(f"{k} {v}" for k, v in sorted(summary.splits.items()))
-        counts.append(f"{name}: " + ("already in" if summary.already_committed else splits))
-    typer.echo(f"2/3 ingested into {dataset}, split by patient ({'; '.join(counts)})")
+    counts = [
+        f"{name}: " + ("already in" if b.already_committed else _splits(b.splits))
+        for name, b in (("nih", data.nih), ("siim", data.siim))
+    ]
+    typer.echo(f"2/3 ingested into {data_cfg.dataset}, split by patient ({'; '.join(counts)})")
     typer.echo("3/3 the experiment, demo recipe:")
     cfg = ExperimentConfig(
-        dataset=dataset,
+        dataset=data_cfg.dataset,
         out=f"{root}/experiment",
         recipe=load_recipe("demo"),
         seeds=seeds,
@@ -96,3 +86,7 @@ def demo_cmd(
         command="pneumo " + shlex.join(sys.argv[1:]),
     )
     print_result(run_with_progress(cfg))
+
+
+def _splits(splits: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))
