@@ -56,7 +56,7 @@ def chain(values: dict[str, int]) -> list[Stage]:
 VALUES = {"a": 1, "b": 10, "c": 100, "d": 1000}
 
 
-def run(exp: Path, fns: Functions, stages: list[Stage], **kw: Any) -> StageRunner:
+def run(exp: Path | str, fns: Functions, stages: list[Stage], **kw: Any) -> StageRunner:
     runner = StageRunner(exp=str(exp), dataset="unused", functions=fns.table(), **kw)
     runner.run_all(stages)
     return runner
@@ -144,3 +144,19 @@ def test_the_hash_covers_kind_settings_and_inputs_but_not_the_label() -> None:
     other = Stage(kind="k", label="one", settings={"x": 3, "y": [1, 2]})
     assert b1.name != Stage(kind="k", label="b", settings={}, inputs=(("in", other),)).name
     assert a.name.startswith("k-") and a.path == f"stages/{a.name}"
+
+
+@pytest.mark.integration
+def test_on_s3_a_killed_stage_resumes_and_done_ones_are_skipped(s3_bucket: str) -> None:
+    exp = f"{s3_bucket}/exp"
+    fns = Functions()
+    fns.crash_in = "c"
+    with pytest.raises(Crash):
+        run(exp, fns, chain(VALUES))
+    runner = run(exp, fns, chain(VALUES))
+    assert fns.calls == Counter(a=1, b=1, c=2, d=1) and fns.seen_partial["c"]
+    c = chain(VALUES)[2]
+    assert runner.results[c.name] == {"total": 111}
+    assert runner.url(c) == f"{exp}/{c.path}"
+    run(exp, fns, chain(VALUES), resume="never")
+    assert fns.calls == Counter(a=1, b=1, c=2, d=1)
