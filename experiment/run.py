@@ -165,42 +165,11 @@ def write_outputs(
     commands: list[dict[str, str]],
 ) -> dict[str, Any]:
     """Tables, figures and the report from the finished stages."""
-    settings = cfg.recipe.experiment
-    stats = {
-        "resamples": settings.bootstrap_resamples,
-        "seed": settings.bootstrap_seed,
-        "level": settings.confidence,
-    }
-    summaries = {key: runner.results[s.name] for key, s in plan.evaluations.items()}
-    per_image = {
-        key: tables.per_image_dice(_parquet(exp, f"{s.path}/{adapters.PER_IMAGE}"))
-        for key, s in plan.evaluations.items()
-    }
-    rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
-    leakage = None
-    if "leaky" in plan.arms and "labels" in plan.arms:
-        leakage = tables.compare(per_image, "leaky", "labels", plan.seeds, **stats)
-    table1 = tables.table1_markdown(rows, settings.confidence, leakage)
-    exp.put(TABLE1_MD, table1.encode())
-    exp.put(TABLE1_CSV, tables.to_csv(rows).encode())
+    rows, leakage, table1 = _segmentation_outputs(exp, cfg, plan, runner)
     written = [TABLE1_MD, TABLE1_CSV, FIGURE2]
-    curves = {
-        arm: [_val_curve(exp, plan.segments[(arm, s)].path) for s in plan.seeds]
-        for arm in plan.arms
-    }
-    exp.put(FIGURE2, figures.dice_curves_figure(curves))
     pretrain_md = None
     if plan.classifier_evals:
-        pre_rows = tables.pretrain_rows(
-            {arm: runner.results[s.name] for arm, s in plan.classifier_evals.items()}
-        )
-        cluster = runner.results[plan.cluster.name] if plan.cluster else None
-        pretrain_md = tables.pretrain_markdown(pre_rows, cluster)
-        exp.put(PRETRAIN_MD, pretrain_md.encode())
-        exp.put(PRETRAIN_CSV, tables.to_csv(pre_rows).encode())
-        sizes = tables.cluster_sizes(cluster) if cluster else []
-        noise = cluster.get("noise_share") if cluster else None
-        exp.put(FIGURE_PRETRAIN, figures.pretraining_figure(pre_rows, sizes, noise))
+        pretrain_md = _pretraining_outputs(exp, plan, runner)
         written += [PRETRAIN_MD, PRETRAIN_CSV, FIGURE_PRETRAIN]
     text = report.report_markdown(
         cfg=cfg,
@@ -221,6 +190,51 @@ def write_outputs(
         "report": exp.url_of(REPORT),
         "files": [exp.url_of(f) for f in [*written, REPORT]],
     }
+
+
+def _segmentation_outputs(
+    exp: Store, cfg: ExperimentConfig, plan: Plan, runner: StageRunner
+) -> tuple[list[tables.ArmRow], tables.Comparison | None, str]:
+    """Table 1 (Markdown and CSV) with its intervals, and Figure 2."""
+    settings = cfg.recipe.experiment
+    stats = {
+        "resamples": settings.bootstrap_resamples,
+        "seed": settings.bootstrap_seed,
+        "level": settings.confidence,
+    }
+    summaries = {key: runner.results[s.name] for key, s in plan.evaluations.items()}
+    per_image = {
+        key: tables.per_image_dice(_parquet(exp, f"{s.path}/{adapters.PER_IMAGE}"))
+        for key, s in plan.evaluations.items()
+    }
+    rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
+    leakage = None
+    if "leaky" in plan.arms and "labels" in plan.arms:
+        leakage = tables.compare(per_image, "leaky", "labels", plan.seeds, **stats)
+    table1 = tables.table1_markdown(rows, settings.confidence, leakage)
+    exp.put(TABLE1_MD, table1.encode())
+    exp.put(TABLE1_CSV, tables.to_csv(rows).encode())
+    curves = {
+        arm: [_val_curve(exp, plan.segments[(arm, s)].path) for s in plan.seeds]
+        for arm in plan.arms
+    }
+    exp.put(FIGURE2, figures.dice_curves_figure(curves))
+    return rows, leakage, table1
+
+
+def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
+    """The classifiers beside their majority share, the clusters: table and figure."""
+    pre_rows = tables.pretrain_rows(
+        {arm: runner.results[s.name] for arm, s in plan.classifier_evals.items()}
+    )
+    cluster = runner.results[plan.cluster.name] if plan.cluster else None
+    pretrain_md = tables.pretrain_markdown(pre_rows, cluster)
+    exp.put(PRETRAIN_MD, pretrain_md.encode())
+    exp.put(PRETRAIN_CSV, tables.to_csv(pre_rows).encode())
+    sizes = tables.cluster_sizes(cluster) if cluster else []
+    noise = cluster.get("noise_share") if cluster else None
+    exp.put(FIGURE_PRETRAIN, figures.pretraining_figure(pre_rows, sizes, noise))
+    return pretrain_md
 
 
 def _parquet(store: Store, path: str) -> Any:
