@@ -31,6 +31,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def MaxNLocator(**kw: Any) -> Any:  # noqa: N802 - matplotlib's class, imported late
+    from matplotlib.ticker import MaxNLocator as locator
+
+    return locator(**kw)
+
+
 def _png(fig: Any) -> bytes:
     plt = _pyplot()
     buf = io.BytesIO()
@@ -67,6 +73,7 @@ def dice_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]]) -> bytes
             low, high = np.nanmin(grid, axis=0) * 100, np.nanmax(grid, axis=0) * 100
             ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation Dice (%)")
     ax.set_title("Figure 2: validation Dice per epoch (mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
@@ -115,5 +122,6 @@ def pretraining_figure(
     noise_text = "" if noise is None else f" (noise share {100 * noise:.1f}%)"
     right.set_title(f"cluster sizes{noise_text}")
     right.set_xlabel("cluster (largest first)")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _png(fig)

@@ -224,10 +224,11 @@ def _segmentation_outputs(
 
 def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
     """The classifiers beside their majority share, the clusters: table and figure."""
-    pre_rows = tables.pretrain_rows(
-        {arm: runner.results[s.name] for arm, s in plan.classifier_evals.items()}
-    )
     cluster = runner.results[plan.cluster.name] if plan.cluster else None
+    pre_rows = tables.pretrain_rows(
+        {arm: runner.results[s.name] for arm, s in plan.classifier_evals.items()},
+        pseudo_classes=tables.pseudo_classes(cluster) if cluster else None,
+    )
     pretrain_md = tables.pretrain_markdown(pre_rows, cluster)
     exp.put(PRETRAIN_MD, pretrain_md.encode())
     exp.put(PRETRAIN_CSV, tables.to_csv(pre_rows).encode())

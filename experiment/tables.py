@@ -204,12 +204,14 @@ class PretrainRow:
     n_images: int | None
 
 
-def pretrain_rows(evaluations: Mapping[str, Mapping[str, Any]]) -> list[PretrainRow]:
+def pretrain_rows(
+    evaluations: Mapping[str, Mapping[str, Any]], pseudo_classes: int | None = None
+) -> list[PretrainRow]:
     """One row per classifier arm from its ``evaluate-classify`` result."""
     return [
         PretrainRow(
             arm=arm,
-            labels="14 pseudo-classes" if arm == "pseudo" else "pneumothorax (NIH)",
+            labels=f"{pseudo_classes} pseudo-classes" if arm == "pseudo" else "pneumothorax",
             auroc=r.get("auroc"),
             balanced_accuracy=r.get("balanced_accuracy"),
             accuracy=r.get("accuracy"),
@@ -250,11 +252,14 @@ def pretrain_markdown(rows: Sequence[PretrainRow], cluster: Mapping[str, Any] | 
 
 
 def cluster_sizes(cluster: Mapping[str, Any]) -> list[int]:
-    """Cluster sizes, largest first, from a cluster stage's result."""
-    sizes = cluster.get("sizes") or cluster.get("cluster_sizes") or []
-    if isinstance(sizes, Mapping):
-        sizes = [v for k, v in sizes.items() if str(k) not in ("-1", "noise")]
-    return sorted((int(s) for s in sizes), reverse=True)
+    """Cluster sizes, largest first, from a cluster stage's result (noise not included)."""
+    return sorted((int(s) for s in cluster["sizes"]), reverse=True)
+
+
+def pseudo_classes(cluster: Mapping[str, Any]) -> int:
+    """The classes the pseudo-label classifier learns: the clusters, plus noise when it is
+    kept as a class of its own."""
+    return int(cluster["clusters"]) + (cluster.get("noise_label") is not None)
 
 
 def _num(value: float | None) -> str:
