@@ -73,11 +73,10 @@ def report_markdown(
     """The whole report as Markdown."""
     recipe = cfg.recipe
     audit = runner.results[plan.audit.name]
-    parts = [
-        f"# {recipe.experiment.name}: segmentation with and without pretraining",
-        "",
-        recipe.experiment.description.strip(),
-        "",
+    parts = [f"# {recipe.experiment.name}: segmentation with and without pretraining", ""]
+    if recipe.experiment.description.strip():
+        parts += [recipe.experiment.description.strip(), ""]
+    parts += [
         "## Table 1",
         "",
         table1,
@@ -139,8 +138,14 @@ def _stages_section(plan: Plan, runner: StageRunner) -> list[str]:
 
 
 def _reproduce_section(cfg: Any, commands: list[dict[str, str]]) -> list[str]:
-    lines = ["## Reproduce", "", "Commands that built this folder (a rerun reuses finished "]
-    lines += ["stages, so the last one alone reproduces everything):", "", "```"]
+    lines = [
+        "## Reproduce",
+        "",
+        "Commands that built this folder (a rerun reuses finished stages, so the last one "
+        "alone reproduces everything):",
+        "",
+        "```",
+    ]
     for c in commands:
         lines.append(f"# {c['started']}")
         lines.append(c["command"] or "(called from Python: experiment.run.run_experiment)")
