@@ -61,6 +61,9 @@ _NIH_GEOMETRY = (
 _SIIM_SPACINGS = ("0.168", "0.139", "0.171", "0.14300000000000002", "0.19431099999999998")
 _SIIM_UID_ROOT = "1.2.276.0.7230010.3.1"
 _MIN_SIZE = 64
+# The demo's patient-key secret: its data is synthetic, so a fixed secret is harmless and
+# makes the demo's keys and splits the same on every machine. Never use it for real data.
+DEMO_PATIENT_SECRET = "pneumo-demo-synthetic-patients"  # noqa: S105 - not a credential
 _LOW_RES = 256  # anatomy is drawn at most this big and upscaled; the pneumothorax at full size
 _N_VERTICES = 256
 
@@ -446,27 +449,42 @@ def write_siim_demo(
         ConfigError: ``n``, ``size`` or ``positive_fraction`` out of range.
     """
     _check(n, size, positive_fraction)
-    out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     flags = _positives(rng, n, positive_fraction)
+    chests = [((seed, i), bool(flags[i])) for i in range(n)]
+    return _write_siim(Path(out_dir), rng, chests, size, progress)[0]
+
+
+def _write_siim(
+    out_dir: Path,
+    rng: np.random.Generator,
+    chests: list[tuple[tuple[int, int], bool]],
+    size: int,
+    progress: Progress | None,
+) -> tuple[DemoSummary, list[str]]:
+    """The SIIM files of ``chests`` (``(entropy of the chest's rng, positive)`` per image),
+    and the ImageIds given to them, in order."""
+    n = len(chests)
     numbers = np.sort(rng.choice(np.arange(1, 20000), size=n, replace=False))
     root = out_dir / "dicom-images-train"
-    lines = ["ImageId, EncodedPixels"]
-    for i in range(n):
-        image_rng = np.random.default_rng([seed, i])
-        img, mask = synth_chest(image_rng, size, positive=bool(flags[i]))
+    lines, ids = ["ImageId, EncodedPixels"], []
+    for i, (entropy, positive) in enumerate(chests):
+        image_rng = np.random.default_rng(list(entropy))
+        img, mask = synth_chest(image_rng, size, positive=positive)
         uids = _siim_uids(rng, int(numbers[i]))
         _write_dicom(_siim_dataset(rng, uids, size), img, root / uids[0] / uids[1])
         lines += [f"{uids[2]}, {rle}" for rle in _rle_rows(image_rng, mask)]
+        ids.append(uids[2])
         if progress is not None:
             progress(i + 1)
     labels = out_dir / "train-rle.csv"
     labels.write_bytes(("\n".join(lines) + "\n").encode("ascii"))
-    log.info("SIIM demo: %d images (%d positive) in %s", n, int(flags.sum()), out_dir)
-    return DemoSummary(
-        out_dir=out_dir, n_images=n, n_positive=int(flags.sum()), labels_csv=labels,
-        image_root=root,
-    )  # fmt: skip
+    n_positive = sum(positive for _, positive in chests)
+    log.info("SIIM demo: %d images (%d positive) in %s", n, n_positive, out_dir)
+    summary = DemoSummary(
+        out_dir=out_dir, n_images=n, n_positive=n_positive, labels_csv=labels, image_root=root
+    )
+    return summary, ids
 
 
 # ---------------------------------------------------------------- NIH ChestX-ray14
@@ -571,3 +589,87 @@ def write_nih_demo(
         out_dir=out_dir, n_images=n, n_positive=int(flags.sum()),
         labels_csv=labels, image_root=out_dir,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- SIIM images are NIH images
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoPair:
+    """An NIH demo and a SIIM demo drawn from its images, linked like the real data sets.
+
+    Attributes:
+        nih: the NIH ChestX-ray14-style set (``out_dir/nih``).
+        siim: the SIIM-ACR-style set (``out_dir/siim``): every image is an NIH image.
+        xref: ``out_dir/siim_to_nih_id.csv`` (``Kaggle_ID,NIH_ID``), the real file's format.
+    """
+
+    nih: DemoSummary
+    siim: DemoSummary
+    xref: Path
+
+
+def write_demo_pair(
+    out_dir: Path,
+    *,
+    n_nih: int = 400,
+    n_siim: int = 200,
+    seed: int = 0,
+    size: int = 256,
+    nih_positive_fraction: float = 0.3,
+    siim_positive_fraction: float = 0.5,
+    progress: Progress | None = None,
+) -> DemoPair:
+    """Write NIH and SIIM demo data whose patients overlap, as the real data sets' do.
+
+    The SIIM-ACR images are ChestX-ray14 images; here each SIIM image is the same chest as
+    one NIH demo image (same pixels up to JPEG loss, same pneumothorax, which the SIIM
+    labels then outline), re-issued under a SIIM UID and a fresh per-image PatientID UUID.
+    The NIH images of one patient may all become SIIM images, so SIIM patients have several
+    images. ``siim_to_nih_id.csv`` links them; without it a SIIM patient cannot be found.
+    SIIM images are drawn with pneumothorax enriched (``siim_positive_fraction``), as
+    SIIM's were.
+
+    Args:
+        out_dir: folder to write ``nih/``, ``siim/`` and the xref into.
+        n_nih, n_siim: images of each set (``n_siim`` of the ``n_nih`` become SIIM images).
+        seed: seed of every random choice; same arguments, same bytes.
+        size: image side in pixels.
+        nih_positive_fraction, siim_positive_fraction: shares of pneumothorax images.
+        progress: called with the number of images written so far (NIH, then SIIM).
+
+    Raises:
+        ConfigError: settings out of range, or too few NIH positives/negatives to draw the
+            SIIM set from.
+    """
+    out_dir = Path(out_dir)
+    _check(n_siim, size, siim_positive_fraction)
+    nih = write_nih_demo(
+        out_dir / "nih", n=n_nih, seed=seed, size=size,
+        positive_fraction=nih_positive_fraction, progress=progress,
+    )  # fmt: skip
+    rows = [line.split(",") for line in nih.labels_csv.read_text().splitlines()[1:]]
+    positive = np.array(["Pneumothorax" in r[1].split("|") for r in rows])
+    n_pos = round(n_siim * siim_positive_fraction)
+    pos, neg = np.flatnonzero(positive), np.flatnonzero(~positive)
+    if n_pos > len(pos) or n_siim - n_pos > len(neg) or n_siim > n_nih:
+        raise ConfigError(
+            f"{n_siim} SIIM images ({n_pos} positive) cannot be drawn from {n_nih} NIH images "
+            f"({len(pos)} positive): raise n_nih or nih_positive_fraction"
+        )
+    rng = np.random.default_rng([seed, 1])  # its own stream: the NIH set's is untouched
+    chosen = np.sort(np.concatenate([rng.choice(pos, n_pos, replace=False),
+                                     rng.choice(neg, n_siim - n_pos, replace=False)]))  # fmt: skip
+    chests = [((seed, int(i)), bool(positive[i])) for i in chosen]
+
+    def siim_progress(done: int) -> None:
+        if progress is not None:
+            progress(n_nih + done)
+
+    siim, ids = _write_siim(out_dir / "siim", rng, chests, size, siim_progress)
+    xref = out_dir / "siim_to_nih_id.csv"
+    lines = ["Kaggle_ID,NIH_ID"] + [
+        f"{uid},{rows[i][0]}" for uid, i in zip(ids, chosen, strict=True)
+    ]
+    xref.write_bytes(("\n".join(lines) + "\n").encode("ascii"))
+    return DemoPair(nih=nih, siim=siim, xref=xref)

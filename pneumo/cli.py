@@ -13,7 +13,18 @@ from typing import Annotated
 
 import typer
 
-from pneumo.commands import audit, batch, bench, demo, evaluate, ingest, manifest, train, unsup
+from pneumo.commands import (
+    audit,
+    batch,
+    bench,
+    demo,
+    evaluate,
+    experiment,
+    ingest,
+    manifest,
+    train,
+    unsup,
+)
 from pneumo.render import fail_on_errors
 
 app = typer.Typer(
@@ -38,6 +49,7 @@ app.command("audit")(audit.audit_cmd)
 train.app.command("autoencode")(unsup.train_autoencode_cmd)
 app.command("embed")(unsup.embed_cmd)
 app.command("cluster")(unsup.cluster_cmd)
+app.command("experiment")(experiment.experiment_cmd)
 
 
 @app.callback()

@@ -1,13 +1,20 @@
-"""``pneumo demo``: the main job on the embedded default, end to end."""
+"""``pneumo demo``: the report in miniature, on synthetic SIIM and NIH data."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pneumo.commands.options import Size
-from pneumo.commands.train import run_training, train_line
+from pneumo.commands.experiment import (
+    ArmsOption,
+    ResumeOption,
+    SeedsOption,
+    parse_arms,
+    print_result,
+    run_with_progress,
+)
 from pneumo.render import ProgressBar, fail_on_errors
 
 
@@ -16,65 +23,70 @@ def demo_cmd(
     out: Annotated[
         str, typer.Option(help="Where the demo writes: folder or s3://bucket/prefix.")
     ] = "demo",
-    n: Annotated[int, typer.Option(help="Synthetic SIIM images.", min=16)] = 200,
-    size: Size = 128,
-    steps: Annotated[int, typer.Option(help="Training steps.", min=1)] = 150,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seeds: SeedsOption = None,
+    arms: ArmsOption = None,
+    n_nih: Annotated[int, typer.Option(help="Synthetic NIH images.", min=100)] = 400,
+    n_siim: Annotated[int, typer.Option(help="SIIM images drawn from them.", min=50)] = 200,
+    size: Annotated[int, typer.Option(help="Stored image side in pixels.", min=64)] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
+    resume: ResumeOption = "auto",
 ) -> None:
-    """The main job on the embedded default: synthetic SIIM batch -> ingest -> train ->
-    evaluate, printing the Dice table (a few minutes on a 2-core CPU)."""
-    from pathlib import Path
+    """The report in miniature: synthetic NIH and SIIM data (SIIM images are NIH images, as
+    in the real data sets) -> one dataset split by patient -> `pneumo experiment` with the
+    demo recipe, printing Table 1 (under 10 minutes on a 2-core CPU)."""
+    import shlex
+    import sys
 
-    from evaluation.evaluate import EvaluateConfig, evaluate_segment
-    from evaluation.report import dice_table
-    from ingest.batch import BatchConfig
-    from ingest.demo import write_siim_demo
-    from ingest.siim import SiimConfig, ingest_siim
-    from training.segment import SegmentConfig
+    from experiment.demo import DemoDataConfig, make_demo_dataset
+    from experiment.recipe import load_recipe
+    from experiment.run import ExperimentConfig
 
     root = out.rstrip("/")
-    raw = Path("demo-raw") if root.startswith("s3://") else Path(root) / "raw"
-    with ProgressBar("demo-data siim", unit="img", total=n) as bar:
-        demo = write_siim_demo(raw, n=n, seed=seed, progress=bar.update_to)
-    typer.echo(
-        f"1/4 wrote {demo.n_images} synthetic SIIM DICOMs ({demo.n_positive} positive) "
-        f"under {demo.image_root}"
-    )
-    ingest_cfg = SiimConfig(
-        dicom_root=str(demo.image_root),
-        labels=demo.labels_csv,
-        batch=BatchConfig(out=f"{root}/dataset", workers=2, split_fractions=(0.7, 0.15, 0.15)),
-    )
-    with ProgressBar("ingest siim", unit="img") as bar:
-        batch = ingest_siim(ingest_cfg, progress=bar.update_to)
-    splits = ", ".join(f"{k} {v}" for k, v in sorted(batch.splits.items()))
-    typer.echo(
-        f"2/4 batch {batch.batch} already in {root}/dataset"
-        if batch.already_committed
-        else f"2/4 ingested {batch.ingested} ({splits}) into {root}/dataset"
-    )
-    run = f"{root}/runs/unet-r34-{size}px-{steps}steps-seed{seed}"
-    epochs = max(1, steps // 50)
-    train_cfg = SegmentConfig(
+    data_cfg = DemoDataConfig(
+        raw=Path("demo-raw") if root.startswith("s3://") else Path(root) / "raw",
         dataset=f"{root}/dataset",
-        out=run,
+        n_nih=n_nih,
+        n_siim=n_siim,
         size=size,
-        epochs=epochs,
-        steps_per_epoch=max(1, steps // epochs),
-        warmup_steps=10,
-        workers=1,
         seed=seed,
-        resume="auto",
     )
-    result = run_training(train_cfg)
-    typer.echo(f"3/4 trained: {train_line(result or {})}")
-    with ProgressBar("evaluate", unit="img") as bar:
-        summary = evaluate_segment(
-            EvaluateConfig(run=run, split="test", workers=1),
-            progress=lambda p: bar.update_to(p["images"]),
-        )
+    bars: dict[str, ProgressBar] = {}
+
+    def show(p: dict) -> None:
+        if p["phase"] not in bars:
+            for bar in bars.values():
+                bar.bar.close()
+            bars[p["phase"]] = ProgressBar(str(p["phase"]), unit="img")
+        bars[p["phase"]].update_to(p["done"], p["total"])
+
+    try:
+        data = make_demo_dataset(data_cfg, progress=show)
+    finally:
+        for bar in bars.values():
+            bar.bar.close()
+    pair = data.pair
     typer.echo(
-        f"4/4 evaluated the test split ({summary['n_images']} images, "
-        f"{summary['n_positive']} positive):"
+        f"1/3 wrote {pair.nih.n_images} NIH PNGs ({pair.nih.n_positive} with pneumothorax) and "
+        f"{pair.siim.n_images} SIIM DICOMs drawn from them ({pair.siim.n_positive} positive), "
+        f"linked by {pair.xref}"
     )
-    typer.echo(dice_table([("No additional pretrain (U-Net, ResNet-34)", summary)]))
+    counts = [
+        f"{name}: " + ("already in" if b.already_committed else _splits(b.splits))
+        for name, b in (("nih", data.nih), ("siim", data.siim))
+    ]
+    typer.echo(f"2/3 ingested into {data_cfg.dataset}, split by patient ({'; '.join(counts)})")
+    typer.echo("3/3 the experiment, demo recipe:")
+    cfg = ExperimentConfig(
+        dataset=data_cfg.dataset,
+        out=f"{root}/experiment",
+        recipe=load_recipe("demo"),
+        seeds=seeds,
+        arms=parse_arms(arms),
+        resume=resume,
+        command="pneumo " + shlex.join(sys.argv[1:]),
+    )
+    print_result(run_with_progress(cfg))
+
+
+def _splits(splits: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(splits.items()))

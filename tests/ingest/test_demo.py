@@ -16,7 +16,16 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage
 
-from ingest.demo import NIH_FINDINGS, DemoSummary, synth_chest, write_nih_demo, write_siim_demo
+from ingest.demo import (
+    NIH_FINDINGS,
+    DemoPair,
+    DemoSummary,
+    synth_chest,
+    write_demo_pair,
+    write_nih_demo,
+    write_siim_demo,
+)
+from ingest.labels import read_nih_xref
 from ingest.rle import combine_masks, rle_decode
 from shards.errors import ConfigError
 
@@ -255,3 +264,57 @@ def test_synth_chest_is_seeded_by_its_rng_only() -> None:
     assert np.abs(first.astype(int) - other).mean() > 1
     negative = synth_chest(np.random.default_rng(5), 256, positive=False)[0]
     assert negative.std() > 20  # a chest, not a blank
+
+
+# ---------------------------------------------------------------- SIIM drawn from NIH
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> DemoPair:
+    return write_demo_pair(
+        tmp_path_factory.mktemp("pair"), n_nih=40, n_siim=16, seed=SEED, size=128
+    )
+
+
+def test_every_siim_image_is_an_nih_image_with_the_same_finding(pair: DemoPair) -> None:
+    xref = read_nih_xref(pair.xref)  # the real file's reader: SIIM id -> NIH patient
+    lines = pair.xref.read_text().splitlines()
+    assert lines[0] == "Kaggle_ID,NIH_ID" and len(lines) == 1 + pair.siim.n_images == 17
+    nih_rows = {
+        r.split(",")[0]: r.split(",")[1] for r in pair.nih.labels_csv.read_text().splitlines()[1:]
+    }
+    dicoms = {p.stem: p for p in pair.siim.image_root.rglob("*.dcm")}
+    labels = _siim_rows(pair.siim)
+    patients = set()
+    for line in lines[1:]:
+        siim_id, nih_name = line.split(",")
+        assert xref[siim_id] == nih_name[:8]
+        ds = pydicom.dcmread(dicoms[siim_id])
+        patients.add(ds.PatientID)
+        with Image.open(pair.nih.image_root / "images_001" / "images" / nih_name) as im:
+            nih_pixels = np.asarray(im).astype(np.int16)
+        assert np.abs(ds.pixel_array.astype(np.int16) - nih_pixels).mean() < 1.5  # JPEG only
+        nih_positive = "Pneumothorax" in nih_rows[nih_name].split("|")
+        assert (labels[siim_id] != [" -1"]) == nih_positive
+    assert len(patients) == 16  # SIIM's per-image pseudonyms: only the xref links them
+    assert pair.siim.n_positive == 8  # enriched to half, from 30% in NIH
+    assert len({name[:8] for name in (line.split(",")[1] for line in lines[1:])}) < 16
+
+
+def test_siim_masks_outline_the_nih_images_pneumothorax(pair: DemoPair) -> None:
+    nih_order = [r.split(",")[0] for r in pair.nih.labels_csv.read_text().splitlines()[1:]]
+    rows = _siim_rows(pair.siim)
+    for line in pair.xref.read_text().splitlines()[1:]:
+        siim_id, nih_name = line.split(",")
+        i = nih_order.index(nih_name)  # NIH image i is drawn from rng [seed, i]
+        positive = rows[siim_id] != [" -1"]
+        _, mask = synth_chest(np.random.default_rng([SEED, i]), 128, positive=positive)
+        np.testing.assert_array_equal(combine_masks(rows[siim_id], 128, 128), mask)
+
+
+def test_pair_is_deterministic_and_refuses_impossible_draws(tmp_path: Path) -> None:
+    first = _files(write_demo_pair(tmp_path / "a", n_nih=20, n_siim=8, seed=1, size=64).xref.parent)
+    again = _files(write_demo_pair(tmp_path / "b", n_nih=20, n_siim=8, seed=1, size=64).xref.parent)
+    assert first == again
+    with pytest.raises(ConfigError, match="cannot be drawn"):
+        write_demo_pair(tmp_path / "c", n_nih=20, n_siim=18, seed=1, size=64)

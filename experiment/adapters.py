@@ -1,0 +1,247 @@
+"""Stage functions: each turns a stage's settings into one library config and one call.
+
+The libraries do the work (``training.segment``, ``training.classify``,
+``training.autoencode``, ``training.embed``, ``training.cluster``, ``evaluation``); a stage
+function only places the output in the stage's folder, wires its inputs (the classifier a
+U-Net starts from, the label table a classifier learns) and returns a small JSON-able
+result for ``done.json``. Training stages resume from their last checkpoint when the
+folder holds one (an interrupted attempt); the others simply run again.
+
+Library modules are imported when a stage runs, so an experiment that does not use an arm
+does not need its code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from typing import Any
+
+from experiment.stages import StageContext, StageFunction
+from shards import manifest
+from shards.audit import HELD_OUT_WHERE, audit, held_out_overlap
+from shards.errors import ConfigError
+from shards.store import open_store
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "checkpoints/last.pt"
+BEST_CHECKPOINT = "checkpoints/best.pt"
+EMBEDDINGS = "embeddings"  # the embed stage's Parquet dataset, inside its folder
+LABELS = "labels"  # the cluster stage's label table, inside its folder
+PER_IMAGE = "per_image.parquet"  # an evaluation's per-image results, inside its folder
+
+
+def library_config(cls: type, **values: Any) -> Any:
+    """``cls(**values)``, naming any setting the library config does not take.
+
+    The recipe's names are the experiment's; when a library renames a field this says which,
+    instead of a TypeError deep in a stage.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__module__}.{cls.__name__} takes no {', '.join(unknown)}: the recipe and "
+            "the library disagree (update experiment/adapters.py)"
+        )
+    return cls(**values)
+
+
+def _has_checkpoint(url: str) -> bool:
+    return open_store(url).exists(LAST_CHECKPOINT)
+
+
+def _clean(result: dict[str, Any]) -> dict[str, Any]:
+    """JSON-able with NaN as null (done.json is strict JSON)."""
+    text = json.dumps(result, default=str)
+    return {
+        k: (None if isinstance(v, float) and math.isnan(v) else v)
+        for k, v in json.loads(text).items()
+    }
+
+
+# ---------------------------------------------------------------- audit
+
+
+def run_audit(ctx: StageContext) -> dict[str, Any]:
+    """Refuse to go on if any patient is in two splits, or if a training selection shares a
+    patient with the SIIM val/test rows; record the counts."""
+    from training.data import select
+
+    rows = select(ctx.dataset, None)
+    found = manifest.fingerprint(rows)
+    if found != ctx.stage.settings["dataset_fingerprint"]:
+        raise ConfigError(
+            f"{ctx.dataset} changed since this experiment was planned ({found}, planned "
+            f"{ctx.stage.settings['dataset_fingerprint']}): run the command again"
+        )
+    report = audit(rows)
+    if not report.ok:
+        pairs = ", ".join(f"{a} & {b}: {n}" for (a, b), n in sorted(report.pairs.items()))
+        raise ConfigError(
+            f"{report.overlapping_patients} patients of {ctx.dataset} are in more than one "
+            f"split ({pairs}); the arms would be scored on patients they trained on. "
+            "`pneumo audit DATASET` lists them; re-ingest with patient-level splits"
+        )
+    held = select(ctx.dataset, HELD_OUT_WHERE)
+    selections = {}
+    for name, where in ctx.stage.settings["trained_on"].items():
+        chosen = select(ctx.dataset, where)
+        shared = held_out_overlap(chosen, held)
+        if shared:
+            raise ConfigError(
+                f"[data] {name} ({where!r}) shares {len(shared)} patients with the SIIM "
+                f"val/test rows ({HELD_OUT_WHERE}): pretraining on them leaks the test set"
+            )
+        patients = len(set(chosen.column("patient_key").to_pylist()))
+        selections[name] = {"where": where, "images": chosen.num_rows, "patients": patients}
+    if report.image_level_images:
+        log.warning(
+            "%d images have image-level patient keys (SIIM without --nih-xref): their "
+            "patients may have other images in other splits",
+            report.image_level_images,
+        )
+    held_patients = sorted(set(held.column("patient_key").to_pylist()) - {None})
+    result = {
+        **report.to_dict(),
+        "dataset_fingerprint": found,
+        "images": rows.num_rows,
+        "held_out": {"where": HELD_OUT_WHERE, "images": held.num_rows},
+        "held_out_patients": len(held_patients),
+        "selections": selections,
+    }
+    open_store(ctx.url).put("audit.json", (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def segment_config(ctx: StageContext) -> Any:
+    """The SegmentConfig of a segment stage: its settings, its folder, its encoder."""
+    from training.segment import SegmentConfig
+
+    s = dict(ctx.stage.settings)
+    s["pos_rate"] = tuple(s["pos_rate"]) if s["pos_rate"] is not None else None
+    encoder = ctx.input_urls.get("encoder")
+    return library_config(
+        SegmentConfig,
+        dataset=ctx.dataset,
+        out=ctx.url,
+        encoder_init=f"{encoder}/{BEST_CHECKPOINT}" if encoder else None,
+        resume=_has_checkpoint(ctx.url),
+        **s,
+    )
+
+
+def run_segment(ctx: StageContext) -> dict[str, Any]:
+    from training.segment import train_segment
+
+    summary = train_segment(segment_config(ctx), progress=ctx.progress)
+    return _clean({**summary, "run": ctx.url})
+
+
+def run_evaluate(ctx: StageContext) -> dict[str, Any]:
+    """Score the input run on SIIM test; keep the per-image results in this stage's folder
+    (the run's own ``eval/`` is shared by every evaluation of that run)."""
+    from evaluation.evaluate import EvaluateConfig, evaluate_segment
+
+    s = ctx.stage.settings
+    cfg = library_config(
+        EvaluateConfig,
+        run=ctx.input_urls["run"],
+        dataset=ctx.dataset,
+        split=s["split"],
+        where=s["where"],
+        tta=s["tta"],
+        batch_size=s["batch_size"],
+        workers=s["workers"],
+    )
+    summary = evaluate_segment(cfg, progress=ctx.progress)
+    run, here = open_store(cfg.run), open_store(ctx.url)
+    here.put(PER_IMAGE, run.get(f"eval/{cfg.split}.parquet"))
+    return _clean({**summary, "per_image": PER_IMAGE})
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def run_classify(ctx: StageContext) -> dict[str, Any]:
+    """Train the ResNet-34 classifier (NIH labels, or the cluster stage's label table)."""
+    from training.classify import ClassifyConfig, train_classify
+
+    s = dict(ctx.stage.settings)
+    s.pop("encoder")  # the classifier is the ResNet-34 the U-Net's encoder is
+    labels = s.pop("labels")
+    if labels == "table":
+        labels = f"{ctx.input_urls['labels']}/{LABELS}"
+    cfg = library_config(
+        ClassifyConfig,
+        dataset=ctx.dataset,
+        out=ctx.url,
+        labels=labels,
+        resume="auto",
+        **s,
+    )
+    return _clean({**train_classify(cfg, progress=ctx.progress), "run": ctx.url})
+
+
+def run_evaluate_classify(ctx: StageContext) -> dict[str, Any]:
+    """AUROC, accuracy, balanced accuracy and the majority share on NIH test."""
+    from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
+
+    s = ctx.stage.settings
+    values: dict[str, Any] = {"run": ctx.input_urls["run"], "dataset": ctx.dataset, **s}
+    if "labels" in ctx.input_urls:
+        values["labels"] = f"{ctx.input_urls['labels']}/{LABELS}"
+    cfg = library_config(EvaluateClassifyConfig, **values)
+    return _clean(evaluate_classify(cfg, progress=ctx.progress))
+
+
+def run_autoencode(ctx: StageContext) -> dict[str, Any]:
+    from training.autoencode import AutoencodeConfig, train_autoencode
+
+    cfg = library_config(
+        AutoencodeConfig, dataset=ctx.dataset, out=ctx.url, resume="auto", **ctx.stage.settings
+    )
+    return _clean({**train_autoencode(cfg, progress=ctx.progress), "run": ctx.url})
+
+
+def run_embed(ctx: StageContext) -> dict[str, Any]:
+    from training.embed import EmbedConfig, embed
+
+    cfg = library_config(
+        EmbedConfig,
+        run=ctx.input_urls["run"],
+        dataset=ctx.dataset,
+        out=f"{ctx.url}/{EMBEDDINGS}",
+        **ctx.stage.settings,
+    )
+    return _clean(embed(cfg, progress=ctx.progress))
+
+
+def run_cluster(ctx: StageContext) -> dict[str, Any]:
+    from training.cluster import ClusterConfig, cluster
+
+    cfg = library_config(
+        ClusterConfig,
+        embeddings=f"{ctx.input_urls['embeddings']}/{EMBEDDINGS}",
+        out=f"{ctx.url}/{LABELS}",
+        **ctx.stage.settings,
+    )
+    return _clean(cluster(cfg, progress=ctx.progress))
+
+
+STAGE_FUNCTIONS: dict[str, StageFunction] = {
+    "audit": run_audit,
+    "classify": run_classify,
+    "evaluate-classify": run_evaluate_classify,
+    "autoencode": run_autoencode,
+    "embed": run_embed,
+    "cluster": run_cluster,
+    "segment": run_segment,
+    "evaluate": run_evaluate,
+}

@@ -1,0 +1,247 @@
+"""``pneumo experiment``: the report's comparison in one call, read top to bottom.
+
+The flow of :func:`run_experiment`:
+
+1. read the dataset's manifest: its fingerprint (every stage's hash depends on it) and the
+   patients of the SIIM val/test rows (what the ``leaky`` arm adds to pretraining);
+2. plan the stages (``experiment.plan``) and check that every selection they use selects
+   something, before any training starts;
+3. run them in order under ``EXP/stages/`` (``experiment.stages``): done stages are skipped,
+   an interrupted one resumes;
+4. from the evaluations: Table 1 with paired bootstrap intervals, the pretraining table,
+   Figures 1 and 2 and the pretraining figure, and ``report.md`` tying them together.
+
+Every output is written through the store, so ``EXP`` may be a folder or ``s3://`` prefix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from experiment import adapters, figures, report, tables
+from experiment.plan import Plan, build_plan
+from experiment.recipe import ARMS, Recipe
+from experiment.stages import RESUME_MODES, StageRunner
+from shards import manifest
+from shards.audit import HELD_OUT_WHERE
+from shards.errors import ConfigError
+from shards.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict[str, Any]], None]
+
+TABLE1_MD = "table1.md"
+TABLE1_CSV = "table1.csv"
+PRETRAIN_MD = "pretraining.md"
+PRETRAIN_CSV = "pretraining.csv"
+FIGURE2 = "figure2_dice_curves.png"
+FIGURE_PRETRAIN = "figure3_pretraining.png"
+REPORT = "report.md"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One experiment.
+
+    Attributes:
+        dataset: the DATASET (folder or s3://) holding SIIM and NIH, split by patient.
+        out: EXP, where every stage and the tables, figures and report go.
+        recipe: the stages' settings.
+        seeds: segmentation seeds per arm; None: the recipe's.
+        arms: the arms to compare; None: the recipe's (``none`` is always included).
+        resume: ``auto`` continues an interrupted stage from its checkpoint; ``never``
+            restarts it from scratch. Finished stages are reused either way.
+        command: the command line that started this, for the report.
+    """
+
+    dataset: str
+    out: str
+    recipe: Recipe
+    seeds: int | None = None
+    arms: tuple[str, ...] | None = None
+    resume: str = "auto"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.seeds is not None and self.seeds < 1:
+            raise ConfigError(f"--seeds {self.seeds}: at least one seed")
+        bad = [a for a in self.arms or () if a not in ARMS]
+        if bad:
+            raise ConfigError(f"--arms: unknown {', '.join(bad)} (known: {', '.join(ARMS)})")
+        if self.resume not in RESUME_MODES:
+            raise ConfigError(f"--resume {self.resume!r}: use one of {', '.join(RESUME_MODES)}")
+
+    @property
+    def arm_list(self) -> tuple[str, ...]:
+        chosen = self.arms or self.recipe.experiment.arms
+        return ("none", *[a for a in ARMS if a in chosen and a != "none"])
+
+    @property
+    def seed_count(self) -> int:
+        return self.seeds or self.recipe.experiment.seeds
+
+
+def run_experiment(cfg: ExperimentConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or finish) the experiment; returns Table 1 and where everything was written.
+
+    ``progress`` gets the stage runner's events (see ``experiment.stages.StageRunner``).
+
+    Raises:
+        ConfigError: a selection selects nothing, the splits overlap, or a stage's
+            settings are refused by its library.
+    """
+    started = time.time()
+    plan = make_plan(cfg)
+    exp = open_store(cfg.out)
+    commands = _record_start(exp, cfg, plan)
+    runner = StageRunner(
+        exp=cfg.out,
+        dataset=cfg.dataset,
+        functions=adapters.STAGE_FUNCTIONS,
+        resume=cfg.resume,
+        progress=progress,
+    )
+    runner.run_all(plan.stages)
+    outputs = write_outputs(exp, cfg, plan, runner, commands)
+    log.info("experiment done in %.0f s: %s", time.time() - started, exp.url_of(REPORT))
+    return outputs
+
+
+def make_plan(cfg: ExperimentConfig) -> Plan:
+    """The stages of ``cfg``, after checking every selection they use selects rows."""
+    from training.data import select
+
+    rows = select(cfg.dataset, None)
+    if rows.num_rows == 0:
+        raise ConfigError(f"{cfg.dataset} holds no images")
+    held = select(cfg.dataset, HELD_OUT_WHERE)
+    plan = build_plan(
+        cfg.recipe,
+        arms=cfg.arm_list,
+        seeds=cfg.seed_count,
+        dataset_fingerprint=manifest.fingerprint(rows),
+        held_out_patients=sorted(set(held.column("patient_key").to_pylist()) - {None}),
+    )
+    data = cfg.recipe.data
+    needed = {"siim_train": data.siim_train, "siim_val": data.siim_val}
+    needed["siim_test"] = data.siim_test
+    if set(cfg.arm_list) - {"none"}:
+        needed |= {"nih_train": data.nih_train, "nih_val": data.nih_val}
+        needed["nih_test"] = data.nih_test
+    for name, where in needed.items():
+        if select(cfg.dataset, where).num_rows == 0:
+            raise ConfigError(
+                f"{cfg.recipe.source}: [data] {name} = {where!r} selects no rows in "
+                f"{cfg.dataset}; the arms {', '.join(cfg.arm_list)} need it"
+            )
+    return plan
+
+
+def _record_start(exp: Store, cfg: ExperimentConfig, plan: Plan) -> list[dict[str, str]]:
+    """The recipe as given and the plan (stage names and labels), for the report."""
+    exp.put("recipe.toml", cfg.recipe.text.encode())
+    commands = json.loads(exp.get("commands.json")) if exp.exists("commands.json") else []
+    commands.append({"command": cfg.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    exp.put("commands.json", (json.dumps(commands, indent=2) + "\n").encode())
+    listing = [{"name": s.name, "label": s.label, "kind": s.kind} for s in plan.stages]
+    exp.put("plan.json", (json.dumps(listing, indent=2) + "\n").encode())
+    return commands
+
+
+def write_outputs(
+    exp: Store,
+    cfg: ExperimentConfig,
+    plan: Plan,
+    runner: StageRunner,
+    commands: list[dict[str, str]],
+) -> dict[str, Any]:
+    """Tables, figures and the report from the finished stages."""
+    rows, leakage, table1 = _segmentation_outputs(exp, cfg, plan, runner)
+    written = [TABLE1_MD, TABLE1_CSV, FIGURE2]
+    pretrain_md = None
+    if plan.classifier_evals:
+        pretrain_md = _pretraining_outputs(exp, plan, runner)
+        written += [PRETRAIN_MD, PRETRAIN_CSV, FIGURE_PRETRAIN]
+    text = report.report_markdown(
+        cfg=cfg,
+        plan=plan,
+        runner=runner,
+        table1=table1,
+        pretraining=pretrain_md,
+        leakage=leakage,
+        figures=[f for f in written if f.endswith(".png")],
+        commands=commands,
+    )
+    exp.put(REPORT, text.encode())
+    return {
+        "table1": table1,
+        "rows": [asdict(r) for r in rows],
+        "leakage": asdict(leakage) if leakage else None,
+        "pretraining": pretrain_md,
+        "report": exp.url_of(REPORT),
+        "files": [exp.url_of(f) for f in [*written, REPORT]],
+    }
+
+
+def _segmentation_outputs(
+    exp: Store, cfg: ExperimentConfig, plan: Plan, runner: StageRunner
+) -> tuple[list[tables.ArmRow], tables.Comparison | None, str]:
+    """Table 1 (Markdown and CSV) with its intervals, and Figure 2."""
+    settings = cfg.recipe.experiment
+    stats = {
+        "resamples": settings.bootstrap_resamples,
+        "seed": settings.bootstrap_seed,
+        "level": settings.confidence,
+    }
+    summaries = {key: runner.results[s.name] for key, s in plan.evaluations.items()}
+    per_image = {
+        key: tables.per_image_dice(_parquet(exp, f"{s.path}/{adapters.PER_IMAGE}"))
+        for key, s in plan.evaluations.items()
+    }
+    rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
+    leakage = None
+    if "leaky" in plan.arms and "labels" in plan.arms:
+        leakage = tables.compare(per_image, "leaky", "labels", plan.seeds, **stats)
+    table1 = tables.table1_markdown(rows, settings.confidence, leakage)
+    exp.put(TABLE1_MD, table1.encode())
+    exp.put(TABLE1_CSV, tables.to_csv(rows).encode())
+    curves = {
+        arm: [_val_curve(exp, plan.segments[(arm, s)].path) for s in plan.seeds]
+        for arm in plan.arms
+    }
+    exp.put(FIGURE2, figures.dice_curves_figure(curves))
+    return rows, leakage, table1
+
+
+def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
+    """The classifiers beside their majority share, the clusters: table and figure."""
+    cluster = runner.results[plan.cluster.name] if plan.cluster else None
+    pre_rows = tables.pretrain_rows(
+        {arm: runner.results[s.name] for arm, s in plan.classifier_evals.items()},
+        pseudo_classes=tables.pseudo_classes(cluster) if cluster else None,
+    )
+    pretrain_md = tables.pretrain_markdown(pre_rows, cluster)
+    exp.put(PRETRAIN_MD, pretrain_md.encode())
+    exp.put(PRETRAIN_CSV, tables.to_csv(pre_rows).encode())
+    sizes = tables.cluster_sizes(cluster) if cluster else []
+    noise = cluster.get("noise_share") if cluster else None
+    exp.put(FIGURE_PRETRAIN, figures.pretraining_figure(pre_rows, sizes, noise))
+    return pretrain_md
+
+
+def _parquet(store: Store, path: str) -> Any:
+    return pq.read_table(io.BytesIO(store.get(path)))
+
+
+def _val_curve(store: Store, run: str) -> list[float]:
+    lines = store.get(f"{run}/metrics.jsonl").decode().splitlines()
+    return figures.val_dice_curve([json.loads(line) for line in lines if line.strip()])
