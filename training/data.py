@@ -34,6 +34,7 @@ is written straight into the batch tensors: no per-sample float copies, no stack
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -316,8 +317,15 @@ def _batches(dataset: IterableDataset, cfg: LoaderConfig) -> Iterator[dict[str, 
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=PREFETCH_BATCHES if cfg.workers > 0 else None,
+        worker_init_fn=_ignore_sigint,
     )
     yield from loader
+
+
+def _ignore_sigint(_worker: int) -> None:
+    """Ctrl-C is the parent's to handle (one line, see pneumo.render): a loader worker that
+    took it too would print its own traceback. The parent's exit ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_batches(
