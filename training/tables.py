@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from shards.errors import ManifestError
-from shards.store import LocalStore, S3Store, Store, open_store
+from shards.s3 import S3Store
+from shards.store import LocalStore, Store, open_store
 
 
 def open_parquet(url: str) -> ds.Dataset:
