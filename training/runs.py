@@ -227,7 +227,7 @@ class Panel:
     lines: tuple[tuple[str, str], ...]  # (field, label)
 
 
-LR_PANEL = Panel("learning rate", (("lr", "learning rate at the epoch's end"),))
+LR_PANEL = Panel("learning rate", (("lr", "learning rate (end of the epoch)"),))
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], title: str) -> bytes:
@@ -238,7 +238,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [r["epoch"] for r in rows]
+    epochs = [r["epoch"] + 1 for r in rows]  # epochs completed, as the progress lines count
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         for key, label in panel.lines:
@@ -247,7 +247,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], title: 
                 continue  # a field this run does not have (e.g. no positives in val)
             ax.plot(epochs, [np.nan if v is None else v for v in values], marker="o", label=label)
         ax.set_title(panel.title)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epochs completed")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:

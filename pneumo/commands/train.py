@@ -158,7 +158,8 @@ def train_classify_cmd(
         str,
         typer.Option(
             help="How batches mix classes: 'classes' (each class equally often), "
-            "'pos-rate:A' or 'pos-rate:A:B' (positives, two classes), 'none' (as in the data)."
+            "'pos-rate:0.5' (positives at that rate; 'pos-rate:0.8:0.4' slides from 0.8 to "
+            "0.4 over training; two classes), 'none' (as in the data)."
         ),
     ] = "classes",
     epochs: Epochs = 10,

@@ -80,6 +80,8 @@ def test_a_short_run_beats_the_majority_baseline(trained: dict[str, Any], nih_de
     assert config["leakage"]["overlap_patients"] == 0 and config["labels"] == "has_ptx"
     pinned = pq.read_table(Path(cfg.out) / "rows" / "train.parquet")
     assert pinned["label"].to_pylist() == [int(v) for v in pinned["has_ptx"].to_pylist()]
+    drawn = {key for panel in ClassifyTask.panels for key, _ in panel.lines}
+    assert drawn | set(ClassifyTask.headline) <= set(rows[-1])  # curves name real fields
     epochs = [r for r in trained["reports"] if r["event"] == "epoch"]
     assert [r["val_auroc"] for r in epochs] == [r["val_auroc"] for r in rows]
 

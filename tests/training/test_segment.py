@@ -24,7 +24,7 @@ from shards import manifest
 from shards.errors import ConfigError
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.data import select
-from training.segment import SegmentConfig, lr_factor, train_segment
+from training.segment import SegmentConfig, SegmentTask, lr_factor, train_segment
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,8 @@ def test_a_short_run_learns_more_than_predicting_nothing(demo: str, tmp_path: Pa
     steps = [r for r in reports if r["event"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, 61))
     assert steps[-1]["total"] == 60 and steps[-1]["epochs"] == 4
+    drawn = {key for panel in SegmentTask.panels for key, _ in panel.lines}
+    assert drawn | set(SegmentTask.headline) <= set(rows[-1])  # curves name real fields
     epochs = [r for r in reports if r["event"] == "epoch"]
     assert [r["val_dice"] for r in epochs] == [r["val_dice"] for r in rows]
 
