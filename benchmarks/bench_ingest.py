@@ -10,14 +10,18 @@ Each round runs the baseline and pneumo with every ``--workers`` value back to b
 prints DICOMs/s and the ratios (targets: >= 10x the baseline on one worker, >= 1.8x from
 1 to 2 workers); the summary gives the range over rounds. Shared machines are noisy, so
 the one-worker comparison is also given in CPU seconds of this process (both sides run
-in it), which other users' load barely moves. ``--n`` should give both workers several
-units of 128 files. ``--s3`` adds the same ingest into S3 (a loopback server whose every
-request first sleeps ``--s3-latency-ms``, like a remote bucket) against the local folder.
+in it), which other users' load barely moves, and the worker scaling beside the scaling
+of a pure-Python control (how much faster 2 processes do 2 units of work than 1 process,
+right then): on a machine whose cores are taken, neither can reach 2x. ``--n`` should
+give both workers several units of 128 files. ``--s3`` adds the same ingest into S3 (a
+loopback server whose every request first sleeps ``--s3-latency-ms``, like a remote
+bucket) against the local folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import shutil
 import sys
 import tempfile
@@ -74,6 +78,26 @@ def pneumo_ingest(root: Path, labels_csv: Path, out: str, workers: int) -> tuple
     return elapsed, cpu
 
 
+def _burn(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def machine_scaling(processes: int, n: int = 2_000_000) -> float:
+    """How much faster ``processes`` processes do ``processes`` units of pure-Python work
+    than one process does them in turn: what the machine itself allows at this moment."""
+    start = time.perf_counter()
+    for _ in range(processes):
+        _burn(n)
+    serial = time.perf_counter() - start
+    start = time.perf_counter()
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(_burn, [n] * processes)
+    return serial / (time.perf_counter() - start)
+
+
 def one_round(files: list[Path], demo: DemoSummary, tmp: Path, workers: list[int]) -> dict:
     """Baseline then pneumo per worker count; rates in DICOMs/s, ratios, CPU ratio."""
     cpu = time.process_time()
@@ -92,6 +116,7 @@ def one_round(files: list[Path], demo: DemoSummary, tmp: Path, workers: list[int
         "ratio": rates[first] * base / len(files),
         "cpu_ratio": base_cpu / cpus[first] if first == 1 else None,
         "scaling": {w: rates[w] / rates[first] for w in workers[1:]},
+        "machine": {w: machine_scaling(w) / machine_scaling(first) for w in workers[1:]},
     }
 
 
@@ -110,6 +135,8 @@ def report(rounds: list[dict], workers: list[int]) -> None:
     for w in workers[1:]:
         values = [r["scaling"][w] for r in rounds]
         print(f"  --workers {w} / --workers {first}:      {span(values)}  [>= 1.8]")
+        machine = [r["machine"][w] for r in rounds]
+        print(f"  the machine, {w} / {first} processes:   {span(machine)}  (pure-Python control)")
 
 
 def s3_rounds(demo: DemoSummary, workers: list[int], local: dict, latency_ms: float) -> None:
@@ -155,7 +182,8 @@ def main() -> None:
             rates = "  ".join(f"--workers {w}: {v:7.1f}/s" for w, v in r["rates"].items())
             cpu = f" (CPU {r['cpu_ratio']:.1f}x)" if r["cpu_ratio"] else ""
             scaling = "  ".join(
-                f"{w}/{args.workers[0]} workers {v:.2f}x" for w, v in r["scaling"].items()
+                f"{w}/{args.workers[0]} workers {v:.2f}x (machine {r['machine'][w]:.2f}x)"
+                for w, v in r["scaling"].items()
             )
             print(
                 f"round {i + 1}: per-file {r['baseline']:6.1f}/s  {rates}  "
