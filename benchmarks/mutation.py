@@ -8,7 +8,7 @@ files) to a temporary folder once, and for each mutation replaces one exact code
 runs the fast tests that should catch it, and puts the file back. A mutation *survives* when
 those tests still pass: the suite would let that bug through.
 
-    python benchmarks/mutation.py                 # all of them (minutes each on a busy 2-core machine)
+    python benchmarks/mutation.py                 # all of them (about an hour on 2 cores)
     python benchmarks/mutation.py --only rle-absolute metric-positives-only
     python benchmarks/mutation.py --list          # and whether each snippet is found
 
