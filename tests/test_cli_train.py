@@ -68,7 +68,13 @@ def test_train_writes_a_self_describing_run(run):
     assert [x["epoch"] for x in lines] == [0, 1] and lines[-1]["step"] == 6
     assert (run / "curves.png").stat().st_size > 1000
     assert (run / "checkpoints" / "last.pt").is_file()
-    assert json.loads((run / "postprocess.json").read_text())["top_threshold"] > 0
+    post = json.loads((run / "postprocess.json").read_text())
+    search = json.loads((run / "postprocess_search.json").read_text())
+    assert {"top_threshold", "min_area", "mask_threshold", "tta", "val_dice"} <= set(post)
+    # The better of the two searches (with and without flip TTA) is the one kept.
+    by_tta = search["by_tta"]
+    assert sorted(x["tta"] for x in by_tta) == [False, True]
+    assert post["val_dice"] == max(x["val_dice"] for x in by_tta)
 
 
 def test_evaluate_json(run, pneumo):

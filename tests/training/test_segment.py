@@ -98,7 +98,9 @@ def test_a_short_run_learns_more_than_predicting_nothing(demo: str, tmp_path: Pa
     assert result["best_val_dice"] == best and result["step"] == 60
 
     post = json.loads((tmp_path / "run" / "postprocess.json").read_text())
-    assert post["val_dice"] >= best - 1e-9  # the plain 0.5 threshold is in the grid
+    # Chosen and scored at full resolution (not comparable to the training-size val_dice
+    # above): still better than predicting nothing on the same images.
+    assert post["val_dice"] > healthy, (post, healthy)
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["total_steps"] == 60 and config["init"] == [{"source": "random", "seed": 0}]
