@@ -5,7 +5,7 @@ The libraries do the work (``training.segment``, ``training.classify``,
 function only places the output in the stage's folder, wires its inputs (the classifier a
 U-Net starts from, the label table a classifier learns) and returns a small JSON-able
 result for ``done.json``. Training stages resume from their last checkpoint when the
-folder holds one (an interrupted attempt); the others simply run again.
+folder holds one (``resume="auto"``: an interrupted attempt); the others simply run again.
 
 Library modules are imported when a stage runs, so an experiment that does not use an arm
 does not need its code.
@@ -17,7 +17,10 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from experiment.stages import StageContext, StageFunction
 from shards import manifest
@@ -27,8 +30,6 @@ from shards.store import open_store
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "checkpoints/last.pt"
-BEST_CHECKPOINT = "checkpoints/best.pt"
 EMBEDDINGS = "embeddings"  # the embed stage's Parquet dataset, inside its folder
 LABELS = "labels"  # the cluster stage's label table, inside its folder
 PER_IMAGE = "per_image.parquet"  # an evaluation's per-image results, inside its folder
@@ -48,10 +49,6 @@ def library_config(cls: type, **values: Any) -> Any:
             "the library disagree (update experiment/adapters.py)"
         )
     return cls(**values)
-
-
-def _has_checkpoint(url: str) -> bool:
-    return open_store(url).exists(LAST_CHECKPOINT)
 
 
 def _clean(result: dict[str, Any]) -> dict[str, Any]:
@@ -126,13 +123,12 @@ def segment_config(ctx: StageContext) -> Any:
 
     s = dict(ctx.stage.settings)
     s["pos_rate"] = tuple(s["pos_rate"]) if s["pos_rate"] is not None else None
-    encoder = ctx.input_urls.get("encoder")
     return library_config(
         SegmentConfig,
         dataset=ctx.dataset,
         out=ctx.url,
-        encoder_init=f"{encoder}/{BEST_CHECKPOINT}" if encoder else None,
-        resume=_has_checkpoint(ctx.url),
+        encoder_init=ctx.input_urls.get("encoder"),  # a classify RUN: its best checkpoint
+        resume="auto",
         **s,
     )
 
@@ -174,7 +170,7 @@ def run_classify(ctx: StageContext) -> dict[str, Any]:
     from training.classify import ClassifyConfig, train_classify
 
     s = dict(ctx.stage.settings)
-    s.pop("encoder")  # the classifier is the ResNet-34 the U-Net's encoder is
+    s["arch"] = s.pop("encoder")  # the classifier is the ResNet the U-Net's encoder is
     labels = s.pop("labels")
     if labels == "table":
         labels = f"{ctx.input_urls['labels']}/{LABELS}"
@@ -193,11 +189,13 @@ def run_evaluate_classify(ctx: StageContext) -> dict[str, Any]:
     """AUROC, accuracy, balanced accuracy and the majority share on NIH test."""
     from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
 
-    s = ctx.stage.settings
-    values: dict[str, Any] = {"run": ctx.input_urls["run"], "dataset": ctx.dataset, **s}
-    if "labels" in ctx.input_urls:
-        values["labels"] = f"{ctx.input_urls['labels']}/{LABELS}"
-    cfg = library_config(EvaluateClassifyConfig, **values)
+    # The run's own labels are scored: has_ptx, or the cluster stage's table it trained on.
+    cfg = library_config(
+        EvaluateClassifyConfig,
+        run=ctx.input_urls["run"],
+        dataset=ctx.dataset,
+        **ctx.stage.settings,
+    )
     return _clean(evaluate_classify(cfg, progress=ctx.progress))
 
 
@@ -233,6 +231,33 @@ def run_cluster(ctx: StageContext) -> dict[str, Any]:
         **ctx.stage.settings,
     )
     return _clean(cluster(cfg, progress=ctx.progress))
+
+
+def reconstructions(
+    dataset: str, where: str, runs: Mapping[str, str], n: int = 8
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Figure 1's pixels: the first ``n`` images of ``where`` (by key) in [0, 1], and their
+    reconstruction by each autoencoder's best weights (``runs``: kind -> RUN)."""
+    import torch
+
+    from shards.stream import entries_from_table
+    from training.autoencoders import build_autoencoder
+    from training.checkpoint import load_checkpoint
+    from training.data import LoaderConfig, eval_batches, select
+
+    models = {}
+    for kind, url in runs.items():
+        ckpt = load_checkpoint(url, "best")
+        models[kind] = build_autoencoder(ckpt["model_args"])
+        models[kind].load_state_dict(ckpt["model"])
+        models[kind].eval()
+    size = next(iter(models.values())).size  # one recipe setting: the same for both
+    entries = entries_from_table(select(dataset, where).sort_by("key").slice(0, n))
+    loader = LoaderConfig(dataset=dataset, size=size, batch_size=n, workers=0, augment=False)
+    images = next(iter(eval_batches(loader, rank=0, world_size=1, entries=entries)))["image"]
+    with torch.no_grad():
+        out = {k: torch.sigmoid(m(images)[0].float())[:, 0].numpy() for k, m in models.items()}
+    return images[:, 0].numpy(), out
 
 
 STAGE_FUNCTIONS: dict[str, StageFunction] = {

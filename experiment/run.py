@@ -43,6 +43,7 @@ TABLE1_MD = "table1.md"
 TABLE1_CSV = "table1.csv"
 PRETRAIN_MD = "pretraining.md"
 PRETRAIN_CSV = "pretraining.csv"
+FIGURE1 = "figure1_reconstructions.png"
 FIGURE2 = "figure2_dice_curves.png"
 FIGURE_PRETRAIN = "figure3_pretraining.png"
 REPORT = "report.md"
@@ -171,6 +172,11 @@ def write_outputs(
     if plan.classifier_evals:
         pretrain_md = _pretraining_outputs(exp, plan, runner)
         written += [PRETRAIN_MD, PRETRAIN_CSV, FIGURE_PRETRAIN]
+    if plan.autoencoders:
+        runs = {kind: runner.url(stage) for kind, stage in plan.autoencoders.items()}
+        originals, recon = adapters.reconstructions(cfg.dataset, cfg.recipe.data.nih_test, runs)
+        exp.put(FIGURE1, figures.reconstructions_figure(originals, recon))
+        written.insert(0, FIGURE1)
     text = report.report_markdown(
         cfg=cfg,
         plan=plan,
