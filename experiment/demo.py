@@ -16,6 +16,7 @@ from pathlib import Path
 from ingest.batch import BatchConfig, BatchSummary
 from ingest.demo import DEMO_PATIENT_SECRET, DemoPair, write_demo_pair
 from ingest.nih import NihConfig, ingest_nih
+from ingest.patients import PatientSecret
 from ingest.siim import SiimConfig, ingest_siim
 from shards.errors import ConfigError
 
@@ -88,18 +89,19 @@ def make_demo_dataset(cfg: DemoDataConfig, progress: Progress | None = None) -> 
         progress=lambda done: report("write")(done, total),
     )
 
+    # A fixed secret: the demo's patient keys (and so its splits) are the same anywhere.
+    secret = PatientSecret(value=DEMO_PATIENT_SECRET, origin="the demo's fixed secret")
+    lists = (pair.nih.out_dir / "train_val_list.txt", pair.nih.out_dir / "test_list.txt")
+
     def batch(**kw: object) -> BatchConfig:
-        # A fixed secret: the demo's patient keys (and so its splits) are the same anywhere.
-        return BatchConfig(
-            out=cfg.dataset, workers=cfg.workers, patient_secret=DEMO_PATIENT_SECRET, **kw
-        )
+        return BatchConfig(out=cfg.dataset, workers=cfg.workers, patient_secret=secret, **kw)
 
     nih = ingest_nih(
         NihConfig(
             image_root=str(pair.nih.image_root),
             labels=pair.nih.labels_csv,
-            train_val_list=pair.nih.out_dir / "train_val_list.txt",
-            test_list=pair.nih.out_dir / "test_list.txt",
+            train_val_list=lists[0],
+            test_list=lists[1],
             batch=batch(split_fractions=DEMO_FRACTIONS),
         ),
         progress=report("ingest nih"),
@@ -109,7 +111,8 @@ def make_demo_dataset(cfg: DemoDataConfig, progress: Progress | None = None) -> 
             dicom_root=str(pair.siim.image_root),
             labels=pair.siim.labels_csv,
             nih_xref=pair.xref,
-            batch=batch(),
+            split_lists=lists,  # the same policy whichever set is ingested first
+            batch=batch(split_fractions=DEMO_FRACTIONS),
         ),
         progress=report("ingest siim"),
     )
