@@ -22,12 +22,12 @@ from experiment.run import ExperimentConfig, make_plan, run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ARMS = ("none",)  # the arms whose libraries exist on this branch
+ARMS = ("none", "labels", "pseudo", "leaky")
 
 
 def config(dataset: str, out: Path, recipe_file: Path, **kw: Any) -> ExperimentConfig:
     return ExperimentConfig(
-        dataset=dataset, out=str(out), recipe=load_recipe(recipe_file), arms=ARMS, **kw
+        dataset=dataset, out=str(out), recipe=load_recipe(recipe_file), **{"arms": ARMS, **kw}
     )
 
 
@@ -65,18 +65,45 @@ def test_table_numbers_are_the_evaluations(finished) -> None:
         assert int(rows[arm]["n_images"]) == runs[0]["n_images"] > 0
         assert int(rows[arm]["seeds"]) == len(plan.seeds) == 2
     assert rows["none"]["diff_to_none"] == "" and rows["none"]["report_dice"] == "71.6"
+    for arm in plan.arms[1:]:  # on the same images, the mean paired difference is the
+        # difference of the mean Dice: a check independent of the bootstrap's pairing
+        diff = float(rows[arm]["dice_mean"]) - float(rows["none"]["dice_mean"])
+        assert float(rows[arm]["diff_to_none"]) == pytest.approx(diff, abs=1e-9)
+        assert float(rows[arm]["ci_low"]) <= float(rows[arm]["diff_to_none"])
+        assert float(rows[arm]["diff_to_none"]) <= float(rows[arm]["ci_high"])
     table = (exp / "table1.md").read_text()
     assert table == result["table1"]
-    shown = (
-        f"{100 * float(rows['none']['dice_mean']):.1f} ± {100 * float(rows['none']['dice_sd']):.1f}"
-    )
+    none = rows["none"]
+    shown = f"{100 * float(none['dice_mean']):.1f} ± {100 * float(none['dice_sd']):.1f}"
     assert shown in table and "| No additional pretrain | 71.6 |" in table
+    assert "Leakage effect (leaky − labels)" in table
+
+
+def test_pretraining_numbers_are_the_classifier_evaluations(finished) -> None:
+    cfg, _ = finished
+    exp = Path(cfg.out)
+    plan = make_plan(cfg)
+    rows = _csv_rows(exp / "pretraining.csv")
+    assert set(rows) == {"labels", "pseudo", "leaky"}
+    for arm, row in rows.items():
+        run = exp / plan.encoders[arm].path
+        summary = json.loads((run / "eval" / "test.json").read_text())
+        for name in ("auroc", "balanced_accuracy", "accuracy", "majority_rate"):
+            assert float(row[name]) == pytest.approx(summary[name], abs=1e-12)
+        labels = json.loads((run / "config.json").read_text())["labels"]
+        assert (labels == "has_ptx") == (arm != "pseudo")
+    clusters = json.loads((exp / plan.cluster.path / "labels" / "_clusters.json").read_text())
+    assert (
+        f"sizes {', '.join(map(str, sorted(clusters['sizes'], reverse=True)))}"
+        in (exp / "pretraining.md").read_text()
+    )
 
 
 def test_outputs_and_report(finished) -> None:
     cfg, result = finished
     exp = Path(cfg.out)
-    assert (exp / "figure2_dice_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("figure1_reconstructions", "figure2_dice_curves", "figure3_pretraining"):
+        assert (exp / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (exp / "report.md").read_text()
     assert "[segment]" in report and cfg.recipe.text.strip() in report  # the recipe, verbatim
     assert "pytest" in report and "torch:" in report and "## Stages" in report
@@ -85,17 +112,20 @@ def test_outputs_and_report(finished) -> None:
 
 
 def test_a_changed_segmentation_setting_reruns_only_segmentation_and_evaluation(
-    finished, tiny_recipe_file
+    finished,
 ) -> None:
     cfg, _ = finished
     recipe = cfg.recipe
     events: list[dict[str, Any]] = []
-    changed = replace(cfg, recipe=replace(recipe, segment=replace(recipe.segment, lr=5e-4)))
+    changed = replace(
+        cfg, seeds=1, recipe=replace(recipe, segment=replace(recipe.segment, lr=5e-4))
+    )
     run_experiment(changed, progress=events.append)
-    ran = {e["label"].split()[0] for e in events if e.get("status") == "run"}
-    skipped = {e["label"].split()[0] for e in events if e.get("status") == "skip"}
-    assert ran == {"segment", "evaluate"}
-    assert "audit" in skipped and not ran & skipped
+    status = {e["label"]: e["status"] for e in events if e.get("status") in ("run", "skip")}
+    ran = {label for label, s in status.items() if s == "run"}
+    assert ran == {f"{kind} {arm} seed 0" for kind in ("segment", "evaluate") for arm in ARMS}
+    skipped = {label.split()[0] for label, s in status.items() if s == "skip"}
+    assert skipped == {"audit", "autoencode", "classify", "evaluate", "embed", "cluster"}
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
@@ -112,11 +142,11 @@ def test_killed_mid_stage_then_rerun_redoes_no_finished_stage(
     demo_dataset, tiny_recipe_file, tmp_path
 ) -> None:
     dataset, _ = demo_dataset
-    cfg = config(dataset, tmp_path / "exp", tiny_recipe_file, seeds=1)
+    cfg = config(dataset, tmp_path / "exp", tiny_recipe_file, seeds=1, arms=("none", "labels"))
     plan = make_plan(cfg)
-    victim = plan.segments[(ARMS[-1], 0)]  # the last arm's: earlier stages are done by then
+    victim = plan.segments[("labels", 0)]  # the last segmentation: its inputs are done
     command = [sys.executable, "-m", "pneumo", "experiment", dataset, "--out", cfg.out]
-    command += ["--recipe", str(tiny_recipe_file), "--arms", ",".join(ARMS), "--seeds", "1"]
+    command += ["--recipe", str(tiny_recipe_file), "--arms", "none,labels", "--seeds", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for(tmp_path / "exp" / victim.path / "checkpoints" / "last.pt", proc)
