@@ -124,6 +124,8 @@ class StageView:
             self.bar.update_to(p["step"], p.get("total"), **postfix)
         elif "images" in p:
             self.bar.update_to(p["images"])
+        elif "done" in p:
+            self.bar.update_to(p["done"], p.get("total"))
 
     def close(self) -> None:
         if self.bar is not None:

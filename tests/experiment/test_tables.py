@@ -59,6 +59,7 @@ def test_markdown_and_csv_show_the_same_numbers() -> None:
     assert float(none["dice_mean"]) == 0.5 and none["diff_to_none"] == ""
 
 
+@pytest.mark.integration
 def test_cli_refuses_a_bad_recipe_and_unknown_arms(pneumo, tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[segment]\nsize = 100\n")
