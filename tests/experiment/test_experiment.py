@@ -99,6 +99,25 @@ def test_pretraining_numbers_are_the_classifier_evaluations(finished) -> None:
     )
 
 
+def test_each_arm_starts_from_its_own_pretraining_and_nothing_else_differs(finished) -> None:
+    cfg, _ = finished
+    exp = Path(cfg.out)
+    plan = make_plan(cfg)
+    configs = {}
+    for arm in plan.arms:
+        config_json = json.loads((exp / plan.segments[(arm, 0)].path / "config.json").read_text())
+        chain = config_json["init"]  # where the weights came from, as the checkpoint says
+        if arm == "none":
+            assert chain == [{"seed": 0, "source": "random"}]
+        else:
+            classifier = exp / plan.encoders[arm].path / "checkpoints" / "best.pt"
+            assert chain[0]["source"] == str(classifier) and chain[0]["task"] == "classify"
+        configs[arm] = {
+            k: v for k, v in config_json.items() if k not in ("out", "encoder_init", "init")
+        }
+    assert all(c == configs["none"] for c in configs.values())
+
+
 def test_outputs_and_report(finished) -> None:
     cfg, result = finished
     exp = Path(cfg.out)
