@@ -49,6 +49,7 @@ STREAM = (
     "tests/shards/test_sampling.py",
     "tests/training/test_data.py::test_loader_workers_give_every_rank_the_same_count_and_resume_exactly",
 )
+PER_RANK_DRAWS = "tests/training/test_classify.py::test_per_rank_draws_differ"
 SEGMENT = "tests/training/test_segment.py"
 RESUME = f"{SEGMENT}::test_resume_auto_continues_where_the_run_stopped"
 OTHER_DATA = f"{SEGMENT}::test_a_batch_committed_during_training_changes_nothing"
@@ -240,7 +241,7 @@ MUTATIONS = [
         "shards/stream.py",
         "rng = np.random.default_rng([spec.seed, spec.epoch, spec.rank, step, _BATCH])",
         "rng = np.random.default_rng([spec.seed, spec.epoch, step, _BATCH])",
-        _tests(STREAM),
+        _tests(STREAM, PER_RANK_DRAWS),
     ),
     Mutation(
         "stream-slot-ignores-rank",
@@ -372,7 +373,10 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
             text=True,
             timeout=timeout,
         )
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        # The last line (the counts), and the first failing test (-x: the one that caught it).
+        failed = [ln.split(" - ")[0] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+        rc, tail = proc.returncode, lines[-1:] + failed[:1]
     except subprocess.TimeoutExpired:
         rc, tail = -1, ["timed out"]
     return rc, time.monotonic() - started, " ".join(tail)
