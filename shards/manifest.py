@@ -153,7 +153,7 @@ def read(
     dataset = open_dataset(store, table)
     if dataset is None:
         if not new_ok:
-            _require_dataset(store)
+            require_dataset(store)
         return schema.empty_table().select(wanted)
     expr = parse_where(where, schema) if where else None
     if table == "quarantine":
@@ -172,7 +172,7 @@ def read(
     return result.sort_by(order) if order else result
 
 
-def _require_dataset(store: Store) -> None:
+def require_dataset(store: Store) -> None:
     """Nothing committed is fine for a dataset whose first batch is under way, not for a
     folder that was never one (a typo, the wrong level of a path)."""
     if not (

@@ -100,8 +100,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shards import stream
+from shards import manifest, stream
 from shards.errors import ConfigError, PneumoError
+from shards.store import open_store
 from training import checkpoint as ckpts
 from training.data import eval_batches, train_batches
 from training.rows import pin_rows
@@ -171,6 +172,8 @@ def run(task: Task, progress: Progress | None = None) -> dict[str, Any]:
     env = DistEnv.from_env()
     device = setup_device(env)
     try:
+        # Refuse a DATASET that is not one before RUN is created (nothing left behind).
+        manifest.require_dataset(open_store(cfg.dataset, create=False))
         job = _start(task, env, device, RunDir(cfg.out, writer=env.is_main), progress)
         log.info(
             "training %d steps (%d x %d) from step %d", job.total, cfg.epochs, job.spe, job.step
