@@ -203,6 +203,8 @@ def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
         train_segment(small(demo, tmp_path / "empty", resume="always"))
     cfg = small(demo, tmp_path / "run", epochs=1, steps_per_epoch=1)
     train_segment(cfg)
+    other = tmp_path / "same-rows-elsewhere"  # a real dataset, only its path differs
+    shutil.copytree(demo, other)
     with pytest.raises(ConfigError, match="already holds a run.*--resume auto"):
         train_segment(replace(cfg, resume="never"))
     changes = {
@@ -214,7 +216,7 @@ def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
         "--batch-size": dict(batch_size=2),
         "--encoder": dict(encoder="resnet34"),
         "--encoder-init": dict(encoder_init=str(tmp_path / "weights.pt")),
-        "--dataset": dict(dataset=str(tmp_path)),
+        "--dataset": dict(dataset=str(other)),
     }
     for option, change in changes.items():
         with pytest.raises(ConfigError, match=f"cannot resume .*{option} ") as err:
