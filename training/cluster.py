@@ -5,7 +5,10 @@ The flow of :func:`cluster`, top to bottom:
 1. read EMBEDDINGS (any Parquet dataset with ``key`` and ``embedding``), rows sorted by key;
    the ``fit_where`` rows are the *fit rows* (default: all);
 2. PCA to ``pca`` dimensions fitted on the fit rows only (no test image shapes the
-   projection), whitened; every row projected and L2-normalised;
+   projection), whitened; every row projected and L2-normalised. Components explaining less
+   than ``min_variance`` of the variance are dropped first: whitening scales each component
+   to unit variance, so a near-empty one (a collapsed latent dimension, or ``pca`` above the
+   embeddings' real rank) would weigh its noise as much as the signal;
 3. the method, fitted on the fit rows. DBSCAN has no cluster count: ``clusters`` makes it
    search its radius (HDBSCAN: the cut of its one tree, ``dbscan_clustering``) for that many
    clusters, and when no radius gives them it fails with what it found, suggesting k-means;
@@ -59,6 +62,7 @@ class ClusterConfig:
         embeddings: Parquet dataset (folder or s3://) with ``key`` and ``embedding``.
         out: LABELS folder or s3:// prefix.
         pca: PCA components (fewer when the embeddings have fewer dimensions).
+        min_variance: the smallest share of the variance a kept component explains.
         clusters: clusters wanted; DBSCAN/HDBSCAN search their radius for it.
         method: ``dbscan``, ``hdbscan`` or ``kmeans``.
         min_samples: DBSCAN's core-point count (the point itself included, as sklearn).
@@ -78,6 +82,7 @@ class ClusterConfig:
     embeddings: str
     out: str
     pca: int = 50
+    min_variance: float = 1e-3
     clusters: int | None = 14
     method: str = "dbscan"
     min_samples: int = 10
@@ -104,6 +109,8 @@ class ClusterConfig:
             raise ConfigError(f"--eps must be positive, got {self.eps}")
         if self.pca < 1 or self.min_samples < 2 or self.montage_images < 0:
             raise ConfigError("--pca must be >= 1, --min-samples >= 2, montage images >= 0")
+        if not 0 <= self.min_variance < 1:
+            raise ConfigError(f"--min-variance must be in [0, 1), got {self.min_variance}")
         if not 0 <= self.max_noise < 1:
             raise ConfigError(f"--max-noise must be in [0, 1), got {self.max_noise}")
         if self.min_cluster_size is not None and self.min_cluster_size < 1:
@@ -136,7 +143,7 @@ def cluster(cfg: ClusterConfig, progress: Progress | None = None) -> dict[str, A
     x = vectors(table, "embedding", cfg.embeddings)
     fit = _fit_rows(table, cfg.fit_where)
     report({"stage": "pca"})
-    z, pca_info = project(x, fit, cfg.pca, cfg.seed)
+    z, pca_info = project(x, fit, cfg.pca, cfg.seed, min_variance=cfg.min_variance)
     report({"stage": "fit"})
     fitter = {"dbscan": _dbscan, "hdbscan": _hdbscan, "kmeans": _kmeans}[cfg.method]
     raw, params = fitter(z, fit, cfg)
@@ -192,9 +199,12 @@ def _fit_rows(table: pa.Table, where: str | None) -> np.ndarray:
 
 
 def project(
-    x: np.ndarray, fit: np.ndarray, components: int, seed: int
+    x: np.ndarray, fit: np.ndarray, components: int, seed: int, *, min_variance: float = 0.0
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """PCA fitted on the ``fit`` rows, whitened, applied to every row, then L2-normalised.
+
+    Of the ``components`` leading components, those explaining less than ``min_variance``
+    of the fit rows' variance are dropped before whitening (the first is always kept).
 
     Raises:
         ClusterError: fewer fit rows than components + 1.
@@ -208,12 +218,22 @@ def project(
         log.info("the embeddings have %d dimensions: PCA keeps %d, not %d", k, k, components)
     pca = PCA(n_components=k, whiten=True, svd_solver="full", random_state=seed)
     pca.fit(x[fit].astype(np.float64))
-    z = pca.transform(x.astype(np.float64))
+    ratios = pca.explained_variance_ratio_
+    kept = max(1, int((ratios >= min_variance).sum()))  # ratios are in decreasing order
+    if kept < k:
+        log.warning(
+            "PCA: %d of %d components explain less than %.2g of the variance each (%.2g in "
+            "all): dropped, not whitened up to the signal's scale; %d kept",
+            k - kept, k, min_variance, float(ratios[kept:].sum()), kept,
+        )  # fmt: skip
+    z = pca.transform(x.astype(np.float64))[:, :kept]
     z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     info = {
-        "components": k,
+        "components": kept,
+        "components_dropped": k - kept,
+        "min_variance": min_variance,
         "whiten": True,
-        "explained_variance": float(pca.explained_variance_ratio_.sum()),
+        "explained_variance": float(ratios[:kept].sum()),
     }
     return z, info
 

@@ -92,6 +92,10 @@ def cluster_cmd(
     ],
     out: Annotated[str, typer.Option(help="LABELS: folder or s3:// prefix for key,label.")],
     pca: Annotated[int, typer.Option(help="PCA components (whitened, then L2-normalised).")] = 50,
+    min_variance: Annotated[
+        float,
+        typer.Option(help="Drop PCA components explaining less than this share of the variance."),
+    ] = 1e-3,
     clusters: Annotated[
         int | None, typer.Option(help="Clusters wanted; DBSCAN/HDBSCAN search their radius.")
     ] = 14,
@@ -125,6 +129,7 @@ def cluster_cmd(
         embeddings=embeddings,
         out=out,
         pca=pca,
+        min_variance=min_variance,
         clusters=clusters,
         method=method,
         min_samples=min_samples,

@@ -83,6 +83,27 @@ def test_planted_clusters_are_found_back(tmp_path: Path, method: str) -> None:
     assert (Path(out) / "_scatter.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_near_empty_components_are_dropped_not_whitened(tmp_path: Path) -> None:
+    # Three clusters in 2 of 8 dimensions; the other 6 hold a trace (1e-4 of the variance
+    # each, as a collapsed latent dimension) of an unrelated grouping. Whitened, those 6
+    # would outweigh the 2 signal directions and k-means would find the unrelated grouping.
+    rng = np.random.default_rng(3)
+    centres = np.array([[3.0, 0.0], [-3.0, 0.0], [0.0, 4.0]])
+    truth = np.repeat(np.arange(3), 60)
+    signal = centres[truth] + 0.3 * rng.normal(size=(180, 2))
+    unrelated = rng.permutation(truth)
+    trace = 0.02 * (rng.normal(size=(3, 6))[unrelated] + 0.1 * rng.normal(size=(180, 6)))
+    x = np.hstack([signal, trace])
+    write_embeddings(tmp_path / "emb", x)
+    base = dict(embeddings=str(tmp_path / "emb"), clusters=3, pca=8, method="kmeans")
+    summary = cluster(ClusterConfig(**base, out=str(tmp_path / "kept")))
+    assert ari(read_labels(str(tmp_path / "kept")), truth) >= 0.95
+    assert summary["pca"]["components"] == 2 and summary["pca"]["components_dropped"] == 6
+    # With every component whitened (the behaviour this guards against) the clusters are lost.
+    cluster(ClusterConfig(**base, out=str(tmp_path / "all"), min_variance=0.0))
+    assert ari(read_labels(str(tmp_path / "all")), truth) < 0.6
+
+
 def test_dbscan_fitted_on_a_sample_labels_every_row(tmp_path: Path) -> None:
     x = planted(4, 300, seed=1)
     truth = np.repeat(np.arange(4), 300)
