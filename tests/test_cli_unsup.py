@@ -87,11 +87,6 @@ def pseudo_labelled(planted, tmp_path_factory, pneumo) -> dict:
     }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): after merging the one-warp loader and the uniform stream, the "
-    "autoencoder on these planted kinds clusters at ARI 0.54 (>= 0.9 before the merge)",
-)
 def test_clusters_of_embeddings_find_the_planted_kinds(pseudo_labelled) -> None:
     kinds, found = pseudo_labelled["kinds"], pseudo_labelled["labels"]
     assert f"{KINDS} clusters (kmeans)" in pseudo_labelled["stdout"]
@@ -100,11 +95,6 @@ def test_clusters_of_embeddings_find_the_planted_kinds(pseudo_labelled) -> None:
     assert adjusted_rand_score([kinds[k] for k in keys], [found[k] for k in keys]) >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 11): after merging the one-warp loader and the uniform stream, the "
-    "autoencoder on these planted kinds clusters at ARI 0.54 (>= 0.9 before the merge)",
-)
 def test_a_classifier_learns_the_cluster_labels(pseudo_labelled) -> None:
     rows = pseudo_labelled["metrics"]
     assert len(rows) == 4 and rows[-1]["val_majority_rate"] == pytest.approx(1 / KINDS)
@@ -112,12 +102,6 @@ def test_a_classifier_learns_the_cluster_labels(pseudo_labelled) -> None:
     assert max(r["val_auroc"] for r in rows) >= 0.9
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="train classify validates in eval mode with BatchNorm running statistics that lag "
-    "far behind the weights after a few dozen steps: every val image gets one class "
-    "(accuracy = majority rate) while the same weights in train mode score 1.0",
-)
 def test_the_classifier_beats_the_majority_share(pseudo_labelled) -> None:
     last = pseudo_labelled["metrics"][-1]
     assert last["val_accuracy"] > last["val_majority_rate"] + 0.2

@@ -85,6 +85,7 @@ class ClassifyConfig(RunConfig):
     plateau_patience: int = 5
     plateau_factor: float = 0.1
     balance: str = "classes"
+    precise_bn: int = 16  # see RunConfig: eval-mode BatchNorm must match the weights
 
     def __post_init__(self) -> None:
         super().__post_init__()

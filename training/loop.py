@@ -24,7 +24,9 @@ else, the same way for every task:
    its initial weights (``Task.init_weights``: the init chain), DDP, the optimizer and
    the schedule;
 6. per epoch: exactly ``steps_per_epoch`` batches on every rank (DDP hangs otherwise);
-   ``last.pt`` every ``checkpoint_every`` steps; validation on the plain module, never the
+   ``last.pt`` every ``checkpoint_every`` steps; when ``cfg.precise_bn`` is set, the
+   BatchNorm running statistics re-estimated for the epoch's final weights
+   (:func:`precise_bn`); validation on the plain module, never the
    DDP wrapper (ranks hold different numbers of validation batches), each rank's part
    gathered so every rank computes the same figures (a plateau schedule steps the same on
    every rank); a line in ``metrics.jsonl``, ``curves.png``, ``last.pt``, and ``best.pt``
@@ -90,7 +92,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
 
@@ -362,6 +364,49 @@ def _train_step(job: Job, batch: dict[str, Any]) -> torch.Tensor:
     return loss.detach()
 
 
+def precise_bn(job: Job, epoch: int) -> None:
+    """Re-estimate every BatchNorm's running statistics for the current weights (PreciseBN).
+
+    Running statistics are an exponential average (momentum 0.1) of batch statistics taken
+    while the weights moved: after a short run, or with a large learning rate, they lag the
+    weights, and eval-mode outputs (validation, every checkpoint's use) suffer; a classifier
+    can then give every validation image one class while the same weights in train mode are
+    right. Here they are replaced by the plain average over the first ``cfg.precise_bn``
+    training batches of ``epoch``, forwarded in train mode without gradients: the same
+    batches (each sample's seed fixes its augmentation) whether or not the epoch was
+    resumed, and the global RNG is left as it was. Each rank estimates on its own batches;
+    validation then gives every rank rank 0's statistics, which the checkpoints hold.
+    """
+    count = min(getattr(job.cfg, "precise_bn", 0), job.spe)
+    norms = [m for m in job.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats]
+    if count < 1 or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    batches = train_batches(
+        job.task.loader(train=True),
+        rank=job.env.rank,
+        world_size=job.env.world_size,
+        epoch=epoch,
+        steps_per_epoch=job.spe,
+        total_steps=job.total,
+        start_step=0,
+        pools=job.pools,
+    )
+    plain = replace(job, net=job.model)  # no DDP: no collective in these forwards
+    devices = [job.device] if job.device.type == "cuda" else []
+    job.model.train()
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        for batch in islice(batches, count):
+            with autocast(job.device, job.cfg.amp):
+                job.task.loss(plain, batch)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
 def validate(job: Job) -> dict[str, Any]:
     """The task's validation figures over the pinned val rows, the same on every rank."""
     broadcast_state(job.env, job.model)  # evaluate exactly the weights the checkpoint holds
@@ -384,6 +429,7 @@ def _end_epoch(job: Job, epoch: int, stats: dict[str, Any]) -> None:
     sums = torch.stack([stats["loss"], torch.tensor(float(stats["batches"])).to(job.device)])
     if env.distributed:
         dist.all_reduce(sums)
+    precise_bn(job, epoch)
     val = validate(job)
     lr = job.optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
     row = {

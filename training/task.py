@@ -51,6 +51,8 @@ class RunConfig:
         checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
         amp: bf16 autocast on GPU (ignored on CPU).
         allow_overlap: train even when training patients are in the SIIM val/test rows.
+        precise_bn: training batches over which BatchNorm statistics are re-estimated
+            before each validation (:func:`training.loop.precise_bn`); 0: not re-estimated.
     """
 
     dataset: str
@@ -68,11 +70,14 @@ class RunConfig:
     checkpoint_every: int = 500
     amp: bool = True
     allow_overlap: bool = False
+    precise_bn: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", absolute(self.dataset))
         if self.resume not in RESUME_MODES:
             raise ConfigError(f"--resume {self.resume!r}: expected one of {RESUME_MODES}")
+        if self.precise_bn < 0:
+            raise ConfigError(f"--precise-bn must not be negative, got {self.precise_bn}")
         for name in ("epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

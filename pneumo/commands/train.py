@@ -34,6 +34,14 @@ Resume = Annotated[
 ]
 InChannels = Annotated[int, typer.Option(help="1 (grey) or 3 (grey replicated).")]
 CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)]
+PreciseBN = Annotated[
+    int,
+    typer.Option(
+        help="Re-estimate BatchNorm statistics over this many training batches before each "
+        "validation (0: keep the running averages, which lag the weights in short runs).",
+        min=0,
+    ),
+]
 AllowOverlap = Annotated[
     bool,
     typer.Option(
@@ -95,6 +103,7 @@ def train_segment_cmd(
     dice_weight: Annotated[float, typer.Option(help="Weight of the dice loss.")] = 1.0,
     checkpoint_every: CheckpointEvery = 500,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)] = 100,
+    precise_bn: PreciseBN = 0,
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train the U-Net (ResNet-34 encoder) on a dataset's shards; torchrun for several GPUs."""
@@ -118,6 +127,7 @@ def train_segment_cmd(
         dice_weight=dice_weight,
         checkpoint_every=checkpoint_every,
         warmup_steps=warmup_steps,
+        precise_bn=precise_bn,
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )
@@ -169,6 +179,7 @@ def train_classify_cmd(
     seed: Seed = 0,
     resume: Resume = "auto",
     checkpoint_every: CheckpointEvery = 500,
+    precise_bn: PreciseBN = 16,
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a ResNet classifier (pneumothorax, or a label table's classes) for pretraining."""
@@ -194,6 +205,7 @@ def train_classify_cmd(
         seed=seed,
         resume=resume,
         checkpoint_every=checkpoint_every,
+        precise_bn=precise_bn,
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )

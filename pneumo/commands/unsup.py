@@ -13,6 +13,7 @@ from pneumo.commands.train import (
     CheckpointEvery,
     Epochs,
     Out,
+    PreciseBN,
     Resume,
     Seed,
     StepsPerEpoch,
@@ -52,6 +53,7 @@ def train_autoencode_cmd(
     seed: Seed = 0,
     resume: Resume = "auto",
     checkpoint_every: CheckpointEvery = 500,
+    precise_bn: PreciseBN = 0,
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a convolutional autoencoder or β-VAE on a dataset's images (no labels read)."""
@@ -73,6 +75,7 @@ def train_autoencode_cmd(
         seed=seed,
         resume=resume,
         checkpoint_every=checkpoint_every,
+        precise_bn=precise_bn,
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )

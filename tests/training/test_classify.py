@@ -21,9 +21,10 @@ from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
 from shards import stream
 from shards.errors import ConfigError
 from training import loop
-from training.checkpoint import load_checkpoint, weights_sha256
+from training.checkpoint import load_checkpoint, model_from_checkpoint, weights_sha256
 from training.classify import ClassifyConfig, ClassifyTask, read_label_table, train_classify
 from training.data import select, train_batches
+from training.runs import images_to
 from training.segment import SegmentConfig, SegmentTask, train_segment
 
 
@@ -95,6 +96,36 @@ def test_a_short_run_beats_the_majority_baseline(trained: dict[str, Any], nih_de
 
 class Crash(Exception):
     pass
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_are_re_estimated_for_the_final_weights(
+    nih_demo: str, tmp_path: Path
+) -> None:
+    """The checkpoint's BatchNorm statistics are the plain average over the epoch's first
+    ``precise_bn`` training batches, taken with the final weights (not the running average
+    of batches seen while the weights moved)."""
+    cfg = small(nih_demo, tmp_path / "run", epochs=1, steps_per_epoch=4, precise_bn=3)
+    train_classify(cfg)
+    model = model_from_checkpoint(load_checkpoint(cfg.out, "last"))
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    # Its input is the first convolution's output: no BatchNorm state shapes it.
+    seen: list[torch.Tensor] = []
+    first.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].double()))
+    task = ClassifyTask(cfg)
+    train = task.prepare_rows(select(nih_demo, cfg.where), train=True)
+    task.use_rows(train, train)
+    batches = train_batches(
+        task.loader(train=True), rank=0, world_size=1, epoch=0, steps_per_epoch=4,
+        total_steps=4, pools=task.pools(train),
+    )  # fmt: skip
+    with torch.no_grad():
+        for batch in list(batches)[:3]:
+            model(images_to(torch.device("cpu"), batch["image"]))
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x in seen])
+    variances = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x in seen])
+    assert torch.allclose(first.running_mean.double(), means.mean(0), atol=1e-4)
+    assert torch.allclose(first.running_var.double(), variances.mean(0), rtol=1e-3)
 
 
 @pytest.mark.slow
