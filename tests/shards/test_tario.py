@@ -6,9 +6,10 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
 import webdataset as wds
 
-from shards.tario import ShardWriter, byte_ranges
+from shards.tario import ShardWriter, byte_ranges, member_header
 
 
 def test_webdataset_reads_our_shards(tmp_path):
@@ -78,3 +79,26 @@ def test_adjacent_spans_merge_into_one_range():
         (4096, 4196),
     ]
     assert byte_ranges([]) == []
+
+
+def test_member_headers_are_tarfiles_bytes() -> None:
+    """The hand-built header (ingest's hot path) against tarfile's own, for the names and
+    sizes that change its fields: name lengths up to the 100-byte field and past it (tarfile
+    splits those into prefix + name), non-ASCII names, sizes around block and octal limits."""
+    names = ["a", "k.json", "x" * 99 + "y", "x" * 100, "d" * 40 + "/" + "x" * 90 + ".jpg", "é.png"]
+    names += [f"{'ab' * n}.mask.png" for n in range(0, 60, 7)]
+    for name in names:
+        for size in (0, 1, 511, 512, 513, 123_456, 8**11 - 1):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = size, 0, 0o444
+            info.uname = info.gname = "pneumo"
+            expected = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            assert member_header(name, size) == expected, (name, size)
+    with pytest.raises(ValueError, match="overflow"):  # USTAR holds sizes < 8 GiB, as tarfile
+        member_header("big.bin", 8**11)
+    # And tarfile reads what the fast path wrote.
+    header = member_header("key0001.mask.png", 1234)
+    parsed = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    assert (parsed.name, parsed.size, parsed.mode, parsed.uname) == (
+        "key0001.mask.png", 1234, 0o444, "pneumo",
+    )  # fmt: skip
