@@ -52,8 +52,10 @@ STREAM = (
 PER_RANK_DRAWS = "tests/training/test_classify.py::test_per_rank_draws_differ"
 SEGMENT = "tests/training/test_segment.py"
 RESUME = f"{SEGMENT}::test_resume_auto_continues_where_the_run_stopped"
+# Segmentation draws nothing from the global generator after init; the VAE samples from it.
+VAE_RESUME = "tests/training/test_autoencode.py::test_a_resumed_vae_run_draws_the_same_noise"
 OTHER_DATA = f"{SEGMENT}::test_a_batch_committed_during_training_changes_nothing"
-TWO_RANKS = f"{SEGMENT}::test_two_gloo_ranks_on_one_shard_take_equal_steps"
+TWO_RANKS_UNEVEN = "tests/training/test_classify.py::test_two_ranks_with_uneven_validation_shares"
 TTA = (
     "tests/evaluation/test_inference.py::test_tta_averages_with_the_mirrored_prediction_flipped_back",
     "tests/training/test_model.py::test_hflip_tta_is_flip_equivariant",
@@ -291,7 +293,7 @@ MUTATIONS = [
         "training/loop.py",
         '    ckpts.set_rng_state(ckpt["rng"])\n',
         "",
-        _tests(RESUME),
+        _tests(RESUME, VAE_RESUME),
     ),
     Mutation(
         "resume-optimizer-not-restored",
@@ -312,11 +314,12 @@ MUTATIONS = [
     ),
     Mutation(
         "validate-through-ddp",
-        "validation runs through the DDP wrapper (hangs when ranks hold unequal val batches)",
-        "training/segment.py",
-        "            logits = job.model(images)\n            loss_sum",
-        "            logits = job.net(images)\n            loss_sum",
-        _tests(TWO_RANKS),
+        "validation runs through the DDP wrapper (hangs when ranks hold unequal val batches); "
+        "planted in the classifier, whose two-rank test gives one rank no val batch",
+        "training/classify.py",
+        '            logits = job.model(images_to(job.device, batch["image"])).float()',
+        '            logits = job.net(images_to(job.device, batch["image"])).float()',
+        _tests(TWO_RANKS_UNEVEN),
     ),
     # ---- test-time augmentation
     Mutation(

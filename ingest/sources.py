@@ -61,9 +61,10 @@ def list_sources(root: str, suffixes: Sequence[str]) -> list[SourceFile]:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir(follow_symlinks=False):  # as os.walk: links not followed
-                    pending.append((entry.path, f"{prefix}{entry.name}/"))
-                elif entry.name.lower().endswith(wanted) and entry.is_file():
+                if entry.is_dir():  # as os.walk: a link to a folder is not walked into
+                    if not entry.is_symlink():
+                        pending.append((entry.path, f"{prefix}{entry.name}/"))
+                elif entry.name.lower().endswith(wanted):  # any other entry, as os.walk
                     out.append(SourceFile(str(base), prefix + entry.name, entry.stat().st_size))
     return sorted(out, key=lambda s: s.rel)
 

@@ -105,6 +105,8 @@ for cls in (st.LocalStore, s3mod.S3Store):
     def put(self, path, data, real_put=real_put):
         if step == "after-shards" and (path.startswith("quarantine/") or is_record(path)):
             die()
+        if step == "at-record" and is_record(path):  # the quarantine part is written
+            die()
         if step == "after-record" and (path.startswith("manifest/") or path == "_pneumo.json"):
             die()
         if step == "during-manifest" and path.startswith("manifest/"):
@@ -134,7 +136,7 @@ sys.exit(3)
 
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("step", ["after-shards", "after-record", "during-manifest"])
+@pytest.mark.parametrize("step", ["after-shards", "at-record", "after-record", "during-manifest"])
 def test_a_kill_at_each_commit_step_then_a_rerun_commits_every_image_once(
     shared_data, tmp_path, request, where, step
 ):
@@ -159,7 +161,7 @@ def test_a_kill_at_each_commit_step_then_a_rerun_commits_every_image_once(
     store = open_store(out)
     assert manifest.read(store).num_rows == 0
     assert manifest.read(store, table="quarantine").num_rows == 0  # only at commit
-    if step == "after-record":
+    if step in ("at-record", "after-record"):
         assert store.list("quarantine/")  # written, but not visible
     summary = ingest_siim(_cfg(src, labels, out, shard_max_samples=2))
     assert summary.committed and summary.resumed_files == 5

@@ -130,12 +130,15 @@ def test_bad_model_arguments() -> None:
 
 
 def run_autoencode(dataset: str, out: Path, kind: str, **changes: Any) -> dict[str, Any]:
-    cfg = AutoencodeConfig(
+    return train_autoencode(ae_config(dataset, out, kind, **changes))
+
+
+def ae_config(dataset: str, out: Path, kind: str, **changes: Any) -> AutoencodeConfig:
+    base: dict[str, Any] = dict(
         dataset=dataset, out=str(out), kind=kind, size=64, batch_size=4, latent_dim=8,
         epochs=3, steps_per_epoch=4, workers=0, lr=3e-3, beta=1.0, kl_anneal_steps=6,
-        **changes,
     )  # fmt: skip
-    return train_autoencode(cfg)
+    return AutoencodeConfig(**{**base, **changes})
 
 
 def metrics(run: Path) -> list[dict[str, Any]]:
@@ -166,3 +169,25 @@ def test_training_lowers_the_loss_and_draws_reconstructions(tmp_path: Path, data
     assert result["reconstructions"].endswith("reconstructions.png")
     best = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)
     assert best["task"] == "autoencode" and best["model_args"]["kind"] == kind
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_resumed_vae_run_draws_the_same_noise(tmp_path: Path, dataset) -> None:
+    """The VAE samples its latent code from the global generator on every training step:
+    a resume must restore that generator to reproduce the uninterrupted run."""
+    whole = run_autoencode(dataset.url, tmp_path / "whole", "vae", epochs=2, checkpoint_every=3)
+
+    def crash(report: dict[str, Any]) -> None:
+        if report["event"] == "step" and report["step"] == 5:  # last.pt holds step 4
+            raise Crash
+
+    cfg = ae_config(dataset.url, tmp_path / "broken", "vae", epochs=2, checkpoint_every=3)
+    with pytest.raises(Crash):
+        train_autoencode(cfg, progress=crash)
+    resumed = train_autoencode(cfg)
+    assert resumed["step"] == whole["step"] == 8
+    for key in ("val_loss", "val_kl", "val_mse"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-6), key
