@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -89,8 +90,9 @@ class RunConfig:
         return json.loads(json.dumps(asdict(self)))
 
 
-class Task:
-    """What a task supplies to :func:`run` (see the module doc for an example)."""
+class Task(ABC):
+    """What a task supplies to :func:`run` (see the module doc for an example); the abstract
+    methods are what every task must define."""
 
     name: ClassVar[str]
     best: ClassVar[tuple[str, str]]  # (metrics.jsonl field, "max" | "min")
@@ -124,6 +126,7 @@ class Task:
 
     def use_rows(self, train: pa.Table, val: pa.Table) -> None:
         """Every rank, fresh or resumed: the pinned rows (e.g. to map keys to labels)."""
+        return None  # an optional hook: most tasks need nothing from the rows
 
     def pools(self, rows: pa.Table) -> dict[str, list[stream.Entry]]:
         """The classes the training stream draws from (see :func:`shards.stream.batch_draws`)."""
@@ -133,30 +136,36 @@ class Task:
         """Fingerprints of the task's own inputs (e.g. a label table), at a fresh start."""
         return {}
 
+    @abstractmethod
     def model_args(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The model's constructor arguments (JSON-able; stored in checkpoints)."""
 
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """The network, randomly initialised (torch is seeded before)."""
 
     def init_weights(self, model: nn.Module) -> list[dict[str, Any]]:
         """Load initial weights (fresh start); their init chain, or [] for random init."""
         return []
 
+    @abstractmethod
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The optimizer over ``model``'s parameters."""
 
     def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
         return None
 
+    @abstractmethod
     def loss(self, job: Job, batch: dict[str, Any]) -> torch.Tensor:
-        raise NotImplementedError
+        """One training batch -> a scalar loss (through ``job.net``)."""
 
+    @abstractmethod
     def validate(self, job: Job, batches: Iterable[dict[str, Any]]) -> Any:
-        raise NotImplementedError
+        """This rank's validation part (picklable), through ``job.model``."""
 
+    @abstractmethod
     def summarise(self, parts: list[Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """Every rank's parts -> the validation figures; must hold ``loss``."""
 
     def finish(self, job: Job) -> dict[str, Any]:
         """After the last epoch, on every rank; extra entries of the summary."""
