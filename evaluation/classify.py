@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from evaluation.config import EvaluationConfig
 from shards import stream
 from shards.errors import ConfigError
 from shards.store import open_store
@@ -46,32 +47,11 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateClassifyConfig:
-    """What to evaluate.
+class EvaluateClassifyConfig(EvaluationConfig):
+    """What to evaluate (see :class:`evaluation.config.EvaluationConfig`): a
+    ``train classify`` run; ``where`` replaces the split of the run's datasets."""
 
-    Attributes:
-        run: the RUN (folder or s3://) of a ``train classify`` run.
-        dataset: the DATASET to read; None: the one the run trained on.
-        split: the split to score (``test``, ``val``, ``train``); names the outputs.
-        where: manifest filter instead of the split of the run's datasets.
-        checkpoint: ``best``, ``last``, or the URL of a checkpoint file.
-        workers: loader processes.
-        batch_size: images per forward pass.
-    """
-
-    run: str
-    dataset: str | None = None
-    split: str = "test"
-    where: str | None = None
-    checkpoint: str = "best"
-    workers: int = 2
     batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("batch_size must be >= 1 and workers >= 0")
-        if not self.split.replace("_", "").isalnum():
-            raise ConfigError(f"split {self.split!r} must be a plain name (test, val, train)")
 
 
 def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = None) -> dict:

@@ -38,6 +38,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from evaluation.config import EvaluationConfig
 from evaluation.inference import Predictor
 from shards.errors import ConfigError
 from shards.store import open_store
@@ -63,35 +64,16 @@ RESULTS_SCHEMA = pa.schema(
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateConfig:
-    """What to evaluate.
+class EvaluateConfig(EvaluationConfig):
+    """What to evaluate (see :class:`evaluation.config.EvaluationConfig`): a segmentation
+    run; ``where`` None selects the labelled SIIM images of ``split``.
 
     Attributes:
-        run: the RUN (folder or s3://) of a segmentation training.
-        dataset: the DATASET to read; None: the one the run trained on.
-        split: the split to score (``test``, ``val``, ``train``).
-        where: manifest filter; None: labelled SIIM images of ``split``.
         tta: horizontal-flip test-time augmentation; None: as the run's post-processing
             was chosen (each setting is applied with the triplet searched under it).
-        checkpoint: ``best``, ``last``, or the URL of a checkpoint file.
-        workers: loader processes.
-        batch_size: images per forward pass.
     """
 
-    run: str
-    dataset: str | None = None
-    split: str = "test"
-    where: str | None = None
     tta: bool | None = None
-    checkpoint: str = "best"
-    workers: int = 2
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0:
-            raise ConfigError("batch_size must be >= 1 and workers >= 0")
-        if not self.split.replace("_", "").isalnum():
-            raise ConfigError(f"split {self.split!r} must be a plain name (test, val, train)")
 
     @property
     def selection(self) -> str:
