@@ -91,7 +91,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
@@ -322,16 +322,7 @@ def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
     job.model.train()
     started, first = time.perf_counter(), job.step
     loss_sum = torch.zeros((), device=job.device)
-    batches = train_batches(
-        job.task.loader(train=True),
-        rank=env.rank,
-        world_size=env.world_size,
-        epoch=epoch,
-        steps_per_epoch=job.spe,
-        total_steps=job.total,
-        start_step=job.step - epoch * job.spe,
-        pools=job.pools,
-    )
+    batches = _epoch_batches(job, epoch, start_step=job.step - epoch * job.spe)
     for batch in islice(batches, (epoch + 1) * job.spe - job.step):
         loss_sum += _train_step(job, batch)
         job.step += 1
@@ -351,6 +342,20 @@ def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
             f"{(epoch + 1) * job.spe - first}: the training stream ran short"
         )
     return {"batches": job.step - first, "seconds": time.perf_counter() - started, "loss": loss_sum}
+
+
+def _epoch_batches(job: Job, epoch: int, *, start_step: int) -> Iterator[dict[str, Any]]:
+    """This rank's training batches of ``epoch`` from its step ``start_step`` on."""
+    return train_batches(
+        job.task.loader(train=True),
+        rank=job.env.rank,
+        world_size=job.env.world_size,
+        epoch=epoch,
+        steps_per_epoch=job.spe,
+        total_steps=job.total,
+        start_step=start_step,
+        pools=job.pools,
+    )
 
 
 def _train_step(job: Job, batch: dict[str, Any]) -> torch.Tensor:
@@ -377,25 +382,19 @@ def precise_bn(job: Job, epoch: int) -> None:
     resumed, and the global RNG is left as it was. Each rank estimates on its own batches;
     validation then gives every rank rank 0's statistics, which the checkpoints hold.
     """
-    count = min(getattr(job.cfg, "precise_bn", 0), job.spe)
-    norms = [m for m in job.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norms = [m for m in norms if m.track_running_stats]
+    count = min(job.cfg.precise_bn, job.spe)
+    norms = [
+        m
+        for m in job.model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if count < 1 or not norms:
         return
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
-    batches = train_batches(
-        job.task.loader(train=True),
-        rank=job.env.rank,
-        world_size=job.env.world_size,
-        epoch=epoch,
-        steps_per_epoch=job.spe,
-        total_steps=job.total,
-        start_step=0,
-        pools=job.pools,
-    )
+    batches = _epoch_batches(job, epoch, start_step=0)
     plain = replace(job, net=job.model)  # no DDP: no collective in these forwards
     devices = [job.device] if job.device.type == "cuda" else []
     job.model.train()
