@@ -62,7 +62,7 @@ _FIXED_SUM = sum(_OWNER) + sum(_MTIME) + sum(_REST) + 8 * ord(" ")  # checksum f
 def member_header(name: str, size: int) -> bytes:
     """The 512-byte USTAR header of a regular file, byte for byte what ``tarfile`` writes
     for pneumo's members (mode 0444, mtime 0, owner ``pneumo``), built from fixed parts:
-    ``TarInfo.tobuf`` costs ~35 us a member, a fifth of ingest's per-file time."""
+    ``TarInfo.tobuf`` costs ~17 us a member (three a sample), this ~1 us."""
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:
