@@ -3,13 +3,13 @@ header variants no real file shows; the lean reader declines what it does not ha
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+import sample_data
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -20,9 +20,7 @@ import ingest.dicom as dicom
 from ingest.dicom import DicomImage, decode_pixels, read_dicom
 from ingest.dicom_lean import read_lean
 
-DATA = Path(
-    os.environ.get("PNEUMO_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data")
-)
+DATA = Path(sample_data.root())  # the full set, or tests/data in a fresh clone
 REAL_FILES = sorted(DATA.rglob("*.dcm"))
 SIIM_6904 = (
     DATA / "siim" / "dicom_train" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
