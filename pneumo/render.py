@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
-from typing import IO, Any, TypeVar
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import IO, Any, NoReturn, TypeVar
 
 import typer
 from tqdm import tqdm
@@ -43,24 +47,66 @@ _GROUPS = ("ingest", "train", "evaluate", "bench", "batch")  # sub-apps: `pneumo
 
 def fail_on_errors(fn: F) -> F:
     """Our own errors (and a missing file) become ``error: ...`` and exit code 1; Ctrl-C
-    becomes one line saying what stopped and how to go on, and exit code 130."""
+    becomes one line saying what stopped and how to go on, and exit code 130.
+
+    Ctrl-C goes to the whole process group: a DataLoader worker hit before it could ignore
+    SIGINT dies, and the parent may then see "worker exited unexpectedly" (a RuntimeError)
+    before its own KeyboardInterrupt. Any failure after a Ctrl-C is therefore the interruption.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (PneumoError, FileNotFoundError, PermissionError) as e:
-            if fail_on_errors.verbose:  # type: ignore[attr-defined]
-                logging.getLogger("pneumo").exception("failed")
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            if fail_on_errors.verbose:  # type: ignore[attr-defined]
-                logging.getLogger("pneumo").exception("interrupted")
-            typer.echo(interrupted_line(fn.__name__), err=True)
-            raise typer.Exit(130) from None
+        with _sigint_watch() as interrupted:
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt:
+                _interrupted(fn.__name__, "interrupted")
+            except (PneumoError, FileNotFoundError, PermissionError) as e:
+                if interrupted():
+                    _interrupted(fn.__name__, "interrupted")
+                if fail_on_errors.verbose:  # type: ignore[attr-defined]
+                    logging.getLogger("pneumo").exception("failed")
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(1) from None
+            except Exception:
+                if interrupted():
+                    _interrupted(fn.__name__, "failed after Ctrl-C")
+                raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _interrupted(function_name: str, log_message: str) -> NoReturn:
+    if fail_on_errors.verbose:  # type: ignore[attr-defined]
+        logging.getLogger("pneumo").exception(log_message)
+    typer.echo(interrupted_line(function_name), err=True)
+    raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def _sigint_watch() -> Iterator[Callable[[], bool]]:
+    """Note a SIGINT (then raise KeyboardInterrupt as Python does) while the body runs.
+
+    Only where Python's own handler is installed, in the main thread: an ignored SIGINT
+    (``nohup``, a background job) stays ignored, and a caller's handler is left alone.
+    """
+    seen: list[int] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: False
+        return
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        seen.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 fail_on_errors.verbose = False  # type: ignore[attr-defined]
