@@ -303,13 +303,15 @@ def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) ->
 
 
 def _restore(job: Job, ckpt: dict[str, Any]) -> None:
-    """Weights, optimizer, schedule, RNG, position and history of ``last.pt``."""
+    """Weights, optimizer, schedule, RNG, position and history of ``last.pt`` (a finished
+    run's holds the weights alone: nothing is left to train)."""
     job.model.load_state_dict(ckpt["model"])
-    job.optimizer.load_state_dict(ckpt["optimizer"])
-    if job.scheduler is not None:
-        job.scheduler.load_state_dict(ckpt["scheduler"])
-    ckpts.set_rng_state(ckpt["rng"])
     job.step = int(ckpt["step"])
+    if job.step < job.total:
+        job.optimizer.load_state_dict(ckpt["optimizer"])
+        if job.scheduler is not None:
+            job.scheduler.load_state_dict(ckpt["scheduler"])
+        ckpts.set_rng_state(ckpt["rng"])
     job.best_score = ckpt.get("best_score")
     # Epochs after the checkpoint's are redone: drop their lines, keep the earlier ones.
     job.history = [r for r in job.run.metrics() if r["epoch"] < job.step // job.spe]
@@ -455,9 +457,13 @@ def _end_epoch(job: Job, epoch: int, stats: dict[str, Any]) -> None:
     if improved:
         job.best_score = score
     if env.is_main:
-        job.run.put(ckpts.LAST, _checkpoint(job, row))
-        if improved:  # for inference only: no optimizer state, a third of the size
+        # best.pt first: a kill between the two leaves last.pt at the epoch before, which
+        # the resume redoes. best.pt is for inference only: no optimizer state, a third of
+        # the size. So is the last epoch's last.pt: a finished run cannot go on (--epochs
+        # is fixed on resume).
+        if improved:
             job.run.put(ckpts.BEST, _checkpoint(job, row, resumable=False))
+        job.run.put(ckpts.LAST, _checkpoint(job, row, resumable=job.step < job.total))
     if job.progress and env.is_main:
         job.progress({"event": "epoch", "epochs": cfg.epochs, "headline": task.headline, **row})
     log.info("epoch %d: %s", epoch, ", ".join(f"{k} {row.get(k)}" for k in task.headline))
