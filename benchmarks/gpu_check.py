@@ -56,6 +56,7 @@ from shards.tario import ShardWriter  # noqa: E402
 from training.data import LoaderConfig, train_batches  # noqa: E402
 from training.losses import FocalDiceLoss  # noqa: E402
 from training.model import build_unet  # noqa: E402
+from training.runs import images_to  # noqa: E402
 
 STAND_IN = "stand-in built in gpu_check.py (torchvision/plain torch), not the project's task"
 
@@ -327,7 +328,8 @@ def stream_rate(dataset: str, batch: int, args: argparse.Namespace, device: torc
 
     def one() -> int:
         b = next(batches)
-        return step(_on(device, b["image"]), b["mask"].to(device, non_blocking=True))
+        masks = b["mask"].to(device, non_blocking=True).float()
+        return step(images_to(device, b["image"]), masks)
 
     try:  # the warm-up also starts the loader workers and fills their shuffle buffers
         return timed(one, args.seconds, _warmup(args) + 2, device)

@@ -244,6 +244,7 @@ def reconstructions(
     from training.autoencoders import build_autoencoder
     from training.checkpoint import load_checkpoint
     from training.data import LoaderConfig, eval_batches, select
+    from training.runs import as_float
 
     models = {}
     for kind, url in runs.items():
@@ -254,7 +255,8 @@ def reconstructions(
     size = next(iter(models.values())).size  # one recipe setting: the same for both
     entries = entries_from_table(select(dataset, where).sort_by("key").slice(0, n))
     loader = LoaderConfig(dataset=dataset, size=size, batch_size=n, workers=0, augment=False)
-    images = next(iter(eval_batches(loader, rank=0, world_size=1, entries=entries)))["image"]
+    batch = next(iter(eval_batches(loader, rank=0, world_size=1, entries=entries)))
+    images = as_float(batch["image"])
     with torch.no_grad():
         out = {k: torch.sigmoid(m(images)[0].float())[:, 0].numpy() for k, m in models.items()}
     return images[:, 0].numpy(), out

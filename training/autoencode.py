@@ -42,7 +42,7 @@ from training.autoencoders import (
 )
 from training.data import eval_batches
 from training.loop import Job, Progress
-from training.runs import LR_PANEL, Panel, images_to
+from training.runs import LR_PANEL, Panel, as_float, images_to
 from training.task import RunConfig, Task
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class AutoencodeTask(Task):
         batch = next(iter(eval_batches(loader, rank=0, world_size=1, entries=shown)))
         with torch.no_grad():
             logits = model(images_to(job.device, batch["image"]))[0]
-        images = batch["image"][:, 0].numpy()
+        images = as_float(batch["image"])[:, 0].numpy()
         recon = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
         job.run.put(RECONSTRUCTIONS_FILE, reconstructions_png(images, recon, batch["key"]))
         return {"reconstructions": job.run.store.url_of(RECONSTRUCTIONS_FILE)}

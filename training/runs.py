@@ -109,10 +109,17 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 def images_to(device: torch.device, images: torch.Tensor) -> torch.Tensor:
-    """A batch of images on ``device``; channels-last on CUDA (faster convolutions)."""
+    """A batch of images on ``device`` as float32 in [0, 1] (see :func:`as_float`);
+    channels-last on CUDA (faster convolutions)."""
     if device.type == "cuda":
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images.to(device)
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return as_float(images.to(device))
+
+
+def as_float(images: torch.Tensor) -> torch.Tensor:
+    """A loader batch's images as float32 in [0, 1]: the loader ships 8-bit images as
+    uint8 (``training.data``), made float where they are used, ``uint8 / 255``."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
 def teardown(env: DistEnv) -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 from shards.errors import ConfigError
 from training import augment, data
 from training.data import LoaderConfig
+from training.runs import as_float
 
 SIZE = 64
 
@@ -246,11 +247,16 @@ def test_resize_and_augment_in_one_warp_matches_resize_then_augment(dataset):
 def test_batches_have_the_documented_shapes_and_types(dataset):
     batches = train(cfg(dataset))
     assert len(batches) == 5
+    dtypes = set()
     for b in batches:
-        assert b["image"].shape == (4, 1, SIZE, SIZE) and b["image"].dtype == torch.float32
-        assert 0 <= b["image"].min() and b["image"].max() <= 1
-        assert b["mask"].shape == (4, 1, SIZE, SIZE) and b["mask"].dtype == torch.float32
-        assert set(b["mask"].unique().tolist()) <= {0.0, 1.0}
+        # uint8 when every sample is 8-bit, else float32 in [0, 1] (a 16-bit sample)
+        sixteen = [dataset.row(k)["bit_depth"] == 16 for k in b["key"]]
+        assert b["image"].dtype == (torch.float32 if any(sixteen) else torch.uint8)
+        dtypes.add(b["image"].dtype)
+        assert b["image"].shape == (4, 1, SIZE, SIZE)
+        assert 0 <= as_float(b["image"]).min() and as_float(b["image"]).max() <= 1
+        assert b["mask"].shape == (4, 1, SIZE, SIZE) and b["mask"].dtype == torch.uint8
+        assert set(b["mask"].unique().tolist()) <= {0, 1}
         assert b["has_ptx"].dtype == torch.bool and b["has_ptx"].shape == (4,)
         assert b["labelled"].all()
         assert len(b["key"]) == len(b["image_id"]) == len(b["orig_size"]) == 4
@@ -261,6 +267,7 @@ def test_batches_have_the_documented_shapes_and_types(dataset):
             assert row["split"] == "train" and row["has_ptx"] is not None
             assert image_id == row["image_id"] and orig == (row["rows"], row["cols"])
             assert bool(has_ptx) == row["has_ptx"] == bool(mask.any())
+    assert dtypes == {torch.uint8, torch.float32}  # both kinds of batch were seen
     three = train(cfg(dataset, in_channels=3), steps_per_epoch=1)[0]["image"]
     assert three.shape == (4, 3, SIZE, SIZE)
     assert torch.equal(three[:, 0], three[:, 2])
@@ -304,10 +311,10 @@ def test_eval_covers_each_sample_once_unaugmented(dataset):
     for rank in range(2):
         for b in data.eval_batches(cfg(dataset, workers=2, batch_size=3), rank=rank, world_size=2):
             got.update(b["key"])
-            for key, image in zip(b["key"], b["image"], strict=True):
+            for key, image in zip(b["key"], as_float(b["image"]), strict=True):
                 plain, _ = data.decode_sample(sample_of(dataset, key), SIZE)
-                if plain.dtype == np.uint8:
-                    plain = plain.astype(np.float32) / 255
+                if plain.dtype == np.uint8:  # numpy's float32 division, not torch's
+                    plain = plain.astype(np.float32) / np.float32(255)
                 assert torch.equal(image[0], torch.from_numpy(plain))
     assert got == Counter(expected)
 
