@@ -26,7 +26,17 @@ def train_segment_cmd(error: Exception) -> None:
     _ctrl_c_then(error)
 
 
-def test_a_loader_failure_after_ctrl_c_is_the_interruption(capsys):
+@pytest.fixture
+def python_sigint():
+    """SIGINT handled by Python, as in a command run from a terminal. The suite itself may
+    have started with SIGINT ignored (a background job of a non-interactive shell, as CI
+    can be), and then Python installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_loader_failure_after_ctrl_c_is_the_interruption(capsys, python_sigint):
     wrapped = fail_on_errors(train_segment_cmd)
     with pytest.raises(typer.Exit) as stopped:
         wrapped(RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly"))
@@ -38,7 +48,7 @@ def test_a_loader_failure_after_ctrl_c_is_the_interruption(capsys):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_the_same_failure_without_ctrl_c_is_not_hidden():
+def test_the_same_failure_without_ctrl_c_is_not_hidden(python_sigint):
     def train_segment_cmd() -> None:
         raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
 
