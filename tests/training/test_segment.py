@@ -22,8 +22,15 @@ from ingest.demo import write_siim_demo
 from ingest.siim import SiimConfig, ingest_siim
 from shards import manifest
 from shards.errors import ConfigError
-from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from training.data import select
+from training.runs import RunDir
 from training.segment import SegmentConfig, SegmentTask, lr_factor, train_segment
 
 
@@ -199,6 +206,26 @@ def test_a_batch_committed_during_training_changes_nothing(
         assert row["val_n_images"] == ref["val_n_images"]
         for key in ("val_loss", "val_dice"):  # train_loss: a resumed epoch's own steps only
             assert row[key] == pytest.approx(ref[key]), key
+
+
+def test_best_pt_is_written_before_last_pt(
+    demo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between the two writes must leave last.pt at the epoch before (the resume
+    redoes the epoch and both files), never a last.pt whose best epoch has no best.pt."""
+    written: list[str] = []
+    put = RunDir.put
+
+    def recording_put(self: RunDir, path: str, data: bytes) -> None:
+        written.append(path)
+        put(self, path, data)
+
+    monkeypatch.setattr(RunDir, "put", recording_put)
+    train_segment(small(demo, tmp_path / "run", checkpoint_every=100))
+    checkpoints = [p for p in written if p.startswith("checkpoints/")]
+    # Epoch 0 always improves on nothing; each epoch ends with last.pt.
+    assert checkpoints[:2] == [BEST, LAST] and checkpoints[-1] == LAST
+    assert all(checkpoints[i + 1] == LAST for i, p in enumerate(checkpoints) if p == BEST)
 
 
 def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
