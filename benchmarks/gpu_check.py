@@ -56,7 +56,7 @@ from shards.tario import ShardWriter  # noqa: E402
 from training.data import LoaderConfig, train_batches  # noqa: E402
 from training.losses import FocalDiceLoss  # noqa: E402
 from training.model import build_unet  # noqa: E402
-from training.runs import images_to  # noqa: E402
+from training.runs import images_to, masks_to  # noqa: E402
 
 STAND_IN = "stand-in built in gpu_check.py (torchvision/plain torch), not the project's task"
 
@@ -328,8 +328,7 @@ def stream_rate(dataset: str, batch: int, args: argparse.Namespace, device: torc
 
     def one() -> int:
         b = next(batches)
-        masks = b["mask"].to(device, non_blocking=True).float()
-        return step(images_to(device, b["image"]), masks)
+        return step(images_to(device, b["image"]), masks_to(device, b["mask"]))
 
     try:  # the warm-up also starts the loader workers and fills their shuffle buffers
         return timed(one, args.seconds, _warmup(args) + 2, device)

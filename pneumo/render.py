@@ -61,17 +61,15 @@ def fail_on_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
             except KeyboardInterrupt:
                 _interrupted(fn.__name__, "interrupted")
-            except (PneumoError, FileNotFoundError, PermissionError) as e:
+            except Exception as e:
                 if interrupted():
-                    _interrupted(fn.__name__, "interrupted")
+                    _interrupted(fn.__name__, "failed after Ctrl-C")
+                if not isinstance(e, (PneumoError, FileNotFoundError, PermissionError)):
+                    raise
                 if fail_on_errors.verbose:  # type: ignore[attr-defined]
                     logging.getLogger("pneumo").exception("failed")
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(1) from None
-            except Exception:
-                if interrupted():
-                    _interrupted(fn.__name__, "failed after Ctrl-C")
-                raise
 
     return wrapper  # type: ignore[return-value]
 

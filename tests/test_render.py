@@ -11,19 +11,16 @@ from pneumo.render import fail_on_errors
 from shards.errors import PneumoError
 
 
-def _ctrl_c_then(error: Exception) -> None:
+def train_segment_cmd(error: Exception) -> None:
     """What a training command sees when Ctrl-C reaches a DataLoader worker before it
-    ignores SIGINT: the signal arrives, and the loader fails with its own error first."""
+    ignores SIGINT: the signal arrives, and the loader fails with its own error first.
+    (The name gives the interruption line its command.)"""
     try:
         # To this thread (os.kill may hand it to another of the suite's threads, and
         # Python would run its handler later): the handler runs before the next line.
         signal.raise_signal(signal.SIGINT)
     except KeyboardInterrupt:
         raise error from None
-
-
-def train_segment_cmd(error: Exception) -> None:
-    _ctrl_c_then(error)
 
 
 @pytest.fixture

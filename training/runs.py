@@ -113,7 +113,14 @@ def images_to(device: torch.device, images: torch.Tensor) -> torch.Tensor:
     channels-last on CUDA (faster convolutions)."""
     if device.type == "cuda":
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return as_float(images.to(device))
+    else:
+        images = images.to(device)
+    return as_float(images)
+
+
+def masks_to(device: torch.device, masks: torch.Tensor) -> torch.Tensor:
+    """A batch's 0/1 masks (uint8 from the loader) on ``device`` as float32."""
+    return masks.to(device, non_blocking=True).float()
 
 
 def as_float(images: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from training.runs import (
     Panel,
     broadcast_state,
     images_to,
+    masks_to,
 )
 from training.task import RunConfig, Task, absolute
 from training.transfer import load_encoder_weights
@@ -193,7 +194,7 @@ class SegmentTask(Task):
 
     def loss(self, job: Job, batch: dict[str, Any]) -> torch.Tensor:
         images = images_to(job.device, batch["image"])
-        masks = batch["mask"].to(job.device, non_blocking=True).float()
+        masks = masks_to(job.device, batch["mask"])
         return self.loss_fn(job.net(images), masks)
 
     def validate(self, job: Job, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -201,7 +202,7 @@ class SegmentTask(Task):
         inter, pred_area, true_area, loss_sum, n = [], [], [], 0.0, 0
         for batch in batches:
             images = images_to(job.device, batch["image"])
-            masks = batch["mask"].to(job.device, non_blocking=True).float()
+            masks = masks_to(job.device, batch["mask"])
             logits = job.model(images)
             loss_sum += float(self.loss_fn(logits, masks)) * len(images)
             n += len(images)
