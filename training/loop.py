@@ -92,6 +92,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, replace
 from itertools import islice
 from typing import Any
@@ -325,19 +326,22 @@ def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
     started, first = time.perf_counter(), job.step
     loss_sum = torch.zeros((), device=job.device)
     batches = _epoch_batches(job, epoch, start_step=job.step - epoch * job.spe)
-    for batch in islice(batches, (epoch + 1) * job.spe - job.step):
-        loss_sum += _train_step(job, batch)
-        job.step += 1
-        end_of_epoch = job.step == (epoch + 1) * job.spe
-        if env.is_main and job.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-            job.run.put(ckpts.LAST, _checkpoint(job, {}))
-        if job.progress and env.is_main:
-            done, seconds = job.step - first, time.perf_counter() - started
-            job.progress({
-                "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
-                "epochs": cfg.epochs, "loss": float(loss_sum) / done,
-                "images_per_s": done * cfg.batch_size * env.world_size / seconds,
-            })  # fmt: skip
+    # Closed at once, also on Ctrl-C: the loader workers are shut down here, not at
+    # interpreter exit (where a worker killed by the Ctrl-C can leave the exit waiting).
+    with closing(batches):
+        for batch in islice(batches, (epoch + 1) * job.spe - job.step):
+            loss_sum += _train_step(job, batch)
+            job.step += 1
+            end_of_epoch = job.step == (epoch + 1) * job.spe
+            if env.is_main and job.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                job.run.put(ckpts.LAST, _checkpoint(job, {}))
+            if job.progress and env.is_main:
+                done, seconds = job.step - first, time.perf_counter() - started
+                job.progress({
+                    "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
+                    "epochs": cfg.epochs, "loss": float(loss_sum) / done,
+                    "images_per_s": done * cfg.batch_size * env.world_size / seconds,
+                })  # fmt: skip
     if job.step != (epoch + 1) * job.spe:  # fail now: a short rank would hang the others
         raise TrainingError(
             f"rank {env.rank} got {job.step - first} batches in epoch {epoch}, expected "
