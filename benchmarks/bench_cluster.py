@@ -4,7 +4,7 @@ Synthetic embeddings with 14 planted clusters, two parts in one run:
 
 1. the same L2-normalised 50-D features (what ``pneumo cluster`` clusters after PCA) at
    growing sizes: ``sklearn.cluster.DBSCAN`` (every neighbourhood materialised) against
-   :mod:`training.dbscan` (radius searched for 14 clusters on a sample of at most
+   :mod:`pneumo.pseudolabels.dbscan` (radius searched for 14 clusters on a sample of at most
    ``--sample`` rows, every row assigned to its nearest core point), at the radius ours
    found; wall time, peak memory above the process's before the call, and the adjusted
    Rand index between the two labelings;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,9 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 K = 14
 MIN_SAMPLES = 10
@@ -80,7 +76,7 @@ def measure(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
 
 
 def ours(n: int, sample: int) -> dict[str, Any]:
-    from training import dbscan
+    from pneumo.pseudolabels import dbscan
 
     x, _ = features(n)
     rows = np.sort(np.random.default_rng(1).choice(n, min(n, sample), replace=False))
@@ -129,7 +125,8 @@ def _time(r: dict[str, Any]) -> str:
 
 
 def full_run(n: int, method: str, folder: str) -> dict[str, Any]:
-    from training.cluster import ClusterConfig, cluster
+    from pneumo.pseudolabels.cluster import ClusterConfig, cluster
+    from pneumo.shards import selections
 
     out = f"{folder}/labels-{method}"
     summary = cluster(
@@ -139,7 +136,7 @@ def full_run(n: int, method: str, folder: str) -> dict[str, Any]:
             pca=50,
             clusters=K,
             method=method,
-            fit_where="split == 'train'",
+            fit_where=selections.TRAIN,
         )  # fmt: skip
     )
     return {k: summary[k] for k in ("clusters", "noise_share", "majority_share", "parameters")}

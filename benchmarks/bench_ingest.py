@@ -33,11 +33,11 @@ import cv2
 import numpy as np
 import pydicom
 
-from ingest.batch import BatchConfig
-from ingest.demo import DemoSummary, write_siim_demo
-from ingest.labels import read_siim_labels
-from ingest.rle import combine_masks
-from ingest.siim import SiimConfig, ingest_siim
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.labels import read_siim_labels
+from pneumo.ingest.rle import combine_masks
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.synthetic.archives import DemoSummary, write_siim_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.s3sim import s3_server, set_latency  # noqa: E402

@@ -2,7 +2,7 @@
 
 One run, the same images, the same decode size and augmentation for every contender:
 
-1. the shard stream from a local folder          (training.data.train_batches)
+1. the shard stream from a local folder          (pneumo.training.data.train_batches)
 2. the shard stream from S3                       (moto's ThreadedMotoServer on 127.0.0.1)
 3. a per-file PNG dataset on local disk           (the usual Dataset: one image PNG and one
                                                    mask PNG per sample, both stored at the
@@ -12,7 +12,7 @@ One run, the same images, the same decode size and augmentation for every conten
 
 The per-file PNGs are made once, before timing: each image decoded at full size and
 area-resized to ``--size`` (the usual SIIM preprocessing), its mask likewise. The
-augmentation distribution is the same on both sides (``training.augment`` documents it;
+augmentation distribution is the same on both sides (``pneumo.training.augment`` documents it;
 the baseline runs its albumentations reference).
 
 Loopback S3 has no network latency, so the S3 runs are repeated with ``--s3-latency-ms`` of
@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.s3sim import s3_server, set_latency  # noqa: E402
-from shards import layout, manifest, stream  # noqa: E402
-from shards.store import open_store  # noqa: E402
-from shards.tario import ShardWriter  # noqa: E402
-from training import augment, data  # noqa: E402
+from pneumo.shards import layout, manifest, selections, stream  # noqa: E402
+from pneumo.shards.store import open_store  # noqa: E402
+from pneumo.shards.tario import ShardWriter  # noqa: E402
+from pneumo.training import augment, data  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 SIIM = ROOT.parent / "shared" / "data" / "siim"
@@ -64,9 +64,9 @@ BUCKET = "pneumo-bench"
 
 
 def build_from_demo(out: Path, n: int, shard_size: int) -> str:
-    from ingest.batch import BatchConfig
-    from ingest.demo import write_siim_demo
-    from ingest.siim import SiimConfig, ingest_siim
+    from pneumo.ingest.batch import BatchConfig
+    from pneumo.ingest.siim import SiimConfig, ingest_siim
+    from pneumo.synthetic.archives import write_siim_demo
 
     demo = write_siim_demo(out / "dicom", n=n, seed=0, positive_fraction=0.3)
     batch = BatchConfig(out=str(out / "dataset"), workers=2, shard_max_samples=shard_size,
@@ -122,7 +122,7 @@ def write_pngs(dataset: str, out: Path, size: int) -> list[str]:
     """The training samples as ``images/KEY.png`` and ``masks/KEY.png`` at ``size`` (empty
     masks too)."""
     store = open_store(dataset)
-    entries = stream.entries_from_table(data.select(dataset, data.DEFAULT_TRAIN_WHERE))
+    entries = stream.entries_from_table(data.select(dataset, selections.SIIM_TRAIN))
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
     for shard in sorted({e.shard for e in entries}):
@@ -310,8 +310,8 @@ def _span(values: list[float]) -> str:
 
 def _has_ingest() -> bool:
     try:
-        from ingest.demo import write_siim_demo  # noqa: F401
-        from ingest.siim import ingest_siim  # noqa: F401
+        from pneumo.ingest.siim import ingest_siim  # noqa: F401
+        from pneumo.synthetic.archives import write_siim_demo  # noqa: F401
     except ImportError:
         return False
     return True

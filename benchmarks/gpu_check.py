@@ -8,7 +8,7 @@ stores them), it measures, each phase under its own time cap:
 1. U-Net / ResNet-34 segmentation training (bf16 autocast, channels-last, Adam, the
    focal + Dice loss) on a batch already on the GPU: images/s at batch 8, then at powers
    of two up to the largest that fits (an out-of-memory error ends the search);
-2. the same model fed by the real stream (``training.data.train_batches``, loader
+2. the same model fed by the real stream (``pneumo.training.data.train_batches``, loader
    workers = the machine's cores, augmentation on) at batch 8 and at the largest batch;
 3. the GPU's busy share during every training phase (``nvidia-smi`` sampled every
    0.2 s in a background thread, or pynvml through ``torch.cuda.utilization``);
@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -46,17 +45,15 @@ import torch
 import torchvision
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ingest.siim import encode_mask  # noqa: E402
-from shards import layout, manifest  # noqa: E402
-from shards.store import open_store  # noqa: E402
-from shards.tario import ShardWriter  # noqa: E402
-from training.data import LoaderConfig, train_batches  # noqa: E402
-from training.losses import FocalDiceLoss  # noqa: E402
-from training.model import build_unet  # noqa: E402
-from training.runs import images_to, masks_to  # noqa: E402
+from pneumo.ingest.siim import encode_mask
+from pneumo.shards import layout, manifest
+from pneumo.shards.store import open_store
+from pneumo.shards.tario import ShardWriter
+from pneumo.synthetic.chest import textured_frame
+from pneumo.training.data import LoaderConfig, train_batches
+from pneumo.training.losses import FocalDiceLoss
+from pneumo.training.model import build_unet
+from pneumo.training.runs import images_to, masks_to
 
 STAND_IN = "stand-in built in gpu_check.py (torchvision/plain torch), not the project's task"
 
@@ -115,11 +112,8 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> str:
 
 
 def _chest_jpeg(rng: np.random.Generator) -> bytes:
-    """A smooth 1024 px grey picture with texture: costs a JPEG decoder what a chest does."""
-    low = cv2.resize(rng.random((16, 16)).astype(np.float32), (1024, 1024))
-    noise = rng.normal(0, 12, (1024, 1024)).astype(np.float32)
-    image = np.clip(40 + 160 * low + noise, 0, 255).astype(np.uint8)
-    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
+    """A 1024 px textured frame as a quality-92 JPEG: costs a decoder what a chest does."""
+    return cv2.imencode(".jpg", textured_frame(rng), [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
 
 
 def _put(store: Any, writer: ShardWriter | None) -> None:

@@ -33,9 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 
-METRICS = "tests/evaluation/test_metrics.py"
+METRICS = "tests/metrics/test_siim_dice.py"
 RLE = ("tests/ingest/test_rle.py", "tests/ingest/test_masks.py")
 COMMIT = (
     "tests/ingest/test_resume.py",
@@ -106,7 +111,7 @@ MUTATIONS = [
     Mutation(
         "metric-empty-empty-zero",
         "an image with empty truth and empty prediction scores 0 instead of 1",
-        "training/metrics.py",
+        "metrics/siim.py",
         "    out = np.ones_like(total)\n",
         "    out = np.zeros_like(total)\n",
         _tests(METRICS),
@@ -114,7 +119,7 @@ MUTATIONS = [
     Mutation(
         "metric-positives-only",
         "the overall score is the mean over positive images only (MONAI's ignore_empty)",
-        "training/metrics.py",
+        "metrics/siim.py",
         '"dice": float(dice.mean()) if dice.size else float("nan"),',
         '"dice": float(dice[positive].mean()) if positive.any() else float("nan"),',
         _tests(METRICS),
@@ -122,7 +127,7 @@ MUTATIONS = [
     Mutation(
         "metric-dice-neg-over-all",
         "dice_neg averaged over every image instead of the healthy ones",
-        "training/metrics.py",
+        "metrics/siim.py",
         '"dice_neg": float(dice[~positive].mean())',
         '"dice_neg": float(dice.mean())',
         _tests(METRICS),
@@ -130,7 +135,7 @@ MUTATIONS = [
     Mutation(
         "metric-iou-not-dice",
         "IoU (|P∩T| / |P∪T|) computed where Dice is meant",
-        "training/metrics.py",
+        "metrics/siim.py",
         "out[nonempty] = 2.0 * inter[nonempty] / total[nonempty]",
         "out[nonempty] = inter[nonempty] / (total[nonempty] - inter[nonempty])",
         _tests(METRICS),
@@ -139,7 +144,7 @@ MUTATIONS = [
     Mutation(
         "postprocess-apply-strict",
         "apply() needs strictly more than min_area pixels while the search counts >=",
-        "training/metrics.py",
+        "metrics/siim.py",
         "positive = top_area >= self.min_area * scale",
         "positive = top_area > self.min_area * scale",
         _tests(METRICS),
@@ -147,7 +152,7 @@ MUTATIONS = [
     Mutation(
         "postprocess-search-strict",
         "the search needs strictly more than min_area pixels while apply() counts >=",
-        "training/metrics.py",
+        "metrics/siim.py",
         "positive = top_area >= min_area * scale  # [N, T, A, 1]",
         "positive = top_area > min_area * scale  # [N, T, A, 1]",
         _tests(METRICS),
@@ -155,7 +160,7 @@ MUTATIONS = [
     Mutation(
         "postprocess-area-not-scaled",
         "min_area (1024x1024 pixels) compared unscaled on a smaller probability map",
-        "training/metrics.py",
+        "metrics/siim.py",
         "scale = prob.shape[-1] * prob.shape[-2] / REFERENCE_PIXELS",
         "scale = 1.0",
         _tests(METRICS),
@@ -163,7 +168,7 @@ MUTATIONS = [
     Mutation(
         "postprocess-mask-from-top-threshold",
         "a positive image's mask cut at the top threshold instead of the mask threshold",
-        "training/metrics.py",
+        "metrics/siim.py",
         "return (prob > self.mask_threshold) & positive[..., None, None]",
         "return (prob > self.top_threshold) & positive[..., None, None]",
         _tests(METRICS),
@@ -222,8 +227,8 @@ MUTATIONS = [
     Mutation(
         "commit-leftovers-kept",
         "the unfinished shards of an interrupted attempt are not deleted when the batch is "
-        "resumed (only its stale segment records are)",
-        "ingest/segments.py",
+        "resumed (only its stale chunk records are)",
+        "ingest/chunks.py",
         "    for path in stale_records + stale_shards:\n        store.delete(path)\n",
         "    for path in stale_records:\n        store.delete(path)\n",
         _tests(COMMIT),
@@ -271,7 +276,7 @@ MUTATIONS = [
     ),
     Mutation(
         "stream-same-split-every-epoch",
-        "every epoch a slot draws the same segment of the passes (epochs do not move on), "
+        "every epoch a slot draws the same window of the passes (epochs do not move on), "
         "so each epoch repeats the samples of the first (sampling is by passes now)",
         "shards/stream.py",
         "            start += spec.world_size * sum(per_worker)\n",
@@ -281,7 +286,7 @@ MUTATIONS = [
     Mutation(
         "plan-same-order-every-pass",
         "every pass over a pool lays its shards in the same order (pass number left out)",
-        "shards/plan.py",
+        "shards/slots.py",
         "np.random.default_rng([*seeds, _PASS, k])",
         "np.random.default_rng([*seeds, _PASS])",
         _tests(STREAM),
@@ -356,6 +361,18 @@ def copy_tree(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+def link_parts(tree: Path) -> None:
+    """Make the copy import as ``pneumo`` on its own: each part's folder (``training/``, ...)
+    linked into ``tree/pneumo/`` under its name in the package. Without the links,
+    ``pneumo.training`` would resolve through the installed editable finder to the
+    checkout's folder, and every mutant in the copy would go untested."""
+    setuptools = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, folder in setuptools["package-dir"].items():
+        if package != "pneumo":
+            link = tree / "pneumo" / package.removeprefix("pneumo.")
+            link.symlink_to(tree / folder, target_is_directory=True)
+
+
 def test_env(tree: Path) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(tree), "NO_ALBUMENTATIONS_UPDATE": "1"}
     full_set = ROOT.parent / "shared" / "data"  # the copy has no ../shared beside it
@@ -416,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[tuple[Mutation, str, float, str]] = []
     try:
         copy_tree(tree)
+        link_parts(tree)
         baseline: dict[tuple[str, ...], tuple[int, str]] = {}
         for m in chosen:
             path = tree / m.file

@@ -1,4 +1,5 @@
 """checkpoints -> numbers and pictures: SIIM evaluation, post-processing, predictions.
 
-``evaluation`` may import ``training``, ``ingest`` and ``shards``; nothing imports it.
+``evaluation`` may import ``training``, ``metrics``, ``ingest`` and ``shards``; only the
+experiment and the CLI import it.
 """

@@ -30,16 +30,21 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from evaluation.config import EvaluationConfig
-from shards import stream
-from shards.errors import ConfigError
-from shards.store import open_store
-from training.checkpoint import CheckpointError, init_line, load_checkpoint, model_from_checkpoint
-from training.class_metrics import classification_summary
-from training.classify import ClassifyConfig, ClassifyTask
-from training.data import LoaderConfig, eval_batches, select
-from training.rows import TRAIN_ROWS
-from training.runs import autocast, images_to
+from pneumo.evaluation.config import EvaluationConfig
+from pneumo.metrics.classification import classification_summary
+from pneumo.shards import selections, stream
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import open_store
+from pneumo.training.checkpoint import (
+    CheckpointError,
+    init_line,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from pneumo.training.classify import ClassifyConfig, ClassifyTask
+from pneumo.training.data import LoaderConfig, eval_batches, select
+from pneumo.training.rows import TRAIN_ROWS
+from pneumo.training.runs import autocast, images_to
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateClassifyConfig(EvaluationConfig):
-    """What to evaluate (see :class:`evaluation.config.EvaluationConfig`): a
+    """What to evaluate (see :class:`pneumo.evaluation.config.EvaluationConfig`): a
     ``train classify`` run; ``where`` replaces the split of the run's datasets."""
 
     batch_size: int = 32
@@ -119,7 +124,7 @@ def _default_where(cfg: EvaluateClassifyConfig) -> str:
     """``split`` of the datasets (nih, siim...) the run's pinned training rows came from."""
     store = open_store(cfg.run, create=False)
     if not store.exists(TRAIN_ROWS):
-        return f"split == {cfg.split!r}"
+        return selections.every(cfg.split)
     names = sorted(set(pq.read_table(io.BytesIO(store.get(TRAIN_ROWS)), columns=["dataset"])
                        ["dataset"].to_pylist()))  # fmt: skip
     return f"dataset in {names!r} and split == {cfg.split!r}"
@@ -149,7 +154,7 @@ def _roc_png(labels: np.ndarray, probs: np.ndarray, title: str) -> bytes:
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
 
-    from training.class_metrics import auroc
+    from pneumo.metrics.classification import auroc
 
     fig, ax = plt.subplots(figsize=(5, 5))
     classes = [1] if probs.shape[1] == 2 else list(np.unique(labels))[:10]

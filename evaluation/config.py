@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)

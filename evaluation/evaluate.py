@@ -9,7 +9,7 @@ stored full-size mask; write ``RUN/eval/<split>.parquet`` (one row per image) an
 
 Resolution: every figure here is the SIIM metric exactly, at each image's full resolution
 (1024x1024 for SIIM), not at the training size, which overstates it (see
-:mod:`training.fullres`). ``pneumo predict``'s CSV, scored by any SIIM scorer, gives the
+:mod:`pneumo.training.fullres`). ``pneumo predict``'s CSV, scored by any SIIM scorer, gives the
 same number.
 
 The summary:
@@ -38,13 +38,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from evaluation.config import EvaluationConfig
-from evaluation.inference import Predictor
-from shards.errors import ConfigError
-from shards.store import open_store
-from training.data import LoaderConfig, eval_batches, select
-from training.fullres import FullResMasks, score_batch
-from training.metrics import dice_from_counts, siim_summary
+from pneumo.evaluation.config import EvaluationConfig
+from pneumo.evaluation.inference import Predictor
+from pneumo.metrics.siim import dice_from_counts, siim_summary
+from pneumo.shards import selections
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import open_store
+from pneumo.training.data import LoaderConfig, eval_batches, select
+from pneumo.training.fullres import FullResMasks, score_batch
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ RESULTS_SCHEMA = pa.schema(
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig(EvaluationConfig):
-    """What to evaluate (see :class:`evaluation.config.EvaluationConfig`): a segmentation
+    """What to evaluate (see :class:`pneumo.evaluation.config.EvaluationConfig`): a segmentation
     run; ``where`` None selects the labelled SIIM images of ``split``.
 
     Attributes:
@@ -79,7 +80,7 @@ class EvaluateConfig(EvaluationConfig):
     def selection(self) -> str:
         if self.where is not None:
             return self.where
-        return f"dataset == 'siim' and split == {self.split!r} and has_ptx is not None"
+        return selections.siim(self.split)
 
 
 def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> dict[str, Any]:

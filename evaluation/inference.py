@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from evaluation.postprocess import load_postprocess
-from training.checkpoint import load_checkpoint, model_from_checkpoint
-from training.metrics import PostProcess
-from training.model import predict_proba
-from training.runs import autocast, images_to
+from pneumo.evaluation.postprocess import load_postprocess
+from pneumo.metrics.siim import PostProcess
+from pneumo.training.checkpoint import load_checkpoint, model_from_checkpoint
+from pneumo.training.model import predict_proba
+from pneumo.training.runs import autocast, images_to
 
 log = logging.getLogger(__name__)
 

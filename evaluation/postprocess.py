@@ -1,10 +1,9 @@
-"""The post-processing triplet of a RUN: how probability maps become submitted masks.
+"""The post-processing triplet a RUN chose, read back for evaluation and prediction.
 
-The triplet itself (:class:`PostProcess`: ``apply``, JSON) and its grid search
-(:func:`search`, :class:`PostProcessSearch`) live in :mod:`training.metrics`, next to the
-SIIM Dice they maximise, because ``pneumo train segment`` chooses the triplet on the
-validation split at the end of a run and ``training`` cannot import ``evaluation``. They are
-re-exported here for evaluation code; this module adds reading a RUN's choice back.
+The triplet itself (:class:`~pneumo.metrics.siim.PostProcess`: ``apply``, JSON) and its
+grid search live in :mod:`pneumo.metrics.siim`, beside the SIIM Dice they maximise: ``pneumo
+train segment`` searches it on the validation split at the end of a run, and evaluation
+applies it. This module reads a RUN's choice.
 
 A run records the better of two searches (with and without flip TTA) in
 ``postprocess.json`` and both in ``postprocess_search.json``: a triplet is only ever applied
@@ -17,13 +16,11 @@ import json
 import logging
 from typing import Any
 
-from shards.errors import ConfigError, StoreError
-from shards.store import Store, open_store
-from training.fullres import SEARCH_FILE
-from training.metrics import PostProcess, PostProcessSearch, search
-from training.runs import POSTPROCESS_FILE
-
-__all__ = ["PostProcess", "PostProcessSearch", "search", "load_postprocess"]
+from pneumo.metrics.siim import PostProcess
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import Store, open_store
+from pneumo.training.fullres import SEARCH_FILE
+from pneumo.training.runs import POSTPROCESS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """``pneumo predict``: DICOMs in, a SIIM submission CSV (and optional overlays) out.
 
 Flow: list the inputs (one ``.dcm`` file, a folder searched recursively, or an ``s3://``
-prefix); for each file, read it exactly as ingest stores it (:func:`ingest.dicom.read_dicom`:
+prefix); for each file, read it exactly as ingest stores it (:func:`pneumo.ingest.dicom.read_dicom`:
 the JPEG frame as it is, or a lossless PNG of other encodings) and decode that the way the
-training loader does (:func:`training.data.decode_image`), so a model sees at prediction
+training loader does (:func:`pneumo.training.data.decode_image`), so a model sees at prediction
 time what it saw in training; predict at the run's size, upscale the probabilities to the
 image's own rows x cols (bilinear), apply the run's post-processing triplet, and write
 ``ImageId,EncodedPixels`` rows: ImageId = SOPInstanceUID (the file stem when missing),
@@ -30,14 +30,14 @@ import cv2
 import numpy as np
 import torch
 
-from evaluation.inference import Predictor
-from ingest.dicom import BadInput, read_dicom
-from ingest.rle import rle_encode
-from ingest.sources import SourceFile, list_sources, read_source
-from shards.errors import ConfigError, StoreError
-from shards.store import is_s3_url, open_store, write_url
-from training.data import decode_image
-from training.fullres import upsample
+from pneumo.evaluation.inference import Predictor
+from pneumo.ingest.dicom import BadInput, read_dicom
+from pneumo.ingest.rle import rle_encode
+from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import is_s3_url, open_store, write_url
+from pneumo.training.data import decode_image
+from pneumo.training.fullres import upsample
 
 log = logging.getLogger(__name__)
 

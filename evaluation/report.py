@@ -1,6 +1,6 @@
 """Tables a person can read: evaluation summaries side by side, every column explained.
 
-:func:`dice_table` renders summaries of :func:`evaluation.evaluate.evaluate_segment` (one
+:func:`dice_table` renders summaries of :func:`pneumo.evaluation.evaluate.evaluate_segment` (one
 row per model, e.g. the report's Table 1) with the all-empty baseline of the same images
 beside each model's Dice, and a legend under the table naming each column's JSON field.
 :func:`summary_text` adds what was scored, for ``pneumo evaluate``.

@@ -1,11 +1,12 @@
 """Stage functions: each turns a stage's settings into one library config and one call.
 
-The libraries do the work (``training.segment``, ``training.classify``,
-``training.autoencode``, ``training.embed``, ``training.cluster``, ``evaluation``); a stage
-function only places the output in the stage's folder, wires its inputs (the classifier a
-U-Net starts from, the label table a classifier learns) and returns a small JSON-able
-result for ``done.json``. Training stages resume from their last checkpoint when the
-folder holds one (``resume="auto"``: an interrupted attempt); the others simply run again.
+The libraries do the work (``pneumo.training.segment``, ``pneumo.training.classify``,
+``pneumo.training.autoencode``, ``pneumo.pseudolabels.embed``,
+``pneumo.pseudolabels.cluster``, ``pneumo.evaluation``); a stage function only places the
+output in the stage's folder, wires its inputs (the classifier a U-Net starts from, the
+label table a classifier learns) and returns a small JSON-able result for ``done.json``.
+Training stages resume from their last checkpoint when the folder holds one
+(``resume="auto"``: an interrupted attempt); the others simply run again.
 
 Library modules are imported when a stage runs, so an experiment that does not use an arm
 does not need its code.
@@ -22,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from experiment.stages import StageContext, StageFunction
-from shards import manifest
-from shards.audit import HELD_OUT_WHERE, audit, held_out_overlap
-from shards.errors import ConfigError
-from shards.store import open_store
+from pneumo.experiment.stages import StageContext, StageFunction
+from pneumo.shards import manifest
+from pneumo.shards.audit import audit, held_out_overlap
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.selections import HELD_OUT
+from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _clean(result: dict[str, Any]) -> dict[str, Any]:
 def run_audit(ctx: StageContext) -> dict[str, Any]:
     """Refuse to go on if any patient is in two splits, or if a training selection shares a
     patient with the SIIM val/test rows; record the counts."""
-    from training.data import select
+    from pneumo.training.data import select
 
     rows = select(ctx.dataset, None)
     found = manifest.fingerprint(rows)
@@ -83,7 +85,7 @@ def run_audit(ctx: StageContext) -> dict[str, Any]:
             f"split ({pairs}); the arms would be scored on patients they trained on. "
             "`pneumo audit DATASET` lists them; re-ingest with patient-level splits"
         )
-    held = select(ctx.dataset, HELD_OUT_WHERE)
+    held = select(ctx.dataset, HELD_OUT)
     selections = {}
     for name, where in ctx.stage.settings["trained_on"].items():
         chosen = select(ctx.dataset, where)
@@ -91,7 +93,7 @@ def run_audit(ctx: StageContext) -> dict[str, Any]:
         if shared:
             raise ConfigError(
                 f"[data] {name} ({where!r}) shares {len(shared)} patients with the SIIM "
-                f"val/test rows ({HELD_OUT_WHERE}): pretraining on them leaks the test set"
+                f"val/test rows ({HELD_OUT}): pretraining on them leaks the test set"
             )
         patients = len(set(chosen.column("patient_key").to_pylist()))
         selections[name] = {"where": where, "images": chosen.num_rows, "patients": patients}
@@ -106,7 +108,7 @@ def run_audit(ctx: StageContext) -> dict[str, Any]:
         **report.to_dict(),
         "dataset_fingerprint": found,
         "images": rows.num_rows,
-        "held_out": {"where": HELD_OUT_WHERE, "images": held.num_rows},
+        "held_out": {"where": HELD_OUT, "images": held.num_rows},
         "held_out_patients": len(held_patients),
         "selections": selections,
     }
@@ -119,7 +121,7 @@ def run_audit(ctx: StageContext) -> dict[str, Any]:
 
 def segment_config(ctx: StageContext) -> Any:
     """The SegmentConfig of a segment stage: its settings, its folder, its encoder."""
-    from training.segment import SegmentConfig
+    from pneumo.training.segment import SegmentConfig
 
     s = dict(ctx.stage.settings)
     s["pos_rate"] = tuple(s["pos_rate"]) if s["pos_rate"] is not None else None
@@ -134,7 +136,7 @@ def segment_config(ctx: StageContext) -> Any:
 
 
 def run_segment(ctx: StageContext) -> dict[str, Any]:
-    from training.segment import train_segment
+    from pneumo.training.segment import train_segment
 
     summary = train_segment(segment_config(ctx), progress=ctx.progress)
     return _clean({**summary, "run": ctx.url})
@@ -143,7 +145,7 @@ def run_segment(ctx: StageContext) -> dict[str, Any]:
 def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     """Score the input run on SIIM test; keep the per-image results in this stage's folder
     (the run's own ``eval/`` is shared by every evaluation of that run)."""
-    from evaluation.evaluate import EvaluateConfig, evaluate_segment
+    from pneumo.evaluation.evaluate import EvaluateConfig, evaluate_segment
 
     s = ctx.stage.settings
     cfg = library_config(
@@ -167,7 +169,7 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
 
 def run_classify(ctx: StageContext) -> dict[str, Any]:
     """Train the ResNet-34 classifier (NIH labels, or the cluster stage's label table)."""
-    from training.classify import ClassifyConfig, train_classify
+    from pneumo.training.classify import ClassifyConfig, train_classify
 
     s = dict(ctx.stage.settings)
     s["arch"] = s.pop("encoder")  # the classifier is the ResNet the U-Net's encoder is
@@ -187,7 +189,7 @@ def run_classify(ctx: StageContext) -> dict[str, Any]:
 
 def run_evaluate_classify(ctx: StageContext) -> dict[str, Any]:
     """AUROC, accuracy, balanced accuracy and the majority share on NIH test."""
-    from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
+    from pneumo.evaluation.classify import EvaluateClassifyConfig, evaluate_classify
 
     # The run's own labels are scored: has_ptx, or the cluster stage's table it trained on.
     cfg = library_config(
@@ -200,7 +202,7 @@ def run_evaluate_classify(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_autoencode(ctx: StageContext) -> dict[str, Any]:
-    from training.autoencode import AutoencodeConfig, train_autoencode
+    from pneumo.training.autoencode import AutoencodeConfig, train_autoencode
 
     cfg = library_config(
         AutoencodeConfig, dataset=ctx.dataset, out=ctx.url, resume="auto", **ctx.stage.settings
@@ -209,7 +211,7 @@ def run_autoencode(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_embed(ctx: StageContext) -> dict[str, Any]:
-    from training.embed import EmbedConfig, embed
+    from pneumo.pseudolabels.embed import EmbedConfig, embed
 
     cfg = library_config(
         EmbedConfig,
@@ -222,7 +224,7 @@ def run_embed(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_cluster(ctx: StageContext) -> dict[str, Any]:
-    from training.cluster import ClusterConfig, cluster
+    from pneumo.pseudolabels.cluster import ClusterConfig, cluster
 
     cfg = library_config(
         ClusterConfig,
@@ -240,11 +242,11 @@ def reconstructions(
     reconstruction by each autoencoder's best weights (``runs``: kind -> RUN)."""
     import torch
 
-    from shards.stream import entries_from_table
-    from training.autoencoders import build_autoencoder
-    from training.checkpoint import load_checkpoint
-    from training.data import LoaderConfig, eval_batches, select
-    from training.runs import as_float
+    from pneumo.shards.stream import entries_from_table
+    from pneumo.training.autoencoders import build_autoencoder
+    from pneumo.training.checkpoint import load_checkpoint
+    from pneumo.training.data import LoaderConfig, eval_batches, select
+    from pneumo.training.runs import as_float
 
     models = {}
     for kind, url in runs.items():

@@ -1,9 +1,9 @@
 """The demo's dataset: synthetic NIH and SIIM data in one DATASET, split by patient.
 
-As in the real data sets, every SIIM image is an NIH image (``ingest.demo.write_demo_pair``)
-and only the cross-reference file says which; ingesting NIH with its split lists and then
-SIIM through the cross-reference gives every patient one split in both datasets, which the
-experiment's audit stage checks.
+As in the real data sets, every SIIM image is an NIH image
+(``pneumo.synthetic.archives.write_demo_pair``) and only the cross-reference file says
+which; ingesting NIH with its split lists and then SIIM through the cross-reference gives
+every patient one split in both datasets, which the experiment's audit stage checks.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.batch import BatchConfig, BatchSummary
-from ingest.demo import DEMO_PATIENT_SECRET, DemoPair, write_demo_pair
-from ingest.nih import NihConfig, ingest_nih
-from ingest.patients import PatientSecret
-from ingest.siim import SiimConfig, ingest_siim
-from shards.errors import ConfigError
+from pneumo.ingest.batch import BatchConfig, BatchSummary
+from pneumo.ingest.nih import NihConfig, ingest_nih
+from pneumo.ingest.patients import PatientSecret
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards.errors import ConfigError
+from pneumo.synthetic.archives import DEMO_PATIENT_SECRET, DemoPair, write_demo_pair
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from experiment.tables import ARM_TITLES, PretrainRow
+from pneumo.experiment.tables import ARM_TITLES, PretrainRow
 
 # The name of the per-epoch validation Dice in a run's metrics.jsonl (newest first): the
 # evaluation-resolution change may rename it to say it is at training resolution.

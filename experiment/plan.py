@@ -23,12 +23,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from experiment.recipe import Recipe
-from experiment.stages import Stage
-from shards.errors import ConfigError
+from pneumo.experiment.recipe import Recipe
+from pneumo.experiment.stages import Stage
+from pneumo.shards import selections
+from pneumo.shards.errors import ConfigError
 
 EMBED_WHERE = "dataset == 'nih'"  # every NIH image gets a code; PCA/DBSCAN fit on train only
-FIT_WHERE = "split == 'train'"
 
 
 @dataclass(kw_only=True)
@@ -61,7 +61,7 @@ def build_plan(
         recipe: the validated recipe.
         arms: the arms to run (``none`` is always added: every difference is taken to it).
         seeds: segmentation seeds per arm (0 .. seeds-1).
-        dataset_fingerprint: names the dataset's content (``shards.manifest.fingerprint``).
+        dataset_fingerprint: names the dataset's content (``pneumo.shards.manifest.fingerprint``).
         held_out_patients: patient keys of the SIIM val/test rows (the ``leaky`` arm adds
             their NIH images to pretraining).
     """
@@ -190,7 +190,7 @@ def _pseudo(plan: Plan, recipe: Recipe) -> None:
         label="cluster",
         settings={
             **_settings(recipe.cluster),
-            "fit_where": FIT_WHERE,
+            "fit_where": selections.TRAIN,
             "seed": recipe.experiment.pretrain_seed,
         },
         inputs=(("embeddings", embed),),

@@ -22,7 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from shards.errors import ConfigError
+from pneumo.shards import selections
+from pneumo.shards.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -133,12 +134,12 @@ class DataSettings(_Section):
     """``[data]``: the manifest selections (``--where`` expressions) of every stage."""
 
     TABLE = "data"
-    siim_train: str = "dataset == 'siim' and split == 'train' and has_ptx is not None"
-    siim_val: str = "dataset == 'siim' and split == 'val' and has_ptx is not None"
-    siim_test: str = "dataset == 'siim' and split == 'test' and has_ptx is not None"
-    nih_train: str = "dataset == 'nih' and split == 'train'"
-    nih_val: str = "dataset == 'nih' and split == 'val'"
-    nih_test: str = "dataset == 'nih' and split == 'test'"
+    siim_train: str = selections.SIIM_TRAIN
+    siim_val: str = selections.SIIM_VAL
+    siim_test: str = selections.SIIM_TEST
+    nih_train: str = selections.NIH_TRAIN
+    nih_val: str = selections.NIH_VAL
+    nih_test: str = selections.NIH_TEST
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,7 +277,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     """
     source = str(name_or_path)
     if source in SHIPPED:
-        text = (resources.files("experiment") / "recipes" / f"{source}.toml").read_text()
+        text = (resources.files("pneumo.experiment") / "recipes" / f"{source}.toml").read_text()
     else:
         try:
             text = Path(source).read_text(encoding="utf-8")

@@ -14,9 +14,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from experiment.plan import Plan
-from experiment.stages import StageRunner
-from experiment.tables import Comparison
+from pneumo.experiment.plan import Plan
+from pneumo.experiment.stages import StageRunner
+from pneumo.experiment.tables import Comparison
 
 _PACKAGES = (
     "pneumo", "torch", "torchvision", "segmentation-models-pytorch", "timm", "numpy",
@@ -148,7 +148,7 @@ def _reproduce_section(cfg: Any, commands: list[dict[str, str]]) -> list[str]:
     ]
     for c in commands:
         lines.append(f"# {c['started']}")
-        lines.append(c["command"] or "(called from Python: experiment.run.run_experiment)")
+        lines.append(c["command"] or "(called from Python: pneumo.experiment.run.run_experiment)")
     lines += ["```", "", "Versions:", ""]
     lines += [f"- {k}: {v}" for k, v in versions().items()]
     lines += ["", f"Recipe (`{cfg.recipe.source}`, verbatim):", "", "```toml"]

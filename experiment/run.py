@@ -4,9 +4,9 @@ The flow of :func:`run_experiment`:
 
 1. read the dataset's manifest: its fingerprint (every stage's hash depends on it) and the
    patients of the SIIM val/test rows (what the ``leaky`` arm adds to pretraining);
-2. plan the stages (``experiment.plan``) and check that every selection they use selects
+2. plan the stages (``pneumo.experiment.plan``) and check that every selection they use selects
    something, before any training starts;
-3. run them in order under ``EXP/stages/`` (``experiment.stages``): done stages are skipped,
+3. run them in order under ``EXP/stages/`` (``pneumo.experiment.stages``): done stages are skipped,
    an interrupted one resumes;
 4. from the evaluations: Table 1 with paired bootstrap intervals, the pretraining table,
    Figures 1 and 2 and the pretraining figure, and ``report.md`` tying them together.
@@ -26,14 +26,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from experiment import adapters, figures, report, tables
-from experiment.plan import Plan, build_plan
-from experiment.recipe import ARMS, Recipe
-from experiment.stages import RESUME_MODES, StageRunner
-from shards import manifest
-from shards.audit import HELD_OUT_WHERE
-from shards.errors import ConfigError
-from shards.store import Store, open_store
+from pneumo.experiment import adapters, figures, report, tables
+from pneumo.experiment.plan import Plan, build_plan
+from pneumo.experiment.recipe import ARMS, Recipe
+from pneumo.experiment.stages import RESUME_MODES, StageRunner
+from pneumo.shards import manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.selections import HELD_OUT
+from pneumo.shards.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class ExperimentConfig:
 def run_experiment(cfg: ExperimentConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or finish) the experiment; returns Table 1 and where everything was written.
 
-    ``progress`` gets the stage runner's events (see ``experiment.stages.StageRunner``).
+    ``progress`` gets the stage runner's events (see ``pneumo.experiment.stages.StageRunner``).
 
     Raises:
         ConfigError: a selection selects nothing, the splits overlap, or a stage's
@@ -119,12 +119,12 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress | None = None) -> d
 
 def make_plan(cfg: ExperimentConfig) -> Plan:
     """The stages of ``cfg``, after checking every selection they use selects rows."""
-    from training.data import select
+    from pneumo.training.data import select
 
     rows = select(cfg.dataset, None)
     if rows.num_rows == 0:
         raise ConfigError(f"{cfg.dataset} holds no images")
-    held = select(cfg.dataset, HELD_OUT_WHERE)
+    held = select(cfg.dataset, HELD_OUT)
     plan = build_plan(
         cfg.recipe,
         arms=cfg.arm_list,

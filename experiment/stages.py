@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from shards.errors import ConfigError
-from shards.store import Store, open_store
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import Store, open_store
 
 log = logging.getLogger(__name__)
 

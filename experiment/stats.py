@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 _CHUNK = 1000  # resamples drawn per block, so memory stays at _CHUNK x images
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from experiment.stats import bootstrap_interval, mean_sd, paired_differences
+from pneumo.experiment.stats import bootstrap_interval, mean_sd, paired_differences
 
 # The report's Table 1 (Dice, percent).
 REPORT_DICE = {"none": 71.6, "labels": 76.4, "pseudo": 75.8}

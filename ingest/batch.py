@@ -1,21 +1,21 @@
 """One ingest run = one batch: samples in, shards + quarantine + manifest part out.
 
 Before any file is read, the parent fixes everything a unit decides with: the split policy
-(``ingest.patients``: the dataset's, fixed by its first batch), the patients already
+(``pneumo.ingest.patients``: the dataset's, fixed by its first batch), the patients already
 committed and their splits, and the images already stored. The input files are then
-processed in units on ``--workers`` processes (``ingest.units``); the parent takes their
+processed in units on ``--workers`` processes (``pneumo.ingest.units``); the parent takes their
 results in input order, drops what an earlier unit already gave (same id, same pixel bytes),
 and joins the pieces into shards. The order of writes is what makes a batch safe to kill at
 any moment (SIGKILL included):
 
-1. shards, each stored whole (atomic put), and after every segment of about
-   ``segment_files`` files a segment record (``ingest.segments``);
+1. shards, each stored whole (atomic put), and after every chunk of about
+   ``chunk_files`` files a chunk record (``pneumo.ingest.chunks``);
 2. the quarantine part (read only once its batch is committed);
 3. the batch record, and the dataset's settings when this batch fixes the split policy;
 4. the manifest part, last, in one atomic put: this is the commit.
 
 Nothing reads a shard that no committed manifest names, so a killed run leaves nothing
-visible. Running the same command again finds the batch uncommitted, keeps the segments
+visible. Running the same command again finds the batch uncommitted, keeps the chunks
 already finished, deletes the other leftovers and does the rest: same input, same bytes,
 every image exactly once.
 """
@@ -32,16 +32,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest import segments
-from ingest.patients import (
+from pneumo.ingest import chunks
+from pneumo.ingest.chunks import ChunkRecord
+from pneumo.ingest.patients import (
     BatchPolicy,
     PatientSecret,
     check_fractions,
     committed_splits,
 )
-from ingest.segments import SegmentRecord
-from ingest.sources import run_ordered
-from ingest.units import (
+from pneumo.ingest.sources import run_ordered
+from pneumo.ingest.units import (
     UNIT_FILES,
     Rejected,
     Sample,
@@ -53,10 +53,10 @@ from ingest.units import (
     run_unit,
     without,
 )
-from shards import layout, manifest
-from shards.errors import ConfigError
-from shards.store import Store
-from shards.tario import Piece, ShardUploader, ShardWriter
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import Store
+from pneumo.shards.tario import Piece, ShardUploader, ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,18 @@ class BatchConfig:
     shard_max_samples: int = 1000
     shard_max_bytes: int = 512 * 1024 * 1024
     split_fractions: tuple[float, float, float] | None = None  # None: the dataset's, or default
-    # None: $PNEUMO_PATIENT_KEY, or the user's own secret file (ingest.patients.resolve_secret)
+    # None: $PNEUMO_PATIENT_KEY, or the user's own secret file (patients.resolve_secret)
     patient_secret: PatientSecret | None = field(default=None, repr=False)
     relabel: bool = False  # store images whose labels changed as a new labels version
-    segment_files: int = 8192  # a killed batch redoes at most this many files
+    chunk_files: int = 8192  # a killed batch redoes at most this many files
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         if self.shard_max_samples < 1:
             raise ConfigError("--shard-size must be at least 1")
-        if self.segment_files < 1:
-            raise ConfigError("segment_files must be at least 1")
+        if self.chunk_files < 1:
+            raise ConfigError("chunk_files must be at least 1")
         if self.batch is not None:
             layout.check_name("batch", self.batch)
         if self.split_fractions is not None:
@@ -161,28 +161,28 @@ class BatchRun:
         format_ctx: Any,
         progress: Progress | None = None,
     ) -> set[str]:
-        """Run every unit of ``files`` through ``process(format_ctx, file)``, segment by
-        segment; returns the image ids that came (stored or not)."""
+        """Run every unit of ``files`` through ``process(format_ctx, file)``, chunk by
+        chunk; returns the image ids that came (stored or not)."""
         # Units never span two shards' worth of files: with a small --shard-size, small units.
         size = min(UNIT_FILES, self.cfg.shard_max_samples)
         units = [
             (i, files[start : start + size]) for i, start in enumerate(range(0, len(files), size))
         ]
-        per_segment = max(1, self.cfg.segment_files // size)
-        run_id = self._run_id(size, per_segment)
+        per_chunk = max(1, self.cfg.chunk_files // size)
+        run_id = self._run_id(size, per_chunk)
         scratch_root = self.store.scratch_dir()
-        done = segments.resume(self.store, self.dataset, self.batch, run_id, scratch_root)
+        done = chunks.resume(self.store, self.dataset, self.batch, run_id, scratch_root)
         assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch)
         for record in done:
             self._take_rows(record.rows)
-            self._add_segment(record)
+            self._add_chunk(record)
             assembler.next_index.update(record.next_index)
-        todo = units[len(done) * per_segment :]
-        self.summary.resumed_files = min(len(files), len(done) * per_segment * size)
+        todo = units[len(done) * per_chunk :]
+        self.summary.resumed_files = min(len(files), len(done) * per_chunk * size)
         scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=scratch_root)
         assembler.scratch = scratch
         ctx = self._unit_context(scratch, process, format_ctx, self.summary.resumed_files)
-        record = SegmentRecord(run_id=run_id, index=len(done))
+        record = ChunkRecord(run_id=run_id, index=len(done))
         try:
             with _ProgressPoller(ctx.counter, len(files), progress):
                 for result in run_ordered(
@@ -193,19 +193,19 @@ class BatchRun:
                     initargs=(ctx,),
                 ):
                     self._merge(result, assembler, record, scratch)
-                    if (result.index + 1) % per_segment == 0 or result.index + 1 == len(units):
+                    if (result.index + 1) % per_chunk == 0 or result.index + 1 == len(units):
                         record.shards = assembler.flush()
                         record.next_index = dict(assembler.next_index)
-                        segments.save(self.store, self.dataset, self.batch, record)
-                        self._add_segment(record)
-                        record = SegmentRecord(run_id=run_id, index=record.index + 1)
+                        chunks.save(self.store, self.dataset, self.batch, record)
+                        self._add_chunk(record)
+                        record = ChunkRecord(run_id=run_id, index=record.index + 1)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return self.came
 
-    def _run_id(self, unit_size: int, per_segment: int) -> str:
+    def _run_id(self, unit_size: int, per_chunk: int) -> str:
         cfg = self.cfg
-        text = f"{self.identity}:{unit_size}:{per_segment}"
+        text = f"{self.identity}:{unit_size}:{per_chunk}"
         text += f":{cfg.shard_max_samples}:{cfg.shard_max_bytes}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -226,7 +226,7 @@ class BatchRun:
         )
 
     def _merge(
-        self, unit: UnitResult, assembler: _Assembler, record: SegmentRecord, scratch: str
+        self, unit: UnitResult, assembler: _Assembler, record: ChunkRecord, scratch: str
     ) -> None:
         """Add a unit's pieces and rows, without what an earlier unit of this batch already
         gave (same id, or same pixel bytes): every image is stored and referenced once."""
@@ -274,7 +274,7 @@ class BatchRun:
             self.batch_content.add(row["content_sha256"])
             self.keys[row["key"]] = row["image_id"]
 
-    def _add_segment(self, record: SegmentRecord) -> None:
+    def _add_chunk(self, record: ChunkRecord) -> None:
         s = self.summary
         self.rows.extend(record.rows)
         self.rejected.extend(record.rejected)
@@ -316,7 +316,7 @@ class BatchRun:
             manifest.write_settings(self.store, settings)
         table = manifest.to_table(self.rows, "samples")
         manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), table)
-        segments.discard(self.store, self.dataset, self.batch)
+        chunks.discard(self.store, self.dataset, self.batch)
         self.summary.committed = True
         return self.summary
 

@@ -3,7 +3,7 @@
 * **Pass-through**: a single-frame 8-bit MONOCHROME2 JPEG Baseline image (every SIIM file)
   keeps its encapsulated JPEG frame as it is: no decode, no second lossy generation. The
   frame is checked cheaply (SOI/EOI markers, SOF header against Rows/Columns), not decoded.
-  Such files are read by ``ingest.dicom_lean`` (element headers walked, no pydicom Dataset:
+  Such files are read by ``pneumo.ingest.dicom_lean`` (element headers walked, no pydicom Dataset:
   about 20x faster); any file it declines goes through pydicom, as do all errors.
 * **Decode**: anything else (JPEG 2000, uncompressed, MONOCHROME1, colour, multi-frame) is
   decoded by pydicom (Pillow plugin) and stored as a lossless PNG of the source values,
@@ -37,9 +37,9 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID, JPEGBaseline8Bit
 
-from ingest.dicom_lean import read_lean
-from ingest.jpeg import frame_problem, strip_padding
-from shards.errors import PneumoError
+from pneumo.ingest.dicom_lean import read_lean
+from pneumo.ingest.jpeg import frame_problem, strip_padding
+from pneumo.shards.errors import PneumoError
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ def _checked_frame(frame: bytes, header: _Header) -> bytes:
 
 
 def _read_lean(data: bytes) -> tuple[_Header, bytes, dict[str, Any]] | None:
-    """The pass-through case read without pydicom (see ``ingest.dicom_lean``), or None."""
+    """The pass-through case read without pydicom (see ``pneumo.ingest.dicom_lean``), or None."""
     lean = read_lean(data)
     if lean is None:
         return None

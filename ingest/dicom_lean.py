@@ -28,7 +28,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ingest.jpeg import frame_problem, strip_padding
+from pneumo.ingest.jpeg import frame_problem, strip_padding
 
 _PREAMBLE = 128
 _MAGIC = b"DICM"

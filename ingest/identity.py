@@ -16,12 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ingest import segments
-from ingest.batch import BatchConfig, BatchRun, BatchSummary
-from ingest.patients import DEFAULT_FRACTIONS, Patient, SplitPolicy, batch_policy, resolve_secret
-from shards import layout, manifest
-from shards.errors import ConfigError, StoreError
-from shards.store import Store
+from pneumo.ingest import chunks
+from pneumo.ingest.batch import BatchConfig, BatchRun, BatchSummary
+from pneumo.ingest.patients import (
+    DEFAULT_FRACTIONS,
+    Patient,
+    SplitPolicy,
+    batch_policy,
+    resolve_secret,
+)
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +112,7 @@ def already_committed(
             f"batch {batch!r} is already committed with other inputs; "
             "give the new files a new --batch name"
         )
-    segments.discard(store, dataset, batch)  # left if killed right after the commit
+    chunks.discard(store, dataset, batch)  # left if killed right after the commit
     log.info("batch %s is already committed: nothing to add", batch)
     return BatchSummary(
         dataset=dataset, batch=batch, skipped=n_files, committed=True, already_committed=True

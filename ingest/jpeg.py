@@ -1,12 +1,12 @@
 """Cheap checks of a stored JPEG frame (markers and start-of-frame header), no decoding.
 
-Shared by both DICOM readers (``ingest.dicom`` through pydicom, ``ingest.dicom_lean``), so
-a frame is judged the same way whichever reader found it.
+Shared by both DICOM readers (``pneumo.ingest.dicom`` through pydicom,
+``pneumo.ingest.dicom_lean``), so a frame is judged the same way whichever reader found it.
 """
 
 from __future__ import annotations
 
-from shards.members import jpeg_sof
+from pneumo.shards.members import jpeg_sof
 
 
 def frame_problem(frame: bytes, rows: int, cols: int) -> str | None:

@@ -24,8 +24,8 @@ from functools import lru_cache
 from io import StringIO
 from pathlib import Path
 
-from ingest.dicom import MAX_AGE_YEARS, BadInput, parse_age
-from ingest.rle import EMPTY
+from pneumo.ingest.dicom import MAX_AGE_YEARS, BadInput, parse_age
+from pneumo.ingest.rle import EMPTY
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class SiimLabel:
     Attributes:
         image_id: the SOPInstanceUID.
         rles: the non-empty RLE strings (one per instance), stripped, in file order. OR
-            them with :func:`ingest.rle.combine_masks`: instances may overlap.
+            them with :func:`pneumo.ingest.rle.combine_masks`: instances may overlap.
         rows: 1-based CSV line numbers of this image's rows, for error messages.
     """
 
@@ -140,7 +140,7 @@ def read_siim_labels(path: Path) -> tuple[dict[str, SiimLabel], list[LabelProble
     ``-1`` (or an empty cell) is a negative row. An image may have several rows, one per
     instance. Malformed RLE strings (non-integers, odd count, zero-length run) are caught
     here; a run past the end of the image needs the image size and is caught later by
-    :func:`ingest.rle.combine_masks`.
+    :func:`pneumo.ingest.rle.combine_masks`.
 
     Returns:
         The labels by image id (images with a bad row left out), and the problems.

@@ -3,10 +3,10 @@
 The same flow as SIIM: list the PNGs (any folder depth), read and check the label tables,
 open the batch (its split policy decided before any file is read), check each PNG on
 ``--workers`` processes (stored as it is when it is already 8/16-bit grey, else its first
-channel re-encoded); ``ingest.units`` dedupes, splits and writes the shards.
+channel re-encoded); ``pneumo.ingest.units`` dedupes, splits and writes the shards.
 
 The official lists (``train_val_list.txt``, ``test_list.txt``) put every patient with an
-image listed for test in test, SIIM images of that patient included (``ingest.patients``).
+image listed for test in test, SIIM images of that patient included (``pneumo.ingest.patients``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ingest.batch import BatchConfig, BatchSummary, Progress
-from ingest.identity import SplitLists, open_batch
-from ingest.labels import (
+from pneumo.ingest.batch import BatchConfig, BatchSummary, Progress
+from pneumo.ingest.identity import SplitLists, open_batch
+from pneumo.ingest.labels import (
     Box,
     LabelProblem,
     NihEntry,
@@ -35,12 +35,12 @@ from ingest.labels import (
     read_nih_bboxes,
     read_nih_entries,
 )
-from ingest.patients import nih_patient
-from ingest.sources import SourceFile, list_sources, read_source
-from ingest.units import Rejected, Sample
-from shards import layout
-from shards.errors import ConfigError, StoreError
-from shards.store import open_store
+from pneumo.ingest.patients import nih_patient
+from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.ingest.units import Rejected, Sample
+from pneumo.shards import layout
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
 

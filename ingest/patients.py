@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shards import manifest
-from shards.errors import ConfigError
-from shards.store import Store
+from pneumo.shards import manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from shards.errors import PneumoError
+from pneumo.shards.errors import PneumoError
 
 EMPTY = "-1"
 

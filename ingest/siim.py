@@ -2,7 +2,7 @@
 
 The flow, top to bottom: list the DICOMs, read and check the label, xref and list files,
 open the batch (its split policy decided before any file is read), then for every file
-(on ``--workers`` processes, see ``ingest.units``) read the header, keep the JPEG frame as
+(on ``--workers`` processes, see ``pneumo.ingest.units``) read the header, keep the JPEG frame as
 it is (or decode other transfer syntaxes to PNG) and build the mask from the label rows;
 label rows whose image never came are quarantined; the manifest part commits the batch.
 
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.batch import BatchConfig, BatchRun, BatchSummary, Progress
-from ingest.dicom import BadInput, DicomImage, read_dicom
-from ingest.identity import SplitLists, open_batch
-from ingest.labels import (
+from pneumo.ingest.batch import BatchConfig, BatchRun, BatchSummary, Progress
+from pneumo.ingest.dicom import BadInput, DicomImage, read_dicom
+from pneumo.ingest.identity import SplitLists, open_batch
+from pneumo.ingest.labels import (
     LabelProblem,
     SiimLabel,
     check_siim_labels,
@@ -34,13 +34,13 @@ from ingest.labels import (
     read_split_list,
     siim_labels_sha256,
 )
-from ingest.patients import BASIS_NIH_XREF, Patient, image_patient, nih_patient
-from ingest.rle import RLEError, combine_masks
-from ingest.sources import SourceFile, list_sources, read_source
-from ingest.units import Rejected, Sample
-from shards import layout
-from shards.errors import ConfigError, StoreError
-from shards.store import open_store
+from pneumo.ingest.patients import BASIS_NIH_XREF, Patient, image_patient, nih_patient
+from pneumo.ingest.rle import RLEError, combine_masks
+from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.ingest.units import Rejected, Sample
+from pneumo.shards import layout
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
 

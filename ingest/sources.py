@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shards.errors import ConfigError
-from shards.store import Store, is_s3_url, open_store
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import Store, is_s3_url, open_store
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -4,7 +4,7 @@ A batch's sorted input files are cut into units of ``UNIT_FILES`` files. A worke
 whole units: it decodes the files, dedupes them against the dataset and the unit, gives
 each sample its patient key and split, and writes one tar *piece* per split/label group on
 local disk. Only the manifest rows and the pieces' paths travel back; the parent drops
-what an earlier unit already gave (see ``ingest.batch``) and concatenates the pieces into
+what an earlier unit already gave (see ``pneumo.ingest.batch``) and concatenates the pieces into
 the final shards in unit order. So the parent does almost no work per sample, workers
 scale, and the shard bytes are the same whatever ``--workers``.
 
@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ingest.patients import Patient, PatientSecret, SplitPolicy
-from shards import layout, manifest
-from shards.tario import Piece, ShardWriter
+from pneumo.ingest.patients import Patient, PatientSecret, SplitPolicy
+from pneumo.shards import layout, manifest
+from pneumo.shards.tario import Piece, ShardWriter
 
 log = logging.getLogger(__name__)
 

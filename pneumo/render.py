@@ -14,7 +14,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import typer
 from tqdm import tqdm
 
-from shards.errors import PneumoError
+from pneumo.shards.errors import PneumoError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -26,12 +26,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards import manifest
-from shards.errors import ManifestError
-from shards.store import Store
+from pneumo.shards import manifest
+from pneumo.shards.errors import ManifestError
+from pneumo.shards.store import Store
 
-# The rows a pretraining or training selection must never share a patient with.
-HELD_OUT_WHERE = "dataset == 'siim' and split in ['val', 'test']"
 # A patient basis ending in this is image-level: the image is its own patient.
 IMAGE_LEVEL_SUFFIX = "-image"
 AUDIT_COLUMNS = ["dataset", "split", "patient_key", "patient_basis"]

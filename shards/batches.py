@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from shards import layout, manifest
-from shards.errors import ConfigError, StoreError
-from shards.store import Store
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
       manifest/dataset=<dataset>/batch=<batch>/part-0.parquet     one row per sample
       quarantine/dataset=<dataset>/batch=<batch>/part-0.parquet   one row per rejected input
       batches/<dataset>-<batch>.json                      what a committed batch was made from
-      batches/<dataset>-<batch>/segment-000000.json.gz    progress of a batch being written
+      batches/<dataset>-<batch>/chunk-000000.json.gz    progress of a batch being written
       batches/<dataset>-<batch>.dropping                  a drop under way
 
 Shards are grouped by split and label (``pos``, ``neg``, ``unl`` for unlabelled) so a
@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 SCHEMA_VERSION = 2  # 2: the manifest has each sample's byte offset and size in its shard
 SETTINGS_FILE = "_pneumo.json"
@@ -104,12 +104,12 @@ def batch_record(dataset: str, batch: str) -> str:
 
 
 def batch_progress_prefix(dataset: str, batch: str) -> str:
-    """Where a batch being written records its finished segments (gone once committed)."""
+    """Where a batch being written records its finished chunks (gone once committed)."""
     return f"{BATCHES_DIR}/{dataset}-{batch}/"
 
 
-def segment_record(dataset: str, batch: str, index: int) -> str:
-    return f"{batch_progress_prefix(dataset, batch)}segment-{index:06d}.json.gz"
+def chunk_record(dataset: str, batch: str, index: int) -> str:
+    return f"{batch_progress_prefix(dataset, batch)}chunk-{index:06d}.json.gz"
 
 
 def drop_marker(dataset: str, batch: str) -> str:

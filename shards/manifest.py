@@ -27,11 +27,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from shards import layout
-from shards.errors import ManifestError
-from shards.query import parse_where
-from shards.s3 import S3Store
-from shards.store import LocalStore, Store
+from pneumo.shards import layout
+from pneumo.shards.errors import ManifestError
+from pneumo.shards.query import parse_where
+from pneumo.shards.s3 import S3Store
+from pneumo.shards.store import LocalStore, Store
 
 SAMPLES_SCHEMA = pa.schema(
     [

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from shards.errors import ManifestError
+from pneumo.shards.errors import ManifestError
 
 _COMPARE = {
     ast.Eq: lambda a, b: a == b,

@@ -1,4 +1,4 @@
-"""S3 (or MinIO, or any S3-compatible server) behind the store interface of ``shards.store``.
+"""S3 (or MinIO, or any S3-compatible server) behind the store interface of ``pneumo.shards.store``.
 
 Configured only the standard way, through the ``AWS_*`` variables and files that boto3
 reads. Reads survive dropped connections (a ranged GET from the last byte received) and
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from shards.errors import StoreError
-from shards.store import clean_path
+from pneumo.shards.errors import StoreError
+from pneumo.shards.store import clean_path
 
 log = logging.getLogger(__name__)
 

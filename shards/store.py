@@ -1,7 +1,7 @@
 """Object storage behind one small interface: a local folder or an ``s3://bucket/prefix``.
 
 A local folder (here) is the embedded default that needs nothing running. S3 (and MinIO,
-or any S3-compatible server; ``shards.s3``) is configured only the standard way, through
+or any S3-compatible server; ``pneumo.shards.s3``) is configured only the standard way, through
 the ``AWS_*`` variables and files that boto3 reads (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ...), so pointing pneumo at MinIO is one environment variable.
 
@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from shards.errors import StoreError
+from pneumo.shards.errors import StoreError
 
 
 class Store(Protocol):
@@ -58,7 +58,7 @@ def open_store(url: str | os.PathLike[str], *, create: bool = True) -> Store:
     """
     url = str(url)
     if is_s3_url(url):
-        from shards.s3 import S3Store  # boto3 and its settings only where S3 is used
+        from pneumo.shards.s3 import S3Store  # boto3 and its settings only where S3 is used
 
         return S3Store.from_url(url)
     return LocalStore(Path(url), create=create)

@@ -1,12 +1,14 @@
 """The streaming reader: which samples each (rank, worker) reads, in which order, in which batch.
 
 This replaces webdataset's pipeline with a few plain generators and fixes its traps for
-distributed training (see DOMAIN.md): tar shards are read from any store stream (no
-``pipe:`` URL), every rank gets the same number of batches, and a run resumes mid-epoch.
+distributed training (webdataset has no ``s3://`` opener, no length, no mid-epoch resume,
+and DDP hangs when ranks get unequal batch counts): tar shards are read from any store
+stream (no ``pipe:`` URL), every rank gets the same number of batches, and a run resumes
+mid-epoch.
 
 Slots. A rank runs ``workers`` loader workers; ``(rank, worker)`` is one of
 ``world_size * workers`` *slots*. Every slot reads contiguous runs of the selected samples
-(:mod:`shards.plan`): whole shards, streamed, and pieces of shards, each a ranged read of
+(:mod:`pneumo.shards.slots`): whole shards, streamed, and pieces of shards, each a ranged read of
 the samples' byte spans (manifest schema 2). Datasets written before schema 2 have no
 spans: a slot then streams such a shard and skips the members of other keys.
 
@@ -18,10 +20,10 @@ j)``; with a ``pos_rate`` the number of positives in a worker's batches is the r
 of ``batch_size * rate`` rounded, so each batch is within one of the rate and every
 worker's count per epoch is known in advance. Each class (or the whole selection) is one
 endless sequence of passes over its samples; every draw takes the next position, and each
-(epoch, slot) takes the segment of positions it will draw, known in closed form. A sample
+(epoch, slot) takes the window of positions it will draw, known in closed form. A sample
 is therefore drawn once per pass, every sample of a class at the same rate, whatever the
 shard sizes, ranks and workers: a 12-sample tail shard is drawn like the others. A slot
-reads exactly its segment, shuffled in a small seeded buffer. Resuming at step ``s``
+reads exactly its window, shuffled in a small seeded buffer. Resuming at step ``s``
 replays the sub-streams for the batches before ``s`` on raw bytes (nothing is decoded), so
 the resumed stream continues exactly where an uninterrupted one would, given the same
 ``world_size``, ``workers``, ``steps_per_epoch`` and ``total_steps``.
@@ -48,10 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from shards import plan, tario
-from shards.errors import ConfigError, ManifestError, StoreError
-from shards.plan import Entry, by_shard, place
-from shards.store import Store
+from pneumo.shards import slots, tario
+from pneumo.shards.errors import ConfigError, ManifestError, StoreError
+from pneumo.shards.slots import Entry, by_shard, place
+from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ Sample = dict[str, Any]  # {"__key__", "__shard__", "__entry__", "jpg"|"png", "m
 DEFAULT_SHUFFLE_BUFFER = 64
 
 # The purpose of each seeded generator, so no two purposes share a stream of numbers
-# (1 is shards.plan's passes).
+# (1 is pneumo.shards.slots's passes).
 _BUFFER, _BATCH = 2, 3
 ALL, POS, NEG = "all", "pos", "neg"
 
@@ -131,7 +133,7 @@ def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> 
         yield buffer.pop()
 
 
-def segment(
+def read_window(
     store: Store, pool: Sequence[Entry], seeds: Sequence[int], start: int, count: int
 ) -> Iterator[Sample]:
     """The ``count`` samples at positions ``start, start + 1, ...`` of ``pool``'s passes.
@@ -144,8 +146,8 @@ def segment(
     if count <= 0:
         return
     runs = itertools.chain(
-        plan.positions(pool, seeds, start, start + count),
-        plan.positions(pool, seeds, start + count),
+        slots.positions(pool, seeds, start, start + count),
+        slots.positions(pool, seeds, start + count),
     )
     got = empty = 0
     for run in runs:
@@ -310,11 +312,11 @@ def draws(spec: TrainSpec, pool: str, epoch: int, worker: int, classes: Sequence
     return positives if pool == POS else n - positives
 
 
-def slot_segment(
+def slot_window(
     spec: TrainSpec, pool: str, slot: int, classes: Sequence[str] = ()
 ) -> tuple[int, int]:
     """``(start, count)``: the positions of ``pool``'s passes that ``slot`` draws in
-    ``spec.epoch``. Epochs take consecutive segments, and within one the slots in order."""
+    ``spec.epoch``. Epochs take consecutive windows, and within one the slots in order."""
     start = 0
     for epoch in range(spec.epoch + 1):
         per_worker = [draws(spec, pool, epoch, w, classes) for w in range(spec.workers)]
@@ -339,8 +341,8 @@ def train_stream(
     streams: dict[str, Iterator[Sample]] = {}
     classes = sorted(pools)
     for tag, name in enumerate(classes, start=1):
-        start, count = slot_segment(spec, name, slot, classes)
-        samples = segment(store, pools[name], (spec.seed, tag), start, count)
+        start, count = slot_window(spec, name, slot, classes)
+        samples = read_window(store, pools[name], (spec.seed, tag), start, count)
         rng = np.random.default_rng([spec.seed, spec.epoch, slot, tag, _BUFFER])
         streams[name] = shuffled(samples, min(spec.shuffle_buffer, count), rng)
     for step in range(worker, spec.steps_per_epoch, spec.workers):
@@ -400,7 +402,7 @@ def eval_stream(
     if not 0 <= worker < spec.workers:
         raise ConfigError(f"worker {worker} is not within {spec.workers} workers")
     slot = spec.rank * spec.workers + worker
-    share = plan.assign_slots(entries, spec.world_size * spec.workers)[slot]
+    share = slots.assign_slots(entries, spec.world_size * spec.workers)[slot]
     batch: list[Sample] = []
     for shard, run in by_shard(share).items():
         for sample in read_shard(store, shard, {e.key: e for e in run}):

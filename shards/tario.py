@@ -12,7 +12,7 @@ the next shard's images. The writer records where each sample lies in its shard 
 ``span``: the byte offset of its first header and the size of all its members, padding
 included), which the manifest keeps so a reader can fetch one sample, or a run of adjacent
 ones, with a ranged read (:func:`read_samples`). Which samples to read is
-``shards.stream``'s.
+``pneumo.shards.stream``'s.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from shards.store import Store, create_temp
+from pneumo.shards.store import Store, create_temp
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class ShardUploader:
 
 
 class Spanned(Protocol):
-    """Where a sample lies in its shard (``shards.stream.Entry`` is one); None: unknown."""
+    """Where a sample lies in its shard (``pneumo.shards.stream.Entry`` is one); None: unknown."""
 
     offset: int | None
     size: int | None

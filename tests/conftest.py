@@ -25,6 +25,10 @@ from typing import Any
 import pytest
 import sample_data
 
+# The small datasets of real chest X-rays (session fixtures), read by the training,
+# pseudo-label and benchmark tests alike.
+pytest_plugins = ["stream_datasets"]
+
 _S3_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 
@@ -185,9 +189,9 @@ def _write_shards(
     """A dataset written directly (no ingest): ``rows`` (manifest values; ``shard`` and
     ``batch`` are filled in; their ``dataset`` must be ``dataset``) in shards grouped by
     split and label of ``per_shard`` samples, or all in one shard."""
-    from shards import layout, manifest
-    from shards.store import open_store
-    from shards.tario import ShardWriter
+    from pneumo.shards import layout, manifest
+    from pneumo.shards.store import open_store
+    from pneumo.shards.tario import ShardWriter
 
     store = open_store(str(root))
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

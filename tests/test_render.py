@@ -8,7 +8,7 @@ import pytest
 import typer
 
 from pneumo.render import fail_on_errors
-from shards.errors import PneumoError
+from pneumo.shards.errors import PneumoError
 
 
 def train_segment_cmd(error: Exception) -> None:

@@ -1,4 +1,4 @@
 """shards -> checkpoints: the data stream, models, losses, the training loop and its tasks.
 
-``training`` imports ``shards`` and nothing else of pneumo's.
+``training`` imports ``shards`` and ``metrics`` and nothing else of pneumo.
 """

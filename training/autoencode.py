@@ -1,12 +1,12 @@
 """``pneumo train autoencode``: a convolutional autoencoder or β-VAE, a task of the shared loop.
 
-This file owns what is particular to autoencoding; :mod:`training.loop` owns the rest
+This file owns what is particular to autoencoding; :mod:`pneumo.training.loop` owns the rest
 (processes, pinned rows, resume, checkpoints, ``metrics.jsonl``, curves, GPU settings).
 Read top to bottom:
 
 1. the config: the train split of every dataset, *unlabelled rows included* (nothing here
    reads a label), validated on the val split; 256 px, batch 32, Adam at 1e-4;
-2. the model (:mod:`training.autoencoders`): ``ae`` or ``vae`` with ``latent_dim`` codes;
+2. the model (:mod:`pneumo.training.autoencoders`): ``ae`` or ``vae`` with ``latent_dim`` codes;
 3. the step: binary cross-entropy on the logits against the image in [0, 1], summed over
    pixels; for the VAE plus β x w(step) x KL summed over latent dimensions, both averaged
    over the batch, w annealed from 0 to 1 over ``kl_anneal_steps`` (default: a quarter of
@@ -30,20 +30,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from shards.errors import ConfigError
-from training import checkpoint as ckpts
-from training import loop
-from training.autoencoders import (
+from pneumo.shards import selections
+from pneumo.shards.errors import ConfigError
+from pneumo.training import checkpoint as ckpts
+from pneumo.training import loop
+from pneumo.training.autoencoders import (
     Autoencoder,
     autoencoder_loss,
     check_model_args,
     kl_weight,
     model_args,
 )
-from training.data import eval_batches
-from training.loop import Job, Progress
-from training.runs import LR_PANEL, Panel, as_float, images_to
-from training.task import RunConfig, Task
+from pneumo.training.data import eval_batches
+from pneumo.training.loop import Job, Progress
+from pneumo.training.runs import LR_PANEL, Panel, as_float, images_to
+from pneumo.training.task import RunConfig, Task
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ ACTIVE_KL = 0.01  # nats: a latent dimension with less KL carries (almost) nothi
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencodeConfig(RunConfig):
-    """An autoencoder run; the shared settings are :class:`training.loop.RunConfig`'s.
+    """An autoencoder run; the shared settings are :class:`pneumo.training.loop.RunConfig`'s.
 
     Attributes:
         kind: ``ae`` (plain autoencoder, BCE) or ``vae`` (β-VAE, ELBO).
@@ -66,8 +67,8 @@ class AutoencodeConfig(RunConfig):
     """
 
     kind: str
-    where: str = "split == 'train'"
-    val_where: str = "split == 'val'"
+    where: str = selections.TRAIN
+    val_where: str = selections.VAL
     size: int = 256
     batch_size: int = 32
     latent_dim: int = 128
@@ -215,7 +216,7 @@ def reconstructions_png(images: np.ndarray, recon: np.ndarray, keys: list[str]) 
 
 
 def train_autoencode(cfg: AutoencodeConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Train (or resume) an autoencoder run (see the module doc and :func:`training.loop.run`).
+    """Train (or resume) an autoencoder run (see the module doc and :func:`.loop.run`).
 
     Returns:
         The loop's summary (``val_loss``, ``val_psnr``, ...) and ``reconstructions``.

@@ -4,7 +4,7 @@ The encoder halves the image five times (stride-2 convolutions, so ``size`` is a
 32) and maps the last feature map to a ``latent_dim`` vector: the code of the plain
 autoencoder, ``mu`` and ``logvar`` heads for the VAE. The decoder mirrors it and returns
 *logits*: the losses apply the sigmoid themselves (``binary_cross_entropy_with_logits``,
-safe under bf16 autocast, unlike ``BCELoss``; see DOMAIN.md).
+safe under bf16 autocast; ``BCELoss`` raises under autocast).
 
 Losses, per image (summed over pixels or latent dimensions) and averaged over the batch::
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 KINDS = ("ae", "vae")
 CHANNELS = (32, 64, 128, 256, 256)  # feature maps after each halving

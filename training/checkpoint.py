@@ -6,7 +6,7 @@ training or trace what it was trained on is inside::
     format                "pneumo.checkpoint/1"
     task                  "segment" | "classify" | ...
     model_args            the architecture, e.g. {"arch": "unet", "encoder": "resnet34",
-                          "in_channels": 1}; training.model.build_model(model_args) rebuilds it
+                          "in_channels": 1}; pneumo.training.model.build_model rebuilds it
     model                 the model's state dict (never DDP-wrapped: no "module." prefix)
     init                  the init chain: where the weights started, newest first, e.g.
                           [{"source": ".../checkpoints/best.pt", "sha256": ..., "task":
@@ -15,10 +15,10 @@ training or trace what it was trained on is inside::
     epoch                 the epoch the next step belongs to (= step // steps_per_epoch)
     steps_per_epoch, total_steps, world_size
     config                the full training config, as a JSON-able dict
-    fingerprints          {"train", "val"[, "labels"]}: shards.manifest.fingerprint of the
+    fingerprints          {"train", "val"[, "labels"]}: pneumo.shards.manifest.fingerprint of the
                           pinned rows (and of a label table)
     train_rows, val_rows  how many rows each pinned selection has
-    leakage               the held-out patient check at the run's start (training.loop)
+    leakage               the held-out patient check at the run's start (pneumo.training.loop)
     best_metric           the metrics.jsonl field that picks best.pt, and best_score its value
     val                   the validation metrics of the epoch that wrote it ({} mid-epoch)
     versions              {"torch", "smp"}
@@ -43,9 +43,9 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
-from shards.errors import PneumoError
-from shards.store import open_store, read_url
-from training.model import build_model
+from pneumo.shards.errors import PneumoError
+from pneumo.shards.store import open_store, read_url
+from pneumo.training.model import build_model
 
 log = logging.getLogger(__name__)
 

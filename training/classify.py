@@ -2,7 +2,7 @@
 
 The report's supervised pretraining arm: classify pneumothorax on NIH ChestX-ray14, then
 use the trunk as the U-Net encoder (``pneumo train segment --encoder-init CLASSIFY_RUN``).
-This file owns what is particular to classification; :mod:`training.loop` owns the rest.
+This file owns what is particular to classification; :mod:`pneumo.training.loop` owns the rest.
 Read top to bottom:
 
 1. the config: NIH train rows validated on NIH val rows; the labels, ``has_ptx`` or a
@@ -20,7 +20,7 @@ Read top to bottom:
    loss of all ranks' images together, so every rank steps alike;
 6. the step: cross-entropy on the logits;
 7. validation: loss, accuracy, balanced accuracy, AUROC (macro one-vs-rest for N classes)
-   and the majority-class rate beside them (:mod:`training.class_metrics`); ``best.pt``
+   and the majority-class rate beside them (:mod:`pneumo.metrics.classification`); ``best.pt``
    is the best ``val_auroc``.
 """
 
@@ -41,16 +41,16 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from shards import stream
-from shards.errors import ConfigError, StoreError
-from shards.store import is_s3_url, open_store, read_url
-from training import loop
-from training.class_metrics import classification_summary
-from training.data import LoaderConfig
-from training.loop import Job, Progress
-from training.model import CLASSIFIER_ARCHS, build_classifier, classifier_args
-from training.runs import LR_PANEL, Panel, images_to
-from training.task import RunConfig, Task, absolute
+from pneumo.metrics.classification import classification_summary
+from pneumo.shards import selections, stream
+from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.store import is_s3_url, open_store, read_url
+from pneumo.training import loop
+from pneumo.training.data import LoaderConfig
+from pneumo.training.loop import Job, Progress
+from pneumo.training.model import CLASSIFIER_ARCHS, build_classifier, classifier_args
+from pneumo.training.runs import LR_PANEL, Panel, images_to
+from pneumo.training.task import RunConfig, Task, absolute
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ OPTIMIZERS = ("sgd", "adam")
 
 @dataclass(frozen=True, kw_only=True)
 class ClassifyConfig(RunConfig):
-    """Everything a classification run depends on (with :class:`training.task.RunConfig`).
+    """Everything a classification run depends on (with :class:`pneumo.training.task.RunConfig`).
 
     Attributes:
         labels: ``"has_ptx"`` (pneumothorax yes/no), or a Parquet label table (file, folder
@@ -74,8 +74,8 @@ class ClassifyConfig(RunConfig):
             B over the run), or ``none``.
     """
 
-    where: str = "dataset == 'nih' and split == 'train'"
-    val_where: str = "dataset == 'nih' and split == 'val'"
+    where: str = selections.NIH_TRAIN
+    val_where: str = selections.NIH_VAL
     batch_size: int = 32
     labels: str = HAS_PTX
     arch: str = "resnet34"
@@ -132,7 +132,7 @@ class ClassifyConfig(RunConfig):
 def train_classify(cfg: ClassifyConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train (or resume) a classification run; under torchrun every rank calls this.
 
-    Returns the loop's summary (see :func:`training.loop.run`) with ``val_auroc``,
+    Returns the loop's summary (see :func:`pneumo.training.loop.run`) with ``val_auroc``,
     ``val_accuracy``, ``val_balanced_accuracy``, ``val_majority_rate``, ``best_val_auroc``.
     """
     return loop.run(ClassifyTask(cfg), progress)

@@ -1,12 +1,13 @@
 """Batches for segmentation training and evaluation, streamed from a dataset's tar shards.
 
-The plan (which sample goes into which batch, for every rank and worker) is
-:mod:`shards.stream`'s; this module decodes, resizes, augments and collates, in DataLoader
-workers. Each worker yields whole batches: batch ``j`` of an epoch comes from worker
-``j % workers``, so a rank gets exactly ``steps_per_epoch`` batches whatever its share of
-the shards, and a run resumed at ``(epoch, step)`` continues with the very batches (same
-keys, same augmentation) an uninterrupted run would have seen, given the same ``workers``
-and world size. ``workers=0`` reads in-process and gives the same batches as ``workers=1``.
+Which sample goes into which batch, for every rank and worker, is decided by
+:mod:`pneumo.shards.stream`; this module decodes, resizes, augments and collates, in
+DataLoader workers. Each worker yields whole batches: batch ``j`` of an epoch comes from
+worker ``j % workers``, so a rank gets exactly ``steps_per_epoch`` batches whatever its
+share of the shards, and a run resumed at ``(epoch, step)`` continues with the very batches
+(same keys, same augmentation) an uninterrupted run would have seen, given the same
+``workers`` and world size. ``workers=0`` reads in-process and gives the same batches as
+``workers=1``.
 
 A batch is a dict::
 
@@ -22,18 +23,19 @@ A batch is a dict::
 Decoding: a JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT
 (``cv2.IMREAD_REDUCED_GRAYSCALE_*``: the smallest scale still at least ``size``), a PNG
 through ``cv2.imdecode``; ingest's 1-bit mask PNGs are inflated and unpacked with numpy
-(``shards.members``). Then one step resizes to ``size`` and augments (``training.augment``:
-a horizontal flip and a mild affine, the distribution of the albumentations pipeline the
-loader used to run, as one ``cv2.warpAffine``); unaugmented (evaluation) it is an area
-resize. Images are squashed to a square (SIIM and NIH are square already). 16-bit PNGs are
-windowed to [0, 1] by their own 0.5th and 99.5th percentiles, since a 16-bit PNG rarely
-uses its full range and says nothing of its real bit depth. Masks are binarised (any
-non-zero value), resized or warped with the image and thresholded at one half. Each sample
-is written straight into the batch tensors: no per-sample float copies, no stacking.
+(``pneumo.shards.members``). Then one step resizes to ``size`` and augments
+(``pneumo.training.augment``: a horizontal flip and a mild affine, the distribution of the
+albumentations pipeline the loader used to run, as one ``cv2.warpAffine``); unaugmented
+(evaluation) it is an area resize. Images are squashed to a square (SIIM and NIH are square
+already). 16-bit PNGs are windowed to [0, 1] by their own 0.5th and 99.5th percentiles,
+since a 16-bit PNG rarely uses its full range and says nothing of its real bit depth. Masks
+are binarised (any non-zero value), resized or warped with the image and thresholded at one
+half. Each sample is written straight into the batch tensors: no per-sample float copies, no
+stacking.
 
 8-bit images and masks travel as uint8, a quarter of float32's bytes through the workers'
 shared memory (whose fresh pages cost more than the copy: ~0.9 ms a 512 px sample in
-float32, ~0.3 ms in uint8) and to the GPU. ``training.runs.images_to`` makes the floats
+float32, ~0.3 ms in uint8) and to the GPU. ``pneumo.training.runs.images_to`` makes the floats
 on the device: ``uint8 / 255``, the same float32 division the CPU would do.
 """
 
@@ -52,16 +54,14 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards import manifest, stream
-from shards.errors import ConfigError, PneumoError
-from shards.members import jpeg_sof, read_bilevel_png
-from shards.store import open_store
-from training import augment
+from pneumo.shards import manifest, selections, stream
+from pneumo.shards.errors import ConfigError, PneumoError
+from pneumo.shards.members import jpeg_sof, read_bilevel_png
+from pneumo.shards.store import open_store
+from pneumo.training import augment
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRAIN_WHERE = "split == 'train' and has_ptx is not None"
-DEFAULT_EVAL_WHERE = "split == 'val' and has_ptx is not None"
 PREFETCH_BATCHES = 2  # per worker
 _REDUCED = {
     1: cv2.IMREAD_GRAYSCALE,
@@ -79,9 +79,10 @@ class SampleError(PneumoError):
 class LoaderConfig:
     """How to stream batches from a dataset.
 
-    ``where`` filters the manifest (default: labelled training samples for training,
-    labelled validation samples for evaluation). ``pos_rate=(a, b)`` draws positives with a
-    probability sliding from ``a`` to ``b`` over training; ``None`` keeps the natural mix.
+    ``where`` filters the manifest (default: the labelled SIIM training samples for
+    training, the labelled SIIM validation samples for evaluation). ``pos_rate=(a, b)``
+    draws positives with a probability sliding from ``a`` to ``b`` over training; ``None``
+    keeps the natural mix.
     """
 
     dataset: str  # local folder or s3://bucket/prefix
@@ -184,7 +185,7 @@ def decode_mask(data: bytes | None, size: int) -> np.ndarray:
 
 def _read_mask(data: bytes) -> np.ndarray:
     """A mask member at its stored size as uint8 0/255 (any non-zero value is foreground);
-    ingest's 1-bit PNGs without cv2 (see ``shards.members``)."""
+    ingest's 1-bit PNGs without cv2 (see ``pneumo.shards.members``)."""
     mask = read_bilevel_png(data)
     if mask is not None:
         return mask
@@ -351,10 +352,10 @@ def train_batches(
     """This rank's training batches for ``epoch``, from ``start_step`` to ``steps_per_epoch``.
 
     Every rank gets exactly ``steps_per_epoch - start_step`` batches of ``batch_size``.
-    Unlabelled samples are never trained on. The manifest is read and the plan checked
-    now; loader workers start on the first ``next()``.
+    Unlabelled samples are never trained on. The manifest is read and the stream's settings
+    checked now; loader workers start on the first ``next()``.
 
-    ``pools`` (class name -> entries, see :func:`shards.stream.class_pools`) replaces the
+    ``pools`` (class name -> entries, see :func:`pneumo.shards.stream.class_pools`) replaces the
     selection by ``cfg.where``: a training run pins its rows once at its start, and its
     task groups them into the classes the stream draws from.
 
@@ -363,7 +364,7 @@ def train_batches(
         ManifestError: a malformed ``where``.
     """
     if pools is None:
-        table = select(cfg.dataset, cfg.where or DEFAULT_TRAIN_WHERE)
+        table = select(cfg.dataset, cfg.where or selections.SIIM_TRAIN)
         entries = stream.entries_from_table(table)
         labelled = [e for e in entries if e.has_ptx is not None]
         if len(labelled) < len(entries):
@@ -400,7 +401,7 @@ def eval_batches(
     ``entries`` (a run's pinned validation rows) replaces the selection by ``cfg.where``.
     """
     if entries is None:
-        entries = stream.entries_from_table(select(cfg.dataset, cfg.where or DEFAULT_EVAL_WHERE))
+        entries = stream.entries_from_table(select(cfg.dataset, cfg.where or selections.SIIM_VAL))
     spec = stream.EvalSpec(
         rank=rank, world_size=world_size, workers=cfg.stream_workers, batch_size=cfg.batch_size
     )

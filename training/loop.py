@@ -1,9 +1,9 @@
 """The one training loop every task shares (nanoGPT's loop, with tasks plugged in).
 
 A task file (``training/segment.py``, ``training/classify.py``, ...) holds a config (a
-:class:`training.task.RunConfig` subclass) and a :class:`training.task.Task` that owns only
-its model, its step, its validation metrics and its optimizer; :func:`run` owns everything
-else, the same way for every task:
+:class:`pneumo.training.task.RunConfig` subclass) and a :class:`pneumo.training.task.Task`
+that owns only its model, its step, its validation metrics and its optimizer; :func:`run`
+owns everything else, the same way for every task:
 
 1. the process group and device (torchrun: NCCL on GPU, gloo on CPU); only rank 0 writes;
 2. resume (``cfg.resume``): ``auto`` continues from ``RUN/checkpoints/last.pt`` when there
@@ -11,12 +11,12 @@ else, the same way for every task:
    ``always`` needs one. A resume refuses, in one line, every setting that shapes the stream
    or the model and differs from the run's (dataset, where, size, batch size, workers,
    seed, sampling, model, encoder init, world size...): only :data:`FREE_ON_RESUME` may change;
-3. the pinned rows (:mod:`training.rows`): on a fresh start rank 0 selects ``cfg.where``
+3. the pinned rows (:mod:`pneumo.training.rows`): on a fresh start rank 0 selects ``cfg.where``
    and ``cfg.val_where`` once, the task filters them (``Task.prepare_rows``), and they are
    stored as ``RUN/rows/{train,val}.parquet`` and sent to every rank; a resumed run reads
    them back and checks their fingerprints against the checkpoint. A batch committed to
    the dataset during training changes nothing in the run;
-4. the leakage guard (fresh start, :func:`training.rows.leakage_check`): no
+4. the leakage guard (fresh start, :func:`pneumo.training.rows.leakage_check`): no
    ``patient_key`` of the training rows may be in the SIIM val/test rows unless
    ``allow_overlap``; what it found (and how many NIH patients the unified split keeps
    out) is recorded in ``config.json`` and every checkpoint;
@@ -34,7 +34,7 @@ else, the same way for every task:
 7. ``Task.finish`` (segment: the post-processing search), then the summary.
 
 On GPU: bf16 autocast around the step and the validation (``cfg.amp``), channels-last
-images (:func:`training.runs.images_to`), pinned memory, cuDNN autotune.
+images (:func:`pneumo.training.runs.images_to`), pinned memory, cuDNN autotune.
 
 Progress: ``progress`` (rank 0) gets ``{"event": "step", "step", "total", "epoch",
 "epochs", "loss", "images_per_s"}`` after every step and ``{"event": "epoch", "epochs",
@@ -59,7 +59,7 @@ Writing a task (the ``train autoencode`` task is one whose batches have no label
         def prepare_rows(self, rows, *, train): return rows      # keep unlabelled rows
         def pools(self, rows): return {stream.ALL: stream.entries_from_table(rows)}
         def model_args(self): return {"arch": ..., ...}          # JSON-able; extend
-        def build_model(self): ...           # training.model.build_model to rebuild it
+        def build_model(self): ...           # pneumo.training.model.build_model to rebuild it
                                              # from a checkpoint; random init (seeded)
         def optimizer(self, model): return torch.optim.Adam(model.parameters(), self.cfg.lr)
         def loss(self, job, batch):          # one training batch -> scalar loss
@@ -82,7 +82,7 @@ The stream trains on whatever ``pools`` holds: unlabelled rows too (a task witho
 never reads ``batch["has_ptx"]`` or ``batch["mask"]``, which are then False / all zero).
 Optional hooks: ``Task.use_rows`` (every rank, with the pinned rows: labels by key),
 ``Task.init_weights`` (fresh start: load weights, return their init chain, e.g.
-:func:`training.transfer.load_encoder_weights`), ``Task.scheduler``, ``Task.finish``,
+:func:`pneumo.training.transfer.load_encoder_weights`), ``Task.scheduler``, ``Task.finish``,
 ``Task.fingerprints``, ``Task.loader``. ``validate`` runs under ``torch.no_grad()``,
 ``model.eval()`` and autocast, on every rank with its share of the val rows (possibly none).
 """
@@ -103,13 +103,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shards import manifest, stream
-from shards.errors import ConfigError, PneumoError
-from shards.store import open_store
-from training import checkpoint as ckpts
-from training.data import eval_batches, train_batches
-from training.rows import pin_rows
-from training.runs import (
+from pneumo.shards import manifest, stream
+from pneumo.shards.errors import ConfigError, PneumoError
+from pneumo.shards.store import open_store
+from pneumo.training import checkpoint as ckpts
+from pneumo.training.data import eval_batches, train_batches
+from pneumo.training.rows import pin_rows
+from pneumo.training.runs import (
     CONFIG_FILE,
     DistEnv,
     RunDir,
@@ -120,7 +120,7 @@ from training.runs import (
     setup_device,
     teardown,
 )
-from training.task import Task
+from pneumo.training.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ def _start(
     )
     if ckpt is not None:
         _restore(job, ckpt)
-    plan = {k: v for k, v in meta.items() if k != "config"}
-    job.run.write_json(CONFIG_FILE, {**meta["config"], **plan})
+    about = {k: v for k, v in meta.items() if k != "config"}  # task, steps, init chain, rows
+    job.run.write_json(CONFIG_FILE, {**meta["config"], **about})
     return job
 
 

@@ -9,7 +9,7 @@
   summed into a grey one, anything else that does not fit refused by name.
 
 Models are built with random weights (``encoder_weights=None``): pretrained weights come
-only from a file or object the user names (see :mod:`training.transfer`).
+only from a file or object the user names (see :mod:`pneumo.training.transfer`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torchvision
 from torch import nn
 
-from shards.errors import PneumoError
+from pneumo.shards.errors import PneumoError
 
 log = logging.getLogger(__name__)
 

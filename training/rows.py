@@ -1,14 +1,14 @@
 """A run's rows: selected once at its start, stored in the RUN, checked for leakage.
 
 A run *pins* its data: on a fresh start rank 0 selects ``cfg.where`` and ``cfg.val_where``
-once, the task filters them (:meth:`training.task.Task.prepare_rows`: labelled rows, a
+once, the task filters them (:meth:`pneumo.training.task.Task.prepare_rows`: labelled rows, a
 ``label`` column...), and they are stored as ``RUN/rows/train.parquet`` and
-``RUN/rows/val.parquet``, their fingerprints (:func:`shards.manifest.fingerprint`) going
+``RUN/rows/val.parquet``, their fingerprints (:func:`pneumo.shards.manifest.fingerprint`) going
 into every checkpoint. A resumed run reads them back and checks the fingerprints, so a
 batch committed to the dataset while a run trains changes nothing in that run.
 
 The leakage guard runs on a fresh start: no ``patient_key`` of the training rows may be in
-the SIIM val/test rows (:data:`shards.audit.HELD_OUT_WHERE`) unless ``allow_overlap``.
+the SIIM val/test rows (:data:`pneumo.shards.selections.HELD_OUT`) unless ``allow_overlap``.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from shards import manifest
-from shards.audit import HELD_OUT_WHERE, held_out_overlap
-from shards.errors import ConfigError
-from shards.store import open_store
-from training.data import select
-from training.runs import RunDir
-from training.task import RunConfig, Task
+from pneumo.shards import manifest
+from pneumo.shards.audit import held_out_overlap
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.selections import HELD_OUT
+from pneumo.shards.store import open_store
+from pneumo.training.data import select
+from pneumo.training.runs import RunDir
+from pneumo.training.task import RunConfig, Task
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,12 @@ def leakage_check(cfg: RunConfig, train: pa.Table) -> dict[str, Any]:
         ConfigError: an overlap without ``cfg.allow_overlap``.
     """
     store = open_store(cfg.dataset, create=False)
-    held = manifest.read(store, HELD_OUT_WHERE, columns=["patient_key"])
+    held = manifest.read(store, HELD_OUT, columns=["patient_key"])
     nih = manifest.read(store, "dataset == 'nih'", columns=["patient_key"])
     held_patients = set(held.column("patient_key").to_pylist()) - {None}
     overlap = held_out_overlap(train, held)
     info = {
-        "held_out_where": HELD_OUT_WHERE,
+        "held_out_where": HELD_OUT,
         "held_out_patients": len(held_patients),
         "nih_patients_excluded": len(set(nih.column("patient_key").to_pylist()) & held_patients),
         "overlap_patients": len(overlap),
@@ -97,7 +98,7 @@ def leakage_check(cfg: RunConfig, train: pa.Table) -> dict[str, Any]:
     if overlap and not cfg.allow_overlap:
         raise ConfigError(
             f"{len(overlap)} patient(s) of the training rows (--where {cfg.where!r}) are also "
-            f"in the SIIM val/test rows ({HELD_OUT_WHERE}), so their SIIM scores would leak: "
+            f"in the SIIM val/test rows ({HELD_OUT}), so their SIIM scores would leak: "
             "select only the train split of a dataset whose SIIM rows were ingested with "
             "--nih-xref (one split per patient), or pass --allow-overlap to train anyway"
         )

@@ -1,9 +1,9 @@
 """What every training run shares: the process group and the RUN folder.
 
-A RUN is a store (a local folder or ``s3://bucket/prefix``, see :mod:`shards.store`)::
+A RUN is a store (a local folder or ``s3://bucket/prefix``, see :mod:`pneumo.shards.store`)::
 
     RUN/
-      config.json            the full config and the run's plan, written at start
+      config.json            the full config and the run's metadata, written at start
       rows/train.parquet     the pinned training rows (manifest columns, + the task's label)
       rows/val.parquet       the pinned validation rows
       metrics.jsonl          one JSON line per epoch (appended; continued on --resume)
@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from shards.errors import ConfigError, PneumoError
-from shards.store import Store, open_store
+from pneumo.shards.errors import ConfigError, PneumoError
+from pneumo.shards.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def masks_to(device: torch.device, masks: torch.Tensor) -> torch.Tensor:
 
 def as_float(images: torch.Tensor) -> torch.Tensor:
     """A loader batch's images as float32 in [0, 1]: the loader ships 8-bit images as
-    uint8 (``training.data``), made float where they are used, ``uint8 / 255``."""
+    uint8 (``pneumo.training.data``), made float where they are used, ``uint8 / 255``."""
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 

@@ -1,6 +1,6 @@
 """``pneumo train segment``: a U-Net/ResNet-34 on streamed SIIM shards, a task of the shared loop.
 
-This file owns what is particular to segmentation; :mod:`training.loop` owns the rest
+This file owns what is particular to segmentation; :mod:`pneumo.training.loop` owns the rest
 (processes, pinned rows, resume, checkpoints, ``metrics.jsonl``, curves, GPU settings).
 Read top to bottom:
 
@@ -11,7 +11,7 @@ Read top to bottom:
    (``encoder_init``; its init chain goes into every checkpoint);
 3. the optimizer: Adam, a linear warm-up over ``warmup_steps`` then cosine decay to 10% of
    ``lr`` at the last step (nanoGPT's schedule), stepped every step;
-4. the step: 10 x focal + 1 x Dice loss on the logits (:mod:`training.losses`);
+4. the step: 10 x focal + 1 x Dice loss on the logits (:mod:`pneumo.training.losses`);
 5. validation: the SIIM Dice at probability 0.5, scored at the training resolution
    (``val_dice``, ``val_dice_pos`` on positives, ``val_empty_dice`` the all-empty
    baseline), and the loss; ``best.pt`` is the best ``val_dice``;
@@ -32,16 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from shards import stream
-from shards.errors import ConfigError
-from training import checkpoint as ckpts
-from training import fullres, loop
-from training.data import LoaderConfig, eval_batches
-from training.loop import Job, Progress
-from training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
-from training.metrics import PostProcess, dice_from_counts, overlap_counts, siim_summary
-from training.model import build_unet, unet_args
-from training.runs import (
+from pneumo.metrics.siim import PostProcess, dice_from_counts, overlap_counts, siim_summary
+from pneumo.shards import selections, stream
+from pneumo.shards.errors import ConfigError
+from pneumo.training import checkpoint as ckpts
+from pneumo.training import fullres, loop
+from pneumo.training.data import LoaderConfig, eval_batches
+from pneumo.training.loop import Job, Progress
+from pneumo.training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
+from pneumo.training.model import build_unet, unet_args
+from pneumo.training.runs import (
     LR_PANEL,
     POSTPROCESS_FILE,
     Panel,
@@ -49,8 +49,8 @@ from training.runs import (
     images_to,
     masks_to,
 )
-from training.task import RunConfig, Task, absolute
-from training.transfer import load_encoder_weights
+from pneumo.training.task import RunConfig, Task, absolute
+from pneumo.training.transfer import load_encoder_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class SegmentConfig(RunConfig):
     """Everything a segmentation run depends on; stored whole in config.json and checkpoints.
 
     The shared settings (dataset, out, size, batch_size, epochs, workers, seed, resume...)
-    are :class:`training.task.RunConfig`'s. Segmentation adds:
+    are :class:`pneumo.training.task.RunConfig`'s. Segmentation adds:
 
     Attributes:
         lr: Adam's peak learning rate (the report: 1e-4).
@@ -70,11 +70,11 @@ class SegmentConfig(RunConfig):
             (file or s3://) for the encoder on a fresh start (None: random).
         pos_rate: positive share of training batches, sliding linearly from the first value
             to the second over the run (SIIM 1st place: 0.8 -> 0.4); None: the natural rate.
-        focal_weight, dice_weight: loss weights (see training.losses).
+        focal_weight, dice_weight: loss weights (see pneumo.training.losses).
     """
 
-    where: str = "dataset == 'siim' and split == 'train' and has_ptx is not None"
-    val_where: str = "dataset == 'siim' and split == 'val' and has_ptx is not None"
+    where: str = selections.SIIM_TRAIN
+    val_where: str = selections.SIIM_VAL
     size: int = 512
     batch_size: int = 8
     lr: float = 1e-4
@@ -116,7 +116,7 @@ class SegmentConfig(RunConfig):
 def train_segment(cfg: SegmentConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train (or resume) a segmentation run; under torchrun every rank calls this.
 
-    Returns the loop's summary (see :func:`training.loop.run`) with ``val_dice``,
+    Returns the loop's summary (see :func:`pneumo.training.loop.run`) with ``val_dice``,
     ``val_dice_pos``, ``best_val_dice``, ``postprocess`` and ``postprocess_val_dice``.
     """
     return loop.run(SegmentTask(cfg), progress)

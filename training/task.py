@@ -1,6 +1,6 @@
 """What a training task is: its config (a :class:`RunConfig` subclass) and a :class:`Task`.
 
-:func:`training.loop.run` trains any task; its module docstring shows how to write one.
+:func:`pneumo.training.loop.run` trains any task; its module docstring shows how to write one.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from shards import stream
-from shards.errors import ConfigError
-from shards.store import is_s3_url
-from training.data import LoaderConfig
-from training.runs import Panel
+from pneumo.shards import stream
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import is_s3_url
+from pneumo.training.data import LoaderConfig
+from pneumo.training.runs import Panel
 
 if TYPE_CHECKING:
-    from training.loop import Job
+    from pneumo.training.loop import Job
 
 RESUME_MODES = ("auto", "never", "always")
 
@@ -53,7 +53,7 @@ class RunConfig:
         amp: bf16 autocast on GPU (ignored on CPU).
         allow_overlap: train even when training patients are in the SIIM val/test rows.
         precise_bn: training batches over which BatchNorm statistics are re-estimated
-            before each validation (:func:`training.loop.precise_bn`); 0: not re-estimated.
+            before each validation (:func:`pneumo.training.loop.precise_bn`); 0: not re-estimated.
     """
 
     dataset: str
@@ -129,7 +129,7 @@ class Task(ABC):
         return None  # an optional hook: most tasks need nothing from the rows
 
     def pools(self, rows: pa.Table) -> dict[str, list[stream.Entry]]:
-        """The classes the training stream draws from (see :func:`shards.stream.batch_draws`)."""
+        """The classes the training stream draws from (see ``stream.batch_draws``)."""
         return {stream.ALL: stream.entries_from_table(rows)}
 
     def fingerprints(self) -> dict[str, str]:

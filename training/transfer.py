@@ -10,10 +10,10 @@ and the init chain that records where the weights came from.
 
 Wrapper prefixes (``module.``, ``encoder.``, ``backbone.``...) and the classification head
 (``fc.``...) are stripped; an RGB first convolution is summed into a grey one (warned);
-anything else that does not fit is one error naming the keys (:mod:`training.model`).
+anything else that does not fit is one error naming the keys (:mod:`pneumo.training.model`).
 
 The init chain of the new model starts with the source: its URL, the SHA-256 of its weights
-(:func:`training.checkpoint.weights_sha256`) and, for our checkpoints, its task, step and
+(:func:`pneumo.training.checkpoint.weights_sha256`) and, for our checkpoints, its task, step and
 architecture, followed by the source's own chain, back to ``random``. A foreign state dict
 ends the chain: where it came from is not recorded in it.
 """
@@ -29,10 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from shards.errors import PneumoError, StoreError
-from shards.store import is_s3_url, open_store, read_url
-from training.checkpoint import BEST, FORMAT, weights_sha256
-from training.model import EncoderWeightsError, LoadReport, load_encoder_state, strip_state_dict
+from pneumo.shards.errors import PneumoError, StoreError
+from pneumo.shards.store import is_s3_url, open_store, read_url
+from pneumo.training.checkpoint import BEST, FORMAT, weights_sha256
+from pneumo.training.model import (
+    EncoderWeightsError,
+    LoadReport,
+    load_encoder_state,
+    strip_state_dict,
+)
 
 log = logging.getLogger(__name__)
 

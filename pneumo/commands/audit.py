@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from pneumo.render import fail_on_errors
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 
 @fail_on_errors
@@ -22,8 +22,8 @@ def audit_cmd(
     """Images and patients per dataset and split; every patient found in more than one split
     (within a dataset or across the datasets given), counted by pair; images whose patient
     basis is image-level. Exit code 0 when no patient is in two splits, else 1."""
-    from shards.audit import audit_datasets
-    from shards.store import open_store
+    from pneumo.shards.audit import audit_datasets
+    from pneumo.shards.store import open_store
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")

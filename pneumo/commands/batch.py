@@ -10,7 +10,7 @@ import typer
 
 from pneumo.commands.options import DatasetArg
 from pneumo.render import fail_on_errors
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 app = typer.Typer(help="List the batches of a dataset, or drop one.", no_args_is_help=True)
 
@@ -26,8 +26,8 @@ def list_cmd(
     import pyarrow as pa
 
     from pneumo.render import print_table
-    from shards.batches import list_batches
-    from shards.store import open_store
+    from pneumo.shards.batches import list_batches
+    from pneumo.shards.store import open_store
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")
@@ -49,8 +49,8 @@ def drop_cmd(
 ) -> None:
     """Drop a batch: its manifest and quarantine rows disappear in one step, then its shards
     are deleted. Interrupted, it finishes when run again. Its images can be ingested again."""
-    from shards.batches import drop_batch, find_batch
-    from shards.store import open_store
+    from pneumo.shards.batches import drop_batch, find_batch
+    from pneumo.shards.store import open_store
 
     store = open_store(dataset, create=False)
     name, found = find_batch(store, batch)

@@ -23,7 +23,7 @@ def bench_loader_cmd(
     where: Annotated[str | None, typer.Option(help="Rows to stream (manifest filter).")] = None,
 ) -> None:
     """Samples/s of the training stream: read + decode + resize + augment (last line)."""
-    from training.data import LoaderConfig, bench_loader
+    from pneumo.training.data import LoaderConfig, bench_loader
 
     cfg = LoaderConfig(
         dataset=dataset, where=where, size=size, batch_size=batch_size, workers=workers

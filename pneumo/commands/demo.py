@@ -37,9 +37,9 @@ def demo_cmd(
     import shlex
     import sys
 
-    from experiment.demo import DemoDataConfig, make_demo_dataset
-    from experiment.recipe import load_recipe
-    from experiment.run import ExperimentConfig
+    from pneumo.experiment.demo import DemoDataConfig, make_demo_dataset
+    from pneumo.experiment.recipe import load_recipe
+    from pneumo.experiment.run import ExperimentConfig
 
     root = out.rstrip("/")
     data_cfg = DemoDataConfig(

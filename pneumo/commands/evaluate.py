@@ -10,7 +10,7 @@ import typer
 
 from pneumo.commands.options import Checkpoint, RunArg
 from pneumo.render import ProgressBar, fail_on_errors
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 app = typer.Typer(help="Score a trained run.", no_args_is_help=True)
 
@@ -60,8 +60,8 @@ def evaluate_segment_cmd(
 ) -> None:
     """Score a segmentation run with the SIIM Dice at full resolution, beside the score of
     predicting nothing (and the classification view)."""
-    from evaluation.evaluate import EvaluateConfig, evaluate_segment
-    from evaluation.report import summary_text
+    from pneumo.evaluation.evaluate import EvaluateConfig, evaluate_segment
+    from pneumo.evaluation.report import summary_text
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")
@@ -89,7 +89,7 @@ def evaluate_segment_cmd(
 
 def _init_line(run: str, checkpoint: str) -> str:
     """Where the evaluated weights started: the checkpoint's init chain, in one line."""
-    from training.checkpoint import init_line, load_checkpoint
+    from pneumo.training.checkpoint import init_line, load_checkpoint
 
     return init_line(load_checkpoint(run, checkpoint).get("init", []))
 
@@ -107,7 +107,7 @@ def evaluate_classify_cmd(
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ) -> None:
     """Score a classify run: AUROC, accuracy beside the majority-class rate, ROC curve."""
-    from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
+    from pneumo.evaluation.classify import EvaluateClassifyConfig, evaluate_classify
 
     if fmt not in ("table", "json"):
         raise ConfigError(f"--format {fmt!r}: expected table or json")
@@ -156,7 +156,7 @@ def predict_cmd(
 ) -> None:
     """Predict pneumothorax masks for DICOMs and write a SIIM submission CSV (reads the
     run and the DICOMs only, never a dataset: a moved dataset does not matter here)."""
-    from evaluation.predict import PredictConfig, predict
+    from pneumo.evaluation.predict import PredictConfig, predict
 
     cfg = PredictConfig(
         run=run,

@@ -49,8 +49,8 @@ def experiment_cmd(
 ) -> None:
     """Compare U-Net segmentation without and with NIH pretraining (labels, pseudo-labels):
     Table 1 with paired bootstrap intervals, Figures 1 and 2, EXP/report.md."""
-    from experiment.recipe import load_recipe
-    from experiment.run import ExperimentConfig
+    from pneumo.experiment.recipe import load_recipe
+    from pneumo.experiment.run import ExperimentConfig
 
     cfg = ExperimentConfig(
         dataset=dataset,
@@ -73,7 +73,7 @@ def parse_arms(text: str | None) -> tuple[str, ...] | None:
 
 def run_with_progress(cfg: Any) -> dict[str, Any]:
     """Run the experiment with a line per stage and a progress bar inside each."""
-    from experiment.run import run_experiment
+    from pneumo.experiment.run import run_experiment
 
     view = StageView()
     try:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from pneumo.render import ProgressBar, fail_on_errors
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 app = typer.Typer(help="Ingest a batch of images and labels into a dataset.", no_args_is_help=True)
 
@@ -83,8 +83,8 @@ def _batch_config(
     key_file: Path | None,
     relabel: bool,
 ) -> Any:
-    from ingest.batch import BatchConfig
-    from ingest.patients import resolve_secret
+    from pneumo.ingest.batch import BatchConfig
+    from pneumo.ingest.patients import resolve_secret
 
     parsed = None
     if fractions:
@@ -195,7 +195,7 @@ def ingest_siim_cmd(
     relabel: Relabel = False,
 ) -> None:
     """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch."""
-    from ingest.siim import SiimConfig, ingest_siim
+    from pneumo.ingest.siim import SiimConfig, ingest_siim
 
     if nih_xref is None:
         typer.echo(_NO_XREF, err=True)
@@ -234,7 +234,7 @@ def ingest_nih_cmd(
     relabel: Relabel = False,
 ) -> None:
     """Ingest NIH ChestX-ray14 PNGs (+ Data_Entry labels) as one batch."""
-    from ingest.nih import NihConfig, ingest_nih
+    from pneumo.ingest.nih import NihConfig, ingest_nih
 
     train_val, test = split_lists if split_lists else (None, None)
     cfg = NihConfig(
@@ -261,7 +261,7 @@ def demo_data_cmd(
     size: Annotated[int, typer.Option(help="Image side in pixels.", min=32)] = 1024,
 ) -> None:
     """Write a synthetic batch in the exact on-disk formats (SIIM DICOM+CSV, NIH PNG+CSV)."""
-    from ingest.demo import write_nih_demo, write_siim_demo
+    from pneumo.synthetic.archives import write_nih_demo, write_siim_demo
 
     writers = {"siim": write_siim_demo, "nih": write_nih_demo}
     if kind not in writers:

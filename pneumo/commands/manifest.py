@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pneumo.render import fail_on_errors, print_table
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 
 @fail_on_errors
@@ -30,8 +30,8 @@ def manifest_cmd(
     limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
 ) -> None:
     """Query a dataset's manifest (or its quarantine table)."""
-    from shards.manifest import read
-    from shards.store import open_store
+    from pneumo.shards.manifest import read
+    from pneumo.shards.store import open_store
 
     if table not in ("samples", "quarantine"):
         raise ConfigError(f"--table {table!r}: expected samples or quarantine")

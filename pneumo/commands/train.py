@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from pneumo.commands.options import BatchSize, DatasetArg, LoaderWorkers, Size
 from pneumo.render import ProgressBar, fail_on_errors
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
 app = typer.Typer(help="Train models from a dataset's shards.", no_args_is_help=True)
 
@@ -107,7 +107,7 @@ def train_segment_cmd(
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train the U-Net (ResNet-34 encoder) on a dataset's shards; torchrun for several GPUs."""
-    from training.segment import SegmentConfig
+    from pneumo.training.segment import SegmentConfig
 
     cfg = SegmentConfig(
         dataset=dataset,
@@ -183,7 +183,7 @@ def train_classify_cmd(
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a ResNet classifier (pneumothorax, or a label table's classes) for pretraining."""
-    from training.classify import ClassifyConfig, train_classify
+    from pneumo.training.classify import ClassifyConfig, train_classify
 
     cfg = ClassifyConfig(
         dataset=dataset,
@@ -222,10 +222,10 @@ def _given(**options: Any) -> dict[str, Any]:
 def run_training(cfg: Any, train: Any = None) -> dict[str, Any] | None:
     """``train(cfg)`` (default: ``train_segment``) with progress on rank 0; other ranks
     log warnings only."""
-    from training.runs import DistEnv
+    from pneumo.training.runs import DistEnv
 
     if train is None:
-        from training.segment import train_segment as train
+        from pneumo.training.segment import train_segment as train
 
     if DistEnv.from_env().rank != 0:  # one progress bar and one log, from rank 0
         logging.getLogger().setLevel(logging.WARNING)

@@ -57,7 +57,7 @@ def train_autoencode_cmd(
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a convolutional autoencoder or β-VAE on a dataset's images (no labels read)."""
-    from training.autoencode import AutoencodeConfig, train_autoencode
+    from pneumo.training.autoencode import AutoencodeConfig, train_autoencode
 
     cfg = AutoencodeConfig(
         dataset=dataset,
@@ -126,7 +126,7 @@ def cluster_cmd(
     seed: Annotated[int, typer.Option(help="Seeds the fit sample, PCA and k-means.")] = 0,
 ) -> None:
     """Cluster embeddings (PCA + DBSCAN | HDBSCAN | k-means) into a pseudo-label table."""
-    from training.cluster import ClusterConfig, cluster
+    from pneumo.pseudolabels.cluster import ClusterConfig, cluster
 
     cfg = ClusterConfig(
         embeddings=embeddings,
@@ -180,8 +180,8 @@ def embed_cmd(
     ] = "best",
 ) -> None:
     """Embed images with an autoencoder run (the VAE's mean); torchrun-able."""
-    from training.embed import EmbedConfig, embed
-    from training.runs import DistEnv
+    from pneumo.pseudolabels.embed import EmbedConfig, embed
+    from pneumo.training.runs import DistEnv
 
     cfg = EmbedConfig(
         run=run,

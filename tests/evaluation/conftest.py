@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.demo import write_siim_demo
-from ingest.siim import SiimConfig, ingest_siim
-from training.segment import SegmentConfig, train_segment
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.synthetic.archives import write_siim_demo
+from pneumo.training.segment import SegmentConfig, train_segment
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from evaluation.evaluate import EvaluateConfig, evaluate_segment
-from shards.errors import ConfigError
-from training.checkpoint import CheckpointError, load_checkpoint, to_bytes
-from training.data import select
+from pneumo.evaluation.evaluate import EvaluateConfig, evaluate_segment
+from pneumo.shards.errors import ConfigError
+from pneumo.training.checkpoint import CheckpointError, load_checkpoint, to_bytes
+from pneumo.training.data import select
 
 
 def test_summary_and_per_image_results(trained_run) -> None:

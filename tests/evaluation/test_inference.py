@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from evaluation.inference import Predictor
-from training.metrics import PostProcess
+from pneumo.evaluation.inference import Predictor
+from pneumo.metrics.siim import PostProcess
 
 
 class ShiftLeft(nn.Module):

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.inference import Predictor
-from evaluation.predict import PredictConfig, overlay_caption, predict
-from ingest.rle import rle_decode
-from shards.errors import ConfigError
-from training.data import LoaderConfig, eval_batches
+from pneumo.evaluation.inference import Predictor
+from pneumo.evaluation.predict import PredictConfig, overlay_caption, predict
+from pneumo.ingest.rle import rle_decode
+from pneumo.shards.errors import ConfigError
+from pneumo.training.data import LoaderConfig, eval_batches
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_submission_decodes_to_the_models_masks(
         captions[image_id] = (max_prob, positive)
         return overlay_caption(image_id, max_prob, positive)
 
-    monkeypatch.setattr("evaluation.predict.overlay_caption", caption)
+    monkeypatch.setattr("pneumo.evaluation.predict.overlay_caption", caption)
     out_csv = tmp_path / "submission.csv"
     summary = predict(
         PredictConfig(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evaluation.report import COLUMNS, dice_table, summary_text
+from pneumo.evaluation.report import COLUMNS, dice_table, summary_text
 
 
 def summary(**changes: object) -> dict:

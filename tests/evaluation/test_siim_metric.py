@@ -1,7 +1,7 @@
 """The SIIM metric exactly: ``pneumo evaluate`` against an independent scorer of
 ``pneumo predict``'s CSV, both at the images' full resolution.
 
-The independent scorer below decodes the RLE itself (not with ``ingest.rle``), ORs the
+The independent scorer below decodes the RLE itself (not with ``pneumo.ingest.rle``), ORs the
 instance rows of the ground truth, and takes the competition's mean of per-image Dice.
 The demo images are 128 px and the run's model works at 64 px, so a score taken at the
 model's size (the bug this guards against) counts 4x fewer pixels per image.
@@ -20,10 +20,10 @@ import pyarrow.parquet as pq
 import pydicom
 import pytest
 
-from evaluation.evaluate import EvaluateConfig, evaluate_segment
-from shards.store import open_store
-from training.data import select
-from training.fullres import FullResMasks, MaskError
+from pneumo.evaluation.evaluate import EvaluateConfig, evaluate_segment
+from pneumo.shards.store import open_store
+from pneumo.training.data import select
+from pneumo.training.fullres import FullResMasks, MaskError
 
 
 def decode_rle(rle: str, rows: int, cols: int) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiment.demo import DemoData, DemoDataConfig, make_demo_dataset
+from pneumo.experiment.demo import DemoData, DemoDataConfig, make_demo_dataset
 
 TINY_RECIPE = """
 [experiment]

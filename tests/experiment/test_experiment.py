@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from experiment.recipe import load_recipe
-from experiment.run import ExperimentConfig, make_plan, run_experiment
+from pneumo.experiment.recipe import load_recipe
+from pneumo.experiment.run import ExperimentConfig, make_plan, run_experiment
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from experiment.plan import Plan, build_plan
-from experiment.recipe import load_recipe
-from shards.errors import ConfigError
+from pneumo.experiment.plan import Plan, build_plan
+from pneumo.experiment.recipe import load_recipe
+from pneumo.shards.errors import ConfigError
 
 ARMS = ("none", "labels", "pseudo", "leaky")
 HELD = ["0123456789abcdef0123", "fedcba9876543210fedc"]

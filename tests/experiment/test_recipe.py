@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiment.recipe import (
+from pneumo.experiment.recipe import (
     ClassifySettings,
     RecipeError,
     SegmentSettings,

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from experiment.stages import DONE_FILE, STAGE_FILE, Stage, StageContext, StageRunner
-from shards.errors import ConfigError
-from shards.store import open_store
+from pneumo.experiment.stages import DONE_FILE, STAGE_FILE, Stage, StageContext, StageRunner
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import open_store
 
 
 class Crash(Exception):

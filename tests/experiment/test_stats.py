@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiment.stats import bootstrap_interval, mean_sd, paired_differences
-from shards.errors import ConfigError
+from pneumo.experiment.stats import bootstrap_interval, mean_sd, paired_differences
+from pneumo.shards.errors import ConfigError
 
 # Two seeds x four images; the arm's runs list the images in another order than the base's.
 BASE = [

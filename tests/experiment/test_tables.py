@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiment.tables import REPORT_DICE, table1_markdown, table1_rows, to_csv
+from pneumo.experiment.tables import REPORT_DICE, table1_markdown, table1_rows, to_csv
 
 SEEDS = (0, 1)
 IDS = ("i1", "i2", "i3", "i4")

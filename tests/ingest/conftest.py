@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from ingest.labels import read_nih_entries
+from pneumo.ingest.labels import read_nih_entries
 
 
 @dataclass(frozen=True)

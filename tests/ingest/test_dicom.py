@@ -22,7 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from ingest.dicom import BadInput, DicomImage, decode_pixels, parse_age, read_dicom
+from pneumo.ingest.dicom import BadInput, DicomImage, decode_pixels, parse_age, read_dicom
 
 # The full sample set, or the part of it in tests/data (tests/sample_data.py).
 DATA = sample_data.root()

@@ -16,9 +16,9 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
-import ingest.dicom as dicom
-from ingest.dicom import DicomImage, decode_pixels, read_dicom
-from ingest.dicom_lean import read_lean
+import pneumo.ingest.dicom as dicom
+from pneumo.ingest.dicom import DicomImage, decode_pixels, read_dicom
+from pneumo.ingest.dicom_lean import read_lean
 
 DATA = Path(sample_data.root())  # the full set, or tests/data in a fresh clone
 REAL_FILES = sorted(DATA.rglob("*.dcm"))

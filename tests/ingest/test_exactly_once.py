@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.siim import SiimConfig, ingest_siim
-from shards import manifest
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import manifest
+from pneumo.shards.store import open_store
 
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

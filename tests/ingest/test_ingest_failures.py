@@ -14,11 +14,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.siim import SiimConfig, ingest_siim
-from shards import manifest
-from shards.store import open_store
-from shards.tario import ShardUploader
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import manifest
+from pneumo.shards.store import open_store
+from pneumo.shards.tario import ShardUploader
 
 UID_POS = "1.2.276.0.7230010.3.1.4.8323329.4904.1517875185.355709"
 UID_NEG = "1.2.276.0.7230010.3.1.4.8323329.10000.1517875220.938530"
@@ -142,7 +142,7 @@ def test_an_interrupted_batch_is_invisible_then_resumes_without_duplicates(
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_consistent_dataset(tmp_path):
-    from ingest.demo import write_siim_demo
+    from pneumo.synthetic.archives import write_siim_demo
 
     demo = write_siim_demo(tmp_path / "demo", n=40, seed=3, size=256)
     out = tmp_path / "ds"
@@ -193,7 +193,7 @@ def test_upload_errors_surface_before_commit(tmp_path):
             raise OSError("disk full")
 
     uploader = ShardUploader(Broken())  # type: ignore[arg-type]
-    from shards.tario import ShardWriter
+    from pneumo.shards.tario import ShardWriter
 
     w = ShardWriter("shards/x.tar", str(tmp_path))
     w.write({"__key__": "a", "jpg": b"1"})

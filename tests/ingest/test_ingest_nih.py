@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ingest.batch import BatchConfig
-from ingest.nih import NihConfig, ingest_nih
-from shards import manifest
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.nih import NihConfig, ingest_nih
+from pneumo.shards import manifest
+from pneumo.shards.store import open_store
 
 
 def _cfg(shared: Path, root: Path, out: Path, **kw) -> NihConfig:

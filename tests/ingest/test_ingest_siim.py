@@ -13,12 +13,12 @@ import pydicom
 import pytest
 from PIL import Image
 
-from ingest.batch import BatchConfig
-from ingest.rle import combine_masks
-from ingest.siim import SiimConfig, ingest_siim
-from shards import layout, manifest
-from shards.errors import ConfigError
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.rle import combine_masks
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import open_store
 
 
 def _all_siim_dicoms(shared: Path) -> list[Path]:
@@ -66,7 +66,7 @@ def test_every_real_dicom_is_stored_with_its_jpeg_frame_untouched(siim_dataset, 
 
 
 def test_masks_are_the_or_of_the_label_rows(siim_dataset, shared_data):
-    from ingest.labels import read_siim_labels
+    from pneumo.ingest.labels import read_siim_labels
 
     labels, _ = read_siim_labels(shared_data / "siim" / "siim-pneumothorax-train-rle.csv.gz")
     table = manifest.read(open_store(siim_dataset)).to_pylist()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import sample_data
 
-from ingest.dicom import BadInput
-from ingest.labels import (
+from pneumo.ingest.dicom import BadInput
+from pneumo.ingest.labels import (
     read_nih_bboxes,
     read_nih_entries,
     read_nih_xref,

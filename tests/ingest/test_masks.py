@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.siim import encode_mask
+from pneumo.ingest.siim import encode_mask
 
 
 @pytest.mark.parametrize("shape", [(1024, 1024), (7, 13), (1, 1), (256, 200)])

@@ -9,16 +9,16 @@ import stat
 
 import pytest
 
-from ingest.patients import (
+from pneumo.ingest.patients import (
     PatientSecret,
     SplitPolicy,
     batch_policy,
     nih_patient,
     resolve_secret,
 )
-from shards import layout, manifest
-from shards.errors import ConfigError
-from shards.store import open_store
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.store import open_store
 
 GOOD = "0123456789abcdef-a-good-secret"
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.batch import BatchConfig
-from ingest.siim import SiimConfig, ingest_siim
-from shards import batches, manifest
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import batches, manifest
+from pneumo.shards.store import open_store
 
 
 def test_an_nih_table_given_as_siim_labels_is_refused_before_anything_is_written(
@@ -44,7 +44,7 @@ def test_a_label_file_whose_rows_mostly_fail_is_refused(shared_data, tmp_path):
     labels = tmp_path / "labels.csv"
     bad = [f"{r.split(',')[0]},12 x 7" for r in rows[:6]]  # 6 bad RLE rows, 4 good ones
     labels.write_text("\n".join(bad + rows[6:]) + "\n")
-    from ingest.dicom import BadInput
+    from pneumo.ingest.dicom import BadInput
 
     with pytest.raises(BadInput, match="6 of 10 rows"):
         ingest_siim(

@@ -1,4 +1,4 @@
-"""A killed or failed batch resumes: finished segments are kept, only the rest is redone;
+"""A killed or failed batch resumes: finished chunks are kept, only the rest is redone;
 a kill at each step of the commit, on a folder and on S3, then a rerun: every image once."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pathlib import Path
 import boto3
 import pytest
 
-import ingest.siim
-from ingest.batch import BatchConfig
-from ingest.segments import SegmentRecord
-from ingest.siim import SiimConfig, ingest_siim
-from shards import layout, manifest
-from shards.store import LocalStore, open_store
+import pneumo.ingest.siim
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.chunks import ChunkRecord
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import layout, manifest
+from pneumo.shards.store import LocalStore, open_store
 
 
 class _Crash(RuntimeError):
@@ -37,13 +37,13 @@ def _files(out: Path) -> dict[str, bytes]:
     }
 
 
-def test_a_failed_batch_keeps_its_finished_segments_and_redoes_only_the_rest(
+def test_a_failed_batch_keeps_its_finished_chunks_and_redoes_only_the_rest(
     shared_data, tmp_path, monkeypatch
 ):
     sample = shared_data / "siim" / "sample_images"
     labels = sample / "train-rle-sample.csv"
-    # One file per unit and shard, two units per segment: 5 segments of 2 shards.
-    cfg = _cfg(sample, labels, str(tmp_path / "ds"), shard_max_samples=1, segment_files=2)
+    # One file per unit and shard, two units per chunk: 5 chunks of 2 shards.
+    cfg = _cfg(sample, labels, str(tmp_path / "ds"), shard_max_samples=1, chunk_files=2)
     real_move = LocalStore.move_file
     moves = {"n": 0}
 
@@ -60,28 +60,26 @@ def test_a_failed_batch_keeps_its_finished_segments_and_redoes_only_the_rest(
     out = tmp_path / "ds"
     store = open_store(out)
     assert manifest.read(store).num_rows == 0  # nothing visible
-    records = [
-        SegmentRecord.from_bytes(out.joinpath(p).read_bytes()) for p in store.list("batches/")
-    ]
-    assert [r.index for r in records] == [0, 1]  # segment 2 failed
+    records = [ChunkRecord.from_bytes(out.joinpath(p).read_bytes()) for p in store.list("batches/")]
+    assert [r.index for r in records] == [0, 1]  # chunk 2 failed
     kept = {p: os.stat(out / p) for r in records for p in r.shards}
     assert len(kept) == 4
     calls = {"n": 0}
-    real_process = ingest.siim._process
+    real_process = pneumo.ingest.siim._process
 
     def counting(ctx, src):
         calls["n"] += 1
         return real_process(ctx, src)
 
-    monkeypatch.setattr(ingest.siim, "_process", counting)
+    monkeypatch.setattr(pneumo.ingest.siim, "_process", counting)
     summary = ingest_siim(cfg)
-    assert summary.resumed_files == 4 and calls["n"] == 6  # only segments 2, 3 and 4
+    assert summary.resumed_files == 4 and calls["n"] == 6  # only chunks 2, 3 and 4
     for path, before in kept.items():  # kept as they were, not written again
         now = os.stat(out / path)
         assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     # The same bytes as a run that was never interrupted.
     clean = tmp_path / "clean"
-    ingest_siim(_cfg(sample, labels, str(clean), shard_max_samples=1, segment_files=2))
+    ingest_siim(_cfg(sample, labels, str(clean), shard_max_samples=1, chunk_files=2))
     assert _files(out) == _files(clean)
     assert summary.ingested == 10 and summary.shards == 10
 
@@ -90,7 +88,7 @@ def test_a_failed_batch_keeps_its_finished_segments_and_redoes_only_the_rest(
 _KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from shards import s3 as s3mod, store as st
+from pneumo.shards import s3 as s3mod, store as st
 
 step, src, labels, out = sys.argv[1:5]
 
@@ -125,9 +123,9 @@ for cls in (st.LocalStore, s3mod.S3Store):
         return real_put(self, path, data)
     cls.put = put
 
-from ingest.batch import BatchConfig
-from ingest.segments import SegmentRecord
-from ingest.siim import SiimConfig, ingest_siim
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.chunks import ChunkRecord
+from pneumo.ingest.siim import SiimConfig, ingest_siim
 ingest_siim(SiimConfig(dicom_root=src, labels=Path(labels),
                        batch=BatchConfig(out=out, shard_max_samples=2)))
 sys.exit(3)

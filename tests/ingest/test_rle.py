@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import sample_data
 
-from ingest.rle import RLEError, combine_masks, rle_decode, rle_encode
+from pneumo.ingest.rle import RLEError, combine_masks, rle_decode, rle_encode
 
 # The full sample set, or the part of it in tests/data (tests/sample_data.py).
 DATA = sample_data.root()

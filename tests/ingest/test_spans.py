@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.siim import SiimConfig, ingest_siim
-from shards import manifest, stream
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import manifest, stream
+from pneumo.shards.store import open_store
 
 GIVEN_TWICE = (7, 11, 19)  # positions of the real files whose copies land beside them
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.nih import NihConfig, ingest_nih
-from ingest.patients import PatientSecret
-from ingest.siim import SiimConfig, ingest_siim
-from shards import manifest
-from shards.store import open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.nih import NihConfig, ingest_nih
+from pneumo.ingest.patients import PatientSecret
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import manifest
+from pneumo.shards.store import open_store
 
 SECRET = PatientSecret("test-secret-0123456789abcdef", "tests")
 

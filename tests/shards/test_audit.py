@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from shards.audit import audit
+from pneumo.shards.audit import audit
 
 
 def _rows(*rows: tuple[str, str, str | None, str]) -> pa.Table:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ingest.batch import BatchConfig
-from ingest.siim import SiimConfig, ingest_siim
-from shards import batches, layout, manifest
-from shards.errors import ConfigError
-from shards.s3 import S3Store
-from shards.store import LocalStore, open_store
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import batches, layout, manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.s3 import S3Store
+from pneumo.shards.store import LocalStore, open_store
 
 
 def _sources(shared_data: Path, tmp_path: Path) -> dict[str, Path]:

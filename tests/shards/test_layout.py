@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from shards import layout
+from pneumo.shards import layout
 
 SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 

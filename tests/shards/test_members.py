@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from ingest.labels import read_siim_labels
-from ingest.rle import combine_masks
-from ingest.siim import encode_mask
-from shards.members import jpeg_sof, read_bilevel_png
+from pneumo.ingest.labels import read_siim_labels
+from pneumo.ingest.rle import combine_masks
+from pneumo.ingest.siim import encode_mask
+from pneumo.shards.members import jpeg_sof, read_bilevel_png
 
 
 def _cv2(png: bytes) -> np.ndarray:

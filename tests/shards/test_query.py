@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from shards.errors import ManifestError
-from shards.manifest import SAMPLES_SCHEMA
-from shards.query import parse_where
+from pneumo.shards.errors import ManifestError
+from pneumo.shards.manifest import SAMPLES_SCHEMA
+from pneumo.shards.query import parse_where
 
 ROWS = [
     {

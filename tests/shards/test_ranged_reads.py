@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from shards import layout, manifest, stream
-from shards.store import open_store
-from shards.tario import ShardWriter
+from pneumo.shards import layout, manifest, stream
+from pneumo.shards.store import open_store
+from pneumo.shards.tario import ShardWriter
 
 
 class CountingStore:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shards import manifest, stream
-from shards.store import open_store
+from pneumo.shards import manifest, stream
+from pneumo.shards.store import open_store
 
 EPOCHS = 20
 BATCH = 8
@@ -90,14 +90,14 @@ def test_each_workers_positives_follow_the_rate_and_add_up_to_its_draws(pos_rate
                 assert stream.draws(spec, stream.NEG, epoch, w) == n - per_worker[w]
 
 
-def test_slot_segments_tile_each_pool_epoch_after_epoch():
+def test_slot_windows_tile_each_pool_epoch_after_epoch():
     """Every draw of every slot takes the next position: no gap, no overlap."""
     for pool, pos_rate in ((stream.ALL, None), (stream.POS, (0.9, 0.2)), (stream.NEG, (0.9, 0.2))):
         covered = []
         for epoch in range(4):
             for slot in range(2 * 3):
                 spec = _spec(epoch=epoch, world_size=2, workers=3, pos_rate=pos_rate)
-                start, count = stream.slot_segment(spec, pool, slot)
+                start, count = stream.slot_window(spec, pool, slot)
                 assert count == stream.draws(spec, pool, epoch, slot % 3)
                 covered.append((start, start + count))
         assert covered[0][0] == 0

@@ -7,10 +7,10 @@ import stat
 
 import pytest
 
-from shards import layout, manifest
-from shards.errors import StoreError
-from shards.store import open_store
-from shards.tario import ShardUploader, ShardWriter
+from pneumo.shards import layout, manifest
+from pneumo.shards.errors import StoreError
+from pneumo.shards.store import open_store
+from pneumo.shards.tario import ShardUploader, ShardWriter
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -44,7 +44,7 @@ def test_put_get_list_delete(store, tmp_path):
 
 
 def test_a_large_put_goes_up_in_parts(s3_bucket, monkeypatch, tmp_path):
-    import shards.s3 as st
+    import pneumo.shards.s3 as st
 
     monkeypatch.setattr(st, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
     monkeypatch.setattr(st, "MULTIPART_CHUNK", 5 * 1024 * 1024)
@@ -226,18 +226,18 @@ def test_shards_and_their_folders_are_durable_before_the_manifest_commits(tmp_pa
 
 
 def test_stores_share_a_session_until_the_credentials_change(s3_bucket, monkeypatch):
-    import shards.s3
+    import pneumo.shards.s3
 
     def access_key(store):
         return store.client._request_signer._credentials.get_frozen_credentials().access_key
 
     first, second = open_store(f"{s3_bucket}/a"), open_store(f"{s3_bucket}/b")
-    sessions = dict(shards.s3._sessions)
+    sessions = dict(pneumo.shards.s3._sessions)
     assert first.client is not second.client
     assert access_key(first) == access_key(second) == os.environ["AWS_ACCESS_KEY_ID"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
-    third = shards.s3.S3Store(s3_bucket.removeprefix("s3://"), "c")
+    third = pneumo.shards.s3.S3Store(s3_bucket.removeprefix("s3://"), "c")
     assert access_key(third) == "another-key"  # a new session, not the cached one
-    assert len(shards.s3._sessions) == len(sessions) + 1
+    assert len(pneumo.shards.s3._sessions) == len(sessions) + 1
     open_store(f"{s3_bucket}/d")
-    assert len(shards.s3._sessions) == len(sessions) + 1  # shared again
+    assert len(pneumo.shards.s3._sessions) == len(sessions) + 1  # shared again

@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from shards.store import LocalStore
+from pneumo.shards.store import LocalStore
 
 _CHILD = r"""
 import resource, signal, sys
 from pathlib import Path
-from shards.store import LocalStore
+from pneumo.shards.store import LocalStore
 
 root, how, src = sys.argv[1:4]
 store = LocalStore(Path(root))

@@ -14,9 +14,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from shards import manifest, plan, stream
-from shards.errors import ConfigError, ManifestError
-from shards.store import open_store
+from pneumo.shards import manifest, stream
+from pneumo.shards import slots as plan
+from pneumo.shards.errors import ConfigError, ManifestError
+from pneumo.shards.store import open_store
 
 BATCH = "b0"
 
@@ -152,7 +153,7 @@ def test_read_shard_skips_unwanted_members_and_warns_about_missing_ones(datasets
     shard = rows[0].shard
     wanted = {e.key: e for e in rows[1::3]}
     wanted["nothere"] = stream.Entry("nothere", shard, "x", False)
-    with caplog.at_level(logging.WARNING, logger="shards.stream"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.shards.stream"):
         got = list(stream.read_shard(store, shard, wanted))
     assert [s["__key__"] for s in got] == [e.key for e in rows[1::3]]  # tar order
     assert all(
@@ -211,7 +212,7 @@ def test_pos_rate_half_is_about_half_and_a_sliding_rate_slides(datasets):
 
 def test_an_empty_class_falls_back_to_the_other_with_a_warning(datasets, caplog):
     negatives = entries(datasets["many"], "split == 'train' and has_ptx == False")
-    with caplog.at_level(logging.WARNING, logger="shards.stream"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.shards.stream"):
         pools = stream.class_pools(negatives, (0.8, 0.4))
     assert "no positive samples" in caplog.text
     store = open_store(str(datasets["many"]))

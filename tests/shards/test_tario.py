@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from shards.tario import ShardWriter, byte_ranges, member_header
+from pneumo.shards.tario import ShardWriter, byte_ranges, member_header
 
 
 def test_webdataset_reads_our_shards(tmp_path):

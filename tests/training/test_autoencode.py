@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shards.errors import ConfigError
-from training.autoencode import AutoencodeConfig, train_autoencode
-from training.autoencoders import (
+from pneumo.shards.errors import ConfigError
+from pneumo.training.autoencode import AutoencodeConfig, train_autoencode
+from pneumo.training.autoencoders import (
     Autoencoder,
     autoencoder_loss,
     kl_per_dim,

@@ -14,18 +14,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from nih_shards import nih_rows, write_nih
 from ranks_helper import run_ranks
-from synthetic import nih_rows, write_nih
 
-from evaluation.classify import EvaluateClassifyConfig, evaluate_classify
-from shards import stream
-from shards.errors import ConfigError
-from training import loop
-from training.checkpoint import load_checkpoint, model_from_checkpoint, weights_sha256
-from training.classify import ClassifyConfig, ClassifyTask, read_label_table, train_classify
-from training.data import select, train_batches
-from training.runs import images_to
-from training.segment import SegmentConfig, SegmentTask, train_segment
+from pneumo.evaluation.classify import EvaluateClassifyConfig, evaluate_classify
+from pneumo.shards import stream
+from pneumo.shards.errors import ConfigError
+from pneumo.training import loop
+from pneumo.training.checkpoint import load_checkpoint, model_from_checkpoint, weights_sha256
+from pneumo.training.classify import ClassifyConfig, ClassifyTask, read_label_table, train_classify
+from pneumo.training.data import select, train_batches
+from pneumo.training.runs import images_to
+from pneumo.training.segment import SegmentConfig, SegmentTask, train_segment
 
 
 def small(dataset: str, out: Path | str, **changes: Any) -> ClassifyConfig:

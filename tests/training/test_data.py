@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from shards.errors import ConfigError
-from training import augment, data
-from training.data import LoaderConfig
-from training.runs import as_float
+from pneumo.shards.errors import ConfigError
+from pneumo.training import augment, data
+from pneumo.training.data import LoaderConfig
+from pneumo.training.runs import as_float
 
 SIZE = 64
 
@@ -298,7 +298,7 @@ def test_pos_rate_one_gives_positives_only(dataset):
 
 
 def test_unlabelled_samples_are_never_trained_on(dataset, caplog):
-    with caplog.at_level(logging.WARNING, logger="training.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.training.data"):
         batches = train(cfg(dataset, where="split == 'train'", batch_size=8), steps_per_epoch=12)
     assert "2 unlabelled samples left out" in caplog.text
     seen = {k for b in batches for k in b["key"]}

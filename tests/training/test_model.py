@@ -10,10 +10,10 @@ import timm
 import torch
 import torchvision
 
-from training.checkpoint import weights_sha256
-from training.losses import FocalDiceLoss
-from training.model import EncoderWeightsError, build_classifier, build_unet, predict_proba
-from training.transfer import load_encoder_weights
+from pneumo.training.checkpoint import weights_sha256
+from pneumo.training.losses import FocalDiceLoss
+from pneumo.training.model import EncoderWeightsError, build_classifier, build_unet, predict_proba
+from pneumo.training.transfer import load_encoder_weights
 
 
 @pytest.fixture(scope="module")

@@ -17,21 +17,21 @@ import pytest
 import torch
 from ranks_helper import run_ranks
 
-from ingest.batch import BatchConfig
-from ingest.demo import write_siim_demo
-from ingest.siim import SiimConfig, ingest_siim
-from shards import manifest
-from shards.errors import ConfigError
-from training.checkpoint import (
+from pneumo.ingest.batch import BatchConfig
+from pneumo.ingest.siim import SiimConfig, ingest_siim
+from pneumo.shards import manifest
+from pneumo.shards.errors import ConfigError
+from pneumo.synthetic.archives import write_siim_demo
+from pneumo.training.checkpoint import (
     BEST,
     LAST,
     CheckpointError,
     load_checkpoint,
     model_from_checkpoint,
 )
-from training.data import select
-from training.runs import RunDir
-from training.segment import SegmentConfig, SegmentTask, lr_factor, train_segment
+from pneumo.training.data import select
+from pneumo.training.runs import RunDir
+from pneumo.training.segment import SegmentConfig, SegmentTask, lr_factor, train_segment
 
 
 @pytest.fixture(scope="module")

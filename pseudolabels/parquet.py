@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from shards.errors import ManifestError
-from shards.s3 import S3Store
-from shards.store import LocalStore, Store, open_store
+from pneumo.shards.errors import ManifestError
+from pneumo.shards.s3 import S3Store
+from pneumo.shards.store import LocalStore, Store, open_store
 
 
 def open_parquet(url: str) -> ds.Dataset:

@@ -1,5 +1,6 @@
-"""A learnable NIH stand-in: noisy grey PNGs, the positives with a bright block, written
-straight into shards and a manifest part (no ingest) with tests/conftest.py's helper."""
+"""A learnable NIH stand-in: noisy grey PNGs, the positives with a bright block
+(:func:`pneumo.synthetic.chest.block_xray`), written straight into shards and a manifest
+part (no ingest) with tests/conftest.py's helper."""
 
 from __future__ import annotations
 
@@ -9,15 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-
-def synthetic_xray(rng: np.random.Generator, positive: bool, side: int = 64) -> np.ndarray:
-    """A grey noisy image; a positive one has a bright block in a random spot of its upper
-    left quarter (the "finding" a small CNN learns in a few dozen steps)."""
-    pixels = rng.normal(100, 25, (side, side))
-    if positive:
-        y, x = rng.integers(2, side // 2 - side // 4, size=2)
-        pixels[y : y + side // 4, x : x + side // 4] += 90
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+from pneumo.synthetic.chest import block_xray
 
 
 def nih_rows(n: int, *, split: str, start: int, pos_every: int) -> list[dict]:
@@ -38,7 +31,7 @@ def write_nih(root: Path, write_shards, rows: list[dict], *, seed: int = 0, batc
     members = {}
     for row in rows:
         rng = np.random.default_rng([seed, int(row["key"][:8])])
-        data = _png(synthetic_xray(rng, bool(row["has_ptx"])))
+        data = _png(block_xray(rng, bool(row["has_ptx"])))
         row["content_sha256"] = hashlib.sha256(data).hexdigest()
         members[row["key"]] = {"png": data, "json": b"{}"}
     write_shards(

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shards import manifest
-from training import checkpoint as ckpts
-from training.autoencoders import Autoencoder, model_args
-from training.data import decode_image, select
-from training.embed import EmbedConfig, embed
-from training.tables import open_parquet
+from pneumo.pseudolabels.embed import EmbedConfig, embed
+from pneumo.pseudolabels.parquet import open_parquet
+from pneumo.shards import manifest
+from pneumo.training import checkpoint as ckpts
+from pneumo.training.autoencoders import Autoencoder, model_args
+from pneumo.training.data import decode_image, select
 
 SIZE, DIM = 64, 16
 

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.postprocess import PostProcess, PostProcessSearch, search
-from training.metrics import dice_per_image, overlap_counts, siim_summary
+from pneumo.metrics.siim import (
+    PostProcess,
+    PostProcessSearch,
+    dice_per_image,
+    overlap_counts,
+    search,
+    siim_summary,
+)
 
 
 def masks(n: int, size: int = 8) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""The SIIM-ACR score: the mean over images of per-image Dice.
+"""The SIIM-ACR score (the mean over images of per-image Dice) and the post-processing
+triplet that turns probabilities into the masks it scores, with the triplet's grid search.
 
-This is the one definition of the metric in pneumo: the training loop's validation, the
-post-processing search and ``pneumo evaluate`` all call it.
+This is the one definition of the metric and of the triplet in pneumo: the training loop's
+validation, the post-processing search at the end of a segmentation run, ``pneumo
+evaluate`` and ``pneumo predict`` all call it.
 
 Per image, with P the predicted and T the true foreground pixels:
 
@@ -108,7 +110,7 @@ class PostProcess:
     Otherwise the mask is empty. ``PostProcess(0.5, 0, 0.5)`` is a plain 0.5 threshold.
 
     The triplet is applied to probabilities at each image's full resolution (see
-    :mod:`training.fullres`), so for SIIM's 1024x1024 images ``min_area`` is counted in
+    :mod:`pneumo.training.fullres`), so for SIIM's 1024x1024 images ``min_area`` is counted in
     full-resolution pixels.
 
     Attributes:

@@ -14,9 +14,9 @@ import pytest
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score
 
-from shards.errors import ConfigError, ManifestError
-from training import dbscan
-from training.cluster import ClusterConfig, ClusterError, cluster
+from pneumo.pseudolabels import dbscan
+from pneumo.pseudolabels.cluster import ClusterConfig, ClusterError, cluster
+from pneumo.shards.errors import ConfigError, ManifestError
 
 
 def planted(k: int, per: int, *, dim: int = 32, signal: int = 8, seed: int = 0) -> np.ndarray:
@@ -137,7 +137,7 @@ def test_the_radius_curve_is_sklearns_dbscan() -> None:
 
 
 def test_unreachable_k_fails_with_what_it_found(tmp_path: Path) -> None:
-    # One Gaussian cloud: every radius gives one cluster plus noise (DOMAIN.md).
+    # One Gaussian cloud: every radius gives one cluster plus noise.
     x = np.random.default_rng(0).normal(size=(600, 16))
     write_embeddings(tmp_path / "emb", x)
     out = tmp_path / "labels"

@@ -1,4 +1,5 @@
-"""Small datasets of real chest X-rays for the data-loading tests.
+"""Small datasets of real chest X-rays for the data-loading tests (session fixtures, made
+shared by tests/conftest.py: training, pseudo-label and benchmark tests read them).
 
 Images: the JPEG frames of the 21 real SIIM DICOMs in ``shared/data/siim`` (stored as the
 ingest stores them: the compressed frame as it is), the real NIH PNGs downscaled to 256
@@ -20,8 +21,8 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from nih_shards import nih_rows, write_nih
 from pydicom.encaps import generate_frames
-from synthetic import nih_rows, write_nih
 
 BATCH = "b0"
 N_SAMPLES = 40

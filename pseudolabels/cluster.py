@@ -13,9 +13,9 @@ The flow of :func:`cluster`, top to bottom:
    search its radius (HDBSCAN: the cut of its one tree, ``dbscan_clustering``) for that many
    clusters, and when no radius gives them it fails with what it found, suggesting k-means;
    it never falls back silently. DBSCAN and HDBSCAN fit on a seeded sample of at most
-   ``sample`` fit rows (memory and time, see :mod:`training.dbscan`); every row then gets the
-   cluster of its nearest core point within the radius, or is noise. k-means assigns every
-   row to its nearest centre;
+   ``sample`` fit rows (memory and time, see :mod:`pneumo.pseudolabels.dbscan`); every row
+   then gets the cluster of its nearest core point within the radius, or is noise. k-means
+   assigns every row to its nearest centre;
 4. clusters numbered by size (0 = the largest); noise rows dropped, or made one more class;
 5. the outputs, in LABELS (folder or ``s3://``): ``part-0.parquet`` (``key``, ``label``),
    ``_clusters.json`` (method, parameters found, sizes, noise and majority shares, the
@@ -35,12 +35,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from shards.errors import ConfigError, ManifestError, PneumoError
-from shards.query import parse_where
-from shards.store import open_store
-from training import dbscan
-from training.cluster_outputs import summarise, write_labels, write_plots
-from training.tables import open_parquet, vectors
+from pneumo.pseudolabels import dbscan
+from pneumo.pseudolabels.outputs import summarise, write_labels, write_plots
+from pneumo.pseudolabels.parquet import open_parquet, vectors
+from pneumo.shards.errors import ConfigError, ManifestError, PneumoError
+from pneumo.shards.query import parse_where
+from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Progress of a batch being written, so a killed or failed batch resumes instead of restarting.
 
-A batch's units are grouped in *segments* of about ``segment_files`` input files. At the end
-of a segment every open shard is closed and stored, then a segment record is put under
-``batches/<dataset>-<batch>/``: the segment's manifest rows, quarantine rows and counts.
+A batch's units are grouped in *chunks* of about ``chunk_files`` input files. At the end
+of a chunk every open shard is closed and stored, then a chunk record is put under
+``batches/<dataset>-<batch>/``: the chunk's manifest rows, quarantine rows and counts.
 A rerun of the same command keeps the shards named by the records it can use (a
-contiguous run from the first segment, written by an attempt with the same inputs and
+contiguous run from the first chunk, written by an attempt with the same inputs and
 shard settings), deletes every other leftover of earlier attempts (shards, records,
-half-written objects and multipart uploads) and starts at the first segment without a
-record. At most one segment of files is processed again.
+half-written objects and multipart uploads) and starts at the first chunk without a
+record. At most one chunk of files is processed again.
 
 The records are deleted once the batch commits.
 """
@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest.units import Rejected, UnitResult
-from shards import layout
-from shards.errors import StoreError
-from shards.store import Store
+from pneumo.ingest.units import Rejected, UnitResult
+from pneumo.shards import layout
+from pneumo.shards.errors import StoreError
+from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
 
-_RECORD = re.compile(r"segment-(\d{6})\.json\.gz$")
+_RECORD = re.compile(r"chunk-(\d{6})\.json\.gz$")
 
 
 @dataclass(kw_only=True)
-class SegmentRecord:
-    """What one finished segment added to its batch."""
+class ChunkRecord:
+    """What one finished chunk added to its batch."""
 
     run_id: str  # the inputs and shard settings it was written with
     index: int
@@ -74,7 +74,7 @@ class SegmentRecord:
         return gzip.compress(json.dumps(data, sort_keys=True).encode(), compresslevel=1, mtime=0)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> SegmentRecord:
+    def from_bytes(cls, blob: bytes) -> ChunkRecord:
         data = json.loads(gzip.decompress(blob))
         skipped, duplicates, label_changes = data["counts"]
         return cls(
@@ -92,13 +92,13 @@ class SegmentRecord:
         )
 
 
-def save(store: Store, dataset: str, batch: str, record: SegmentRecord) -> None:
-    store.put(layout.segment_record(dataset, batch, record.index), record.to_bytes())
+def save(store: Store, dataset: str, batch: str, record: ChunkRecord) -> None:
+    store.put(layout.chunk_record(dataset, batch, record.index), record.to_bytes())
 
 
 def resume(
     store: Store, dataset: str, batch: str, run_id: str, scratch: Path | None
-) -> list[SegmentRecord]:
+) -> list[ChunkRecord]:
     """The usable records of earlier attempts; everything else they left is deleted."""
     records = _usable(store, dataset, batch, run_id)
     keep = {s for r in records for s in r.shards}
@@ -106,7 +106,7 @@ def resume(
         p for p in store.list(layout.batch_progress_prefix(dataset, batch)) if _index(p) is None
     ]
     stale_records += [
-        layout.segment_record(dataset, batch, i)
+        layout.chunk_record(dataset, batch, i)
         for i in _indexes(store, dataset, batch)
         if i >= len(records)
     ]
@@ -127,7 +127,7 @@ def resume(
             shutil.rmtree(old, ignore_errors=True)
     if records or stale_shards:
         log.warning(
-            "batch %s was interrupted: keeping %d finished segments (%d shards), "
+            "batch %s was interrupted: keeping %d finished chunks (%d shards), "
             "rewriting the rest (%d unfinished shards deleted)",
             batch,
             len(records),
@@ -143,19 +143,17 @@ def discard(store: Store, dataset: str, batch: str) -> None:
         store.delete(path)
 
 
-def _usable(store: Store, dataset: str, batch: str, run_id: str) -> list[SegmentRecord]:
+def _usable(store: Store, dataset: str, batch: str, run_id: str) -> list[ChunkRecord]:
     """Records 0, 1, 2, ... of this run, up to the first missing, foreign or unreadable one."""
-    records: list[SegmentRecord] = []
+    records: list[ChunkRecord] = []
     for index in _indexes(store, dataset, batch):
         if index != len(records):
             break
         try:
-            record = SegmentRecord.from_bytes(
-                store.get(layout.segment_record(dataset, batch, index))
-            )
+            record = ChunkRecord.from_bytes(store.get(layout.chunk_record(dataset, batch, index)))
         except (StoreError, OSError, EOFError, ValueError, KeyError, TypeError) as e:
             log.warning(
-                "segment record %d of batch %s is unreadable (%s): redoing it", index, batch, e
+                "chunk record %d of batch %s is unreadable (%s): redoing it", index, batch, e
             )
             break
         if record.run_id != run_id:

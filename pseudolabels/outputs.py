@@ -1,5 +1,5 @@
 """What a clustering writes into LABELS: the label table, ``_clusters.json``, a 2-D PCA
-scatter and a montage of each cluster's images (see :mod:`training.cluster`)."""
+scatter and a montage of each cluster's images (see :mod:`pneumo.pseudolabels.cluster`)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from shards import manifest, stream
-from shards.errors import ConfigError
-from shards.manifest import write_part
-from shards.store import open_store
-from training.data import decode_image
-from training.tables import fingerprint, read_json, write_json
+from pneumo.pseudolabels.parquet import fingerprint, read_json, write_json
+from pneumo.shards import manifest, stream
+from pneumo.shards.errors import ConfigError
+from pneumo.shards.manifest import write_part
+from pneumo.shards.store import open_store
+from pneumo.training.data import decode_image
 
 if TYPE_CHECKING:
-    from training.cluster import ClusterConfig
+    from pneumo.pseudolabels.cluster import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ LABELS_PART = "part-0.parquet"
 CLUSTERS_FILE = "_clusters.json"
 SCATTER_FILE = "_scatter.png"
 MONTAGE_FILE = "_montage.png"
-EMBED_FILE = "_embed.json"  # written by training.embed beside the embeddings
+EMBED_FILE = "_embed.json"  # written by pneumo.pseudolabels.embed beside the embeddings
 THUMB = 96  # montage tile side, pixels
 MAX_ROWS = 30  # clusters shown in the montage (the largest)
 MAX_POINTS = 20_000  # points drawn in the scatter

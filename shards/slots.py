@@ -11,7 +11,7 @@ byte about once, however few the shards.
   of *passes*; each pass lays the pool's shards end to end in an order drawn from the
   seed and the pass number. Position ``i`` of the sequence is sample ``i % n`` of pass
   ``i // n``. Every draw from the pool, by any slot in any epoch, takes the next position:
-  ``shards.stream`` gives each (epoch, slot) the segment of positions it will draw, so a
+  ``pneumo.shards.stream`` gives each (epoch, slot) the window of positions it will draw, so a
   sample is drawn once per pass, every sample at the same rate, whatever the shard sizes
   and whatever the number of slots.
 """
@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError
 
-_PASS = 1  # this module's purpose tag in seeded generators (see shards.stream)
+_PASS = 1  # this module's purpose tag in seeded generators (see pneumo.shards.stream)
 
 
 class Entry(NamedTuple):

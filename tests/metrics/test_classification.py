@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.class_metrics import auroc, classification_summary, macro_auroc
+from pneumo.metrics.classification import auroc, classification_summary, macro_auroc
 
 
 def test_auroc_counts_pairs_and_ties_as_one_half() -> None:

@@ -1,7 +1,7 @@
 """DBSCAN in bounded memory, with the radius searched for a wanted number of clusters.
 
 scikit-learn's ``DBSCAN`` materialises every point's neighbourhood (about 1.4 GB at
-40,000 x 50-D, see DOMAIN.md), and has no cluster count. This module computes the same
+40,000 x 50-D, measured), and has no cluster count. This module computes the same
 clustering from three arrays of one number per point, never a neighbourhood list:
 
 * the *core distance* of a point: the distance to its ``min_samples``-th nearest point,
@@ -16,8 +16,8 @@ clustering from three arrays of one number per point, never a neighbourhood list
 So the number of clusters at radius ``eps`` is ``#{core <= eps} - #{tree edges <= eps}`` and
 the noise share is ``#{reach > eps} / n``: the whole curve over ``eps`` comes from sorting,
 and :func:`search_radius` reads the radii that give K clusters off it. Memory is a block of
-``chunk x n`` distances; time is O(n^2 d), so :mod:`training.cluster` fits on a sample of a
-few ten thousand points and :func:`assign` gives every other point the cluster of its
+``chunk x n`` distances; time is O(n^2 d), so :mod:`pneumo.pseudolabels.cluster` fits on a
+sample of a few ten thousand points and :func:`assign` gives every other point the cluster of its
 nearest core point within ``eps`` (what DBSCAN does with a border point).
 """
 

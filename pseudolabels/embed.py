@@ -29,14 +29,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from shards import manifest, stream
-from shards.errors import ConfigError, PneumoError
-from shards.store import open_store, read_url
-from training import checkpoint as ckpts
-from training.autoencoders import Autoencoder, build_autoencoder
-from training.data import LoaderConfig, eval_batches, select
-from training.runs import DistEnv, autocast, gather, images_to, setup_device, teardown
-from training.tables import write_json
+from pneumo.pseudolabels.parquet import write_json
+from pneumo.shards import manifest, stream
+from pneumo.shards.errors import ConfigError, PneumoError
+from pneumo.shards.store import open_store, read_url
+from pneumo.training import checkpoint as ckpts
+from pneumo.training.autoencoders import Autoencoder, build_autoencoder
+from pneumo.training.data import LoaderConfig, eval_batches, select
+from pneumo.training.runs import DistEnv, autocast, gather, images_to, setup_device, teardown
 
 log = logging.getLogger(__name__)
 
