@@ -1,4 +1,4 @@
 """source formats -> samples: DICOM decode, SIIM RLE, label CSVs, NIH Data_Entry, the ingest run.
 
-``ingest`` imports ``shards`` and nothing else of pneumo.
+``ingest`` imports ``shards`` and nothing else of pneumo's parts.
 """

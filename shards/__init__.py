@@ -1,4 +1,5 @@
-"""samples <-> object storage: the store, tar shards, the Parquet manifest, the streaming reader.
+"""samples <-> object storage: the store, tar shards, the Parquet manifest, the streaming
+reader, and the default selections every other part filters the manifest with.
 
-``shards`` imports none of pneumo's other packages.
+``shards`` imports none of pneumo's other parts.
 """
