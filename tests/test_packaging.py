@@ -18,15 +18,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from project import PACKAGE_DIR, PARTS, REPO, SETUPTOOLS
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
-
-REPO = Path(__file__).resolve().parents[1]
-GENERIC = ("ingest", "shards", "training", "evaluation", "experiment", "metrics", "synthetic",
-           "pseudolabels", "commands", "benchmarks")  # fmt: skip
+# The names a leaking mapping would install: every part's folder, the CLI's sub-package and
+# the repository's other Python folder.
+GENERIC = sorted({*PARTS.values(), "commands", "benchmarks"})
 
 # Run in a fresh interpreter: which generic names resolve, the given modules imported, and
 # the modules pkgutil finds under pneumo's path (the whole package for a wheel).
@@ -45,10 +41,6 @@ print(json.dumps({
     "recipes": sorted(p.name for p in recipes.iterdir() if p.name.endswith(".toml")),
 }))
 """
-
-
-def _settings() -> dict:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
 def _probe(cwd: Path, pythonpath: Path | None = None) -> dict:
@@ -71,11 +63,13 @@ def _probe(cwd: Path, pythonpath: Path | None = None) -> dict:
 
 def _expected_modules() -> set[str]:
     """Every module file of the listed packages, named as a module of pneumo."""
-    dirs = _settings()["package-dir"]
     names = set()
-    for package in _settings()["packages"]:
+    for package in SETUPTOOLS["packages"]:
         parent, _, leaf = package.rpartition(".")
-        folder = REPO / dirs[package] if package in dirs else REPO / dirs[parent] / leaf
+        if package in PACKAGE_DIR:
+            folder = REPO / PACKAGE_DIR[package]
+        else:  # a sub-package inside its parent's folder (pneumo.commands)
+            folder = REPO / PACKAGE_DIR[parent] / leaf
         for path in folder.glob("*.py"):
             if path.stem != "__main__":
                 names.add(package if path.stem == "__init__" else f"{package}.{path.stem}")
@@ -89,7 +83,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = tmp_path_factory.mktemp("src")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for folder in set(_settings()["package-dir"].values()):
+    for folder in set(PACKAGE_DIR.values()):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("dist")
     build = "import sys; from setuptools import build_meta as b; print(b.build_wheel(sys.argv[1]))"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import sample_data
 import yaml
+from project import PACKAGE_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -156,10 +157,8 @@ def _instructions() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_installs_dependencies_before_the_code_and_runs_unprivileged():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     steps = _instructions()
-    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-    packages = sorted(setuptools["package-dir"].values())  # the folders pneumo's parts live in
+    packages = sorted(PACKAGE_DIR.values())  # the folders pneumo's parts live in
     copied = [args.split()[0] for op, args in steps if op == "COPY"]
     assert sorted(set(copied) & set(packages)) == packages  # every package is in the image
     first_code = min(
