@@ -42,10 +42,12 @@ on the device: ``uint8 / 255``, the same float32 division the CPU would do.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import cv2
@@ -327,15 +329,25 @@ def _batches(dataset: IterableDataset, cfg: LoaderConfig) -> Iterator[dict[str, 
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
         prefetch_factor=PREFETCH_BATCHES if cfg.workers > 0 else None,
-        worker_init_fn=_ignore_sigint,
+        worker_init_fn=_worker_signals,
     )
     yield from loader
 
 
-def _ignore_sigint(_worker: int) -> None:
-    """Ctrl-C is the parent's to handle (one line, see pneumo.render): a loader worker that
-    took it too would print its own traceback. The parent's exit ends the workers."""
+def _worker_signals(_worker: int) -> None:
+    """Ctrl-C and SIGTERM are the parent's to handle (one line, see pneumo.render; training
+    saves its place first), and it shuts the workers down. A loader worker ignores Ctrl-C
+    (it would print its own traceback), and leaves at once on SIGTERM, quietly and with
+    status 0, whoever sent it: the whole group killed (timeout, systemd, Slurm), or the
+    parent's shutdown. A worker killed by the signal itself would make torch raise "worker
+    killed by signal" in the parent, perhaps while it saves the checkpoint (torch's own
+    handler exits with 0 only for a SIGTERM from the parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave)
+
+
+def _leave(signum: int, frame: FrameType | None) -> None:
+    os._exit(0)
 
 
 def train_batches(

@@ -24,9 +24,11 @@ owns everything else, the same way for every task:
    its initial weights (``Task.init_weights``: the init chain), DDP, the optimizer and
    the schedule;
 6. per epoch: exactly ``steps_per_epoch`` batches on every rank (DDP hangs otherwise);
-   ``last.pt`` every ``checkpoint_every`` steps; when ``cfg.precise_bn`` is set, the
-   BatchNorm running statistics re-estimated for the epoch's final weights
-   (:func:`precise_bn`); validation on the plain module, never the
+   ``last.pt`` every ``checkpoint_every`` steps, and at the step reached when Ctrl-C or
+   SIGTERM stops the run (a step under way is finished first; the temp files of a
+   checkpoint write that a kill cut short are removed at the next start); when
+   ``cfg.precise_bn`` is set, the BatchNorm running statistics re-estimated for the
+   epoch's final weights (:func:`precise_bn`); validation on the plain module, never the
    DDP wrapper (ranks hold different numbers of validation batches), each rank's part
    gathered so every rank computes the same figures (a plateau schedule steps the same on
    every rank); a line in ``metrics.jsonl``, ``curves.png``, ``last.pt``, and ``best.pt``
@@ -118,6 +120,7 @@ from pneumo.training.runs import (
     gather,
     on_main,
     setup_device,
+    signals_held,
     teardown,
 )
 from pneumo.training.task import Task
@@ -155,6 +158,7 @@ class Job:
     scheduler: Any
     progress: Progress | None
     step: int = 0
+    saved_step: int = -1  # the step last.pt holds
     best_score: float | None = None
     history: list[dict[str, Any]]
 
@@ -206,6 +210,7 @@ def _start(
 ) -> Job:
     """Resume or start fresh: pinned rows, model, optimizer, schedule, position."""
     cfg = task.cfg
+    run_dir.clean_incomplete()
     ckpt = _resume_point(task, env, run_dir)
     train_rows, val_rows, pinned = on_main(env, lambda: pin_rows(task, run_dir, ckpt))
     task.use_rows(train_rows, val_rows)
@@ -307,7 +312,7 @@ def _restore(job: Job, ckpt: dict[str, Any]) -> None:
     """Weights, optimizer, schedule, RNG, position and history of ``last.pt`` (a finished
     run's holds the weights alone: nothing is left to train)."""
     job.model.load_state_dict(ckpt["model"])
-    job.step = int(ckpt["step"])
+    job.step = job.saved_step = int(ckpt["step"])
     if job.step < job.total:
         job.optimizer.load_state_dict(ckpt["optimizer"])
         if job.scheduler is not None:
@@ -320,34 +325,53 @@ def _restore(job: Job, ckpt: dict[str, Any]) -> None:
 
 
 def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
-    """The rest of ``epoch``: exactly the same number of steps on every rank."""
+    """The rest of ``epoch``: exactly the same number of steps on every rank.
+
+    Ctrl-C or SIGTERM (a preempted pod) waits for the step under way, stops the loader
+    workers and saves ``last.pt`` at that step, so the rerun loses no finished step.
+    """
     cfg, env = job.cfg, job.env
     job.model.train()
     started, first = time.perf_counter(), job.step
     loss_sum = torch.zeros((), device=job.device)
     batches = _epoch_batches(job, epoch, start_step=job.step - epoch * job.spe)
-    # Closed at once, also on Ctrl-C: the loader workers are shut down here, not at
-    # interpreter exit (where a worker killed by the Ctrl-C can leave the exit waiting).
-    with closing(batches):
-        for batch in islice(batches, (epoch + 1) * job.spe - job.step):
-            loss_sum += _train_step(job, batch)
-            job.step += 1
-            end_of_epoch = job.step == (epoch + 1) * job.spe
-            if env.is_main and job.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-                job.run.put(ckpts.LAST, _checkpoint(job, {}))
-            if job.progress and env.is_main:
-                done, seconds = job.step - first, time.perf_counter() - started
-                job.progress({
-                    "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
-                    "epochs": cfg.epochs, "loss": float(loss_sum) / done,
-                    "images_per_s": done * cfg.batch_size * env.world_size / seconds,
-                })  # fmt: skip
+    try:
+        # Closed at once, also on Ctrl-C: the loader workers are shut down here, not at
+        # interpreter exit (where a worker killed by the Ctrl-C can leave the exit waiting).
+        with closing(batches):
+            for batch in islice(batches, (epoch + 1) * job.spe - job.step):
+                with signals_held():
+                    loss_sum += _train_step(job, batch)
+                    job.step += 1
+                    if job.step % cfg.checkpoint_every == 0 and job.step % job.spe:
+                        _save_last(job)  # the epoch's end writes its own, validated
+                if job.progress and env.is_main:
+                    done, seconds = job.step - first, time.perf_counter() - started
+                    job.progress({
+                        "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
+                        "epochs": cfg.epochs, "loss": float(loss_sum) / done,
+                        "images_per_s": done * cfg.batch_size * env.world_size / seconds,
+                    })  # fmt: skip
+    except KeyboardInterrupt:
+        # Not at the epoch's last step: last.pt there would skip the epoch's validation.
+        if job.step % job.spe and job.step != job.saved_step:
+            with signals_held():
+                _save_last(job)
+            log.info("saved step %d in %s", job.step, job.run.store.url_of(ckpts.LAST))
+        raise
     if job.step != (epoch + 1) * job.spe:  # fail now: a short rank would hang the others
         raise TrainingError(
             f"rank {env.rank} got {job.step - first} batches in epoch {epoch}, expected "
             f"{(epoch + 1) * job.spe - first}: the training stream ran short"
         )
     return {"batches": job.step - first, "seconds": time.perf_counter() - started, "loss": loss_sum}
+
+
+def _save_last(job: Job, val: dict[str, Any] | None = None, *, resumable: bool = True) -> None:
+    """``last.pt`` at the current step (rank 0 writes; the other ranks note the step)."""
+    if job.env.is_main:
+        job.run.put(ckpts.LAST, _checkpoint(job, val or {}, resumable=resumable))
+    job.saved_step = job.step
 
 
 def _epoch_batches(job: Job, epoch: int, *, start_step: int) -> Iterator[dict[str, Any]]:
@@ -404,7 +428,7 @@ def precise_bn(job: Job, epoch: int) -> None:
     plain = replace(job, net=job.model)  # no DDP: no collective in these forwards
     devices = [job.device] if job.device.type == "cuda" else []
     job.model.train()
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with closing(batches), torch.random.fork_rng(devices=devices), torch.no_grad():
         for batch in islice(batches, count):
             with autocast(job.device, job.cfg.amp):
                 job.task.loss(plain, batch)
@@ -422,7 +446,7 @@ def validate(job: Job) -> dict[str, Any]:
         entries=job.val_entries,
     )
     job.model.eval()
-    with torch.no_grad(), autocast(job.device, job.cfg.amp):
+    with closing(batches), torch.no_grad(), autocast(job.device, job.cfg.amp):
         part = job.task.validate(job, batches)
     job.model.train()
     return job.task.summarise(gather(job.env, part))
@@ -460,14 +484,14 @@ def _end_epoch(job: Job, epoch: int, stats: dict[str, Any]) -> None:
     )
     if improved:
         job.best_score = score
-    if env.is_main:
-        # best.pt first: a kill between the two leaves last.pt at the epoch before, which
-        # the resume redoes. best.pt is for inference only: no optimizer state, a third of
-        # the size. So is the last epoch's last.pt: a finished run cannot go on (--epochs
-        # is fixed on resume).
-        if improved:
+    # best.pt first: a kill between the two leaves last.pt at the epoch before, which the
+    # resume redoes (Ctrl-C and SIGTERM wait for both). best.pt is for inference only: no
+    # optimizer state, a third of the size. So is the last epoch's last.pt: a finished run
+    # cannot go on (--epochs is fixed on resume).
+    with signals_held():
+        if improved and env.is_main:
             job.run.put(ckpts.BEST, _checkpoint(job, row, resumable=False))
-        job.run.put(ckpts.LAST, _checkpoint(job, row, resumable=job.step < job.total))
+        _save_last(job, row, resumable=job.step < job.total)
     if job.progress and env.is_main:
         job.progress({"event": "epoch", "epochs": cfg.epochs, "headline": task.headline, **row})
     log.info("epoch %d: %s", epoch, ", ".join(f"{k} {row.get(k)}" for k in task.headline))

@@ -25,8 +25,11 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -134,6 +137,34 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the body is done, then act as they would have.
+
+    Around a training step and a checkpoint write: an interruption between two steps leaves
+    weights, optimizer and step count that agree (a position worth saving), never a step
+    half applied. Only signals Python handles, in the main thread: a default SIGTERM still
+    kills at once, an ignored one stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, FrameType | None]] = []
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, lambda s, f: held.append((s, f)))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum, frame in held[:1]:
+            saved[signum](signum, frame)  # raises KeyboardInterrupt, or the CLI's Terminated
+
+
 def broadcast_state(env: DistEnv, module: torch.nn.Module) -> None:
     """Give every rank rank 0's parameters and buffers.
 
@@ -194,6 +225,14 @@ class RunDir:
 
     def exists(self, path: str) -> bool:
         return self.store.exists(path)
+
+    def clean_incomplete(self) -> None:
+        """Delete the temp files of writes a killed run left (a ``.last.pt.*.tmp`` beside
+        the checkpoints, a pinned-rows part); only the run's own writer may."""
+        if self.writer:
+            removed = sum(self.store.clean_incomplete(p) for p in ("checkpoints", "rows"))
+            if removed:
+                log.info("removed %d temp files a killed run left in %s", removed, self.url)
 
     def write_json(self, path: str, obj: Any) -> None:
         if self.writer:

@@ -33,7 +33,14 @@ Resume = Annotated[
     ),
 ]
 InChannels = Annotated[int, typer.Option(help="1 (grey) or 3 (grey replicated).")]
-CheckpointEvery = Annotated[int, typer.Option(help="Steps between checkpoints.", min=1)]
+CheckpointEvery = Annotated[
+    int,
+    typer.Option(
+        help="Steps between last.pt checkpoints (also written at each epoch end, and at the "
+        "step reached on Ctrl-C or SIGTERM).",
+        min=1,
+    ),
+]
 PreciseBN = Annotated[
     int,
     typer.Option(
