@@ -36,10 +36,10 @@ from pneumo.ingest.labels import (
     read_nih_entries,
 )
 from pneumo.ingest.patients import nih_patient
-from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.ingest.sources import SourceFile, list_sources, read_input, take_part
 from pneumo.ingest.units import Rejected, Sample
 from pneumo.shards import layout
-from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Context:
 
 def ingest_nih(cfg: NihConfig, progress: Progress | None = None) -> BatchSummary:
     """Ingest one batch of NIH ChestX-ray14 PNGs. See the module docstring for the flow."""
-    files = list_sources(cfg.image_root, [".png"])
+    files, _ = take_part(list_sources(cfg.image_root, [".png"]), cfg.batch.part)
     if not files:
         raise ConfigError(f"no .png files under {cfg.image_root}")
     entries, problems = read_nih_entries(cfg.labels)
@@ -118,12 +118,13 @@ def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
             else (f"no row for {index} in Data_Entry")
         )
         return Rejected(src.name, reason, index)
+    # Only bad content is quarantined: a file the store fails to give raises (StoreError),
+    # which stops the batch for a rerun to resume (see read_input).
+    raw = read_input(src)
     try:
-        data, rows, cols, bit_depth = stored_png(read_source(src))
+        data, rows, cols, bit_depth = stored_png(raw)
     except ValueError as e:
         return Rejected(src.name, str(e), index)
-    except (OSError, StoreError) as e:
-        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}", index)
     return _sample(ctx, index, entry, data, rows, cols, bit_depth)
 
 
@@ -167,7 +168,8 @@ def stored_png(data: bytes) -> tuple[bytes, int, int, int]:
     palette: a few ChestX-ray14 files) keeps its first channel, re-encoded as grey PNG.
 
     Raises:
-        ValueError: empty, not a PNG, or truncated (no IEND chunk).
+        ValueError: empty, not a PNG, truncated (no IEND chunk), or a header Pillow
+            cannot read: bad content, for the quarantine.
     """
     if not data:
         raise ValueError("file is empty")
@@ -175,9 +177,12 @@ def stored_png(data: bytes) -> tuple[bytes, int, int, int]:
         raise ValueError("not a PNG file")
     if b"IEND" not in data[-12:]:
         raise ValueError("truncated PNG (no IEND chunk)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        img = Image.open(io.BytesIO(data))  # reads the header only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))  # reads the header only
+    except (OSError, SyntaxError) as e:  # Pillow's errors for a broken stream: bad content
+        raise ValueError(f"cannot read PNG header ({type(e).__name__})") from e
     cols, rows = img.size
     if img.mode == "L":
         return data, rows, cols, 8

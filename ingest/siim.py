@@ -36,10 +36,10 @@ from pneumo.ingest.labels import (
 )
 from pneumo.ingest.patients import BASIS_NIH_XREF, Patient, image_patient, nih_patient
 from pneumo.ingest.rle import RLEError, combine_masks
-from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.ingest.sources import SourceFile, list_sources, read_input, take_part
 from pneumo.ingest.units import Rejected, Sample
 from pneumo.shards import layout
-from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _Context:
 
 def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
     """Ingest one batch of SIIM DICOMs. See the module docstring for the flow."""
-    files = list_sources(cfg.dicom_root, [".dcm"])
+    files, others = take_part(list_sources(cfg.dicom_root, [".dcm"]), cfg.batch.part)
     if not files:
         raise ConfigError(f"no .dcm files under {cfg.dicom_root}")
     labels, problems = read_siim_labels(cfg.labels) if cfg.labels else ({}, [])
@@ -103,7 +103,11 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
             run.reject(p.source, p.reason)
     came = run.process(files, _process, ctx, progress)
     labels_name = cfg.labels.name if cfg.labels else "labels"
-    _reject_orphan_labels(run, labels, ctx.bad_labels, came, labels_name)
+    if cfg.batch.part is None or cfg.batch.part[0] == 0:
+        # With --part, part 0 alone reports label rows whose image is in no part's files
+        # (the file name is the image id in the SIIM archive).
+        in_other_parts = {Path(f.rel).stem for f in others}
+        _reject_orphan_labels(run, labels, ctx.bad_labels, came | in_other_parts, labels_name)
     return run.commit()
 
 
@@ -129,12 +133,13 @@ def _split_lists(cfg: SiimConfig, xref: dict[str, str]) -> SplitLists:
 
 
 def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
+    # Only bad content is quarantined: a file the store fails to give raises (StoreError),
+    # which stops the batch for a rerun to resume (see read_input).
+    data = read_input(src)
     try:
-        img = read_dicom(read_source(src), src.name)
+        img = read_dicom(data, src.name)
     except BadInput as e:
         return Rejected(src.name, str(e))
-    except (OSError, StoreError) as e:
-        return Rejected(src.name, f"cannot read file: {getattr(e, 'strerror', None) or e}")
     bad = ctx.bad_labels.get(img.image_id)
     if bad is not None:
         return Rejected(src.name, f"bad label ({bad.source}): {bad.reason}", img.image_id)

@@ -36,6 +36,8 @@ class Store(Protocol):
     def open_range(self, path: str, start: int, end: int) -> IO[bytes]: ...
     def put(self, path: str, data: bytes) -> None: ...
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
+    def put_if_absent(self, path: str, data: bytes) -> bool: ...
+    def modified(self, path: str) -> float: ...
     def exists(self, path: str) -> bool: ...
     def list(self, prefix: str = "") -> list[str]: ...
     def delete(self, path: str) -> None: ...
@@ -129,6 +131,12 @@ def _fsync_file(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with the file it was about: a full disk reported by write() or fsync() names
+    none, and the one-line error should say which file could not be written."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
 
 
 def _make_dirs(directory: Path) -> None:
@@ -237,6 +245,30 @@ class LocalStore:
             raise
         _fsync_dir(target.parent)
 
+    def put_if_absent(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists; True if this call created it.
+
+        Atomic against any number of writers: the file is written under a temp name and
+        hard-linked into place, which fails when the name is taken (two writers racing
+        to create the same lease or settings file: exactly one wins).
+        """
+        target = self._p(path)
+        _make_dirs(target.parent)
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(target.parent)
+        return True
+
     def scratch_dir(self) -> Path | None:
         """A hidden folder inside the store, so finished files can be renamed into place."""
         d = self.root / ".scratch"
@@ -269,6 +301,9 @@ class LocalStore:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, target)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise _named(e, target) from e
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -276,6 +311,13 @@ class LocalStore:
 
     def exists(self, path: str) -> bool:
         return self._p(path).exists()
+
+    def modified(self, path: str) -> float:
+        """When ``path`` was last written (seconds since the epoch)."""
+        try:
+            return self._p(path).stat().st_mtime
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._p(prefix) if prefix else self.root
