@@ -35,6 +35,7 @@ from pneumo.metrics.classification import classification_summary
 from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
+from pneumo.shards.verify import check_delivered
 from pneumo.training.checkpoint import (
     CheckpointError,
     init_line,
@@ -67,6 +68,8 @@ def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = N
     Raises:
         CheckpointError: no such checkpoint, or not a classifier's.
         ConfigError: the selection holds no labelled image.
+        IntegrityError: a selected image is missing from its shard, cut short or changed:
+            a smaller or different set is never scored.
     """
     ckpt = load_checkpoint(cfg.run, cfg.checkpoint)
     if ckpt.get("task") != "classify":
@@ -99,6 +102,7 @@ def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = N
             columns["label"] += [task.label_of[k] for k in batch["key"]]
             if progress is not None:
                 progress({"images": len(columns["key"])})
+    check_delivered(entries, columns["key"], f"the evaluation of {cfg.run} on {cfg.split}")
     labels, probs = np.asarray(columns["label"], np.int64), np.concatenate(columns["probs"])
     summary = {
         **classification_summary(labels, probs),

@@ -41,9 +41,10 @@ import pyarrow.parquet as pq
 from pneumo.evaluation.config import EvaluationConfig
 from pneumo.evaluation.inference import Predictor
 from pneumo.metrics.siim import dice_from_counts, siim_summary
-from pneumo.shards import selections
+from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
+from pneumo.shards.verify import check_delivered
 from pneumo.training.data import LoaderConfig, eval_batches, select
 from pneumo.training.fullres import FullResMasks, score_batch
 
@@ -92,6 +93,8 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
         CheckpointError: the run has no such checkpoint.
         ConfigError: the selection holds no image, or the run no triplet for ``tta``.
         MaskError: a selected image is unlabelled or its stored mask is unusable.
+        IntegrityError: a selected image is missing from its shard, cut short or changed:
+            a smaller or different set is never scored.
     """
     predictor = Predictor.load(cfg.run, cfg.checkpoint, tta=cfg.tta)
     dataset = cfg.dataset or predictor.checkpoint["config"]["dataset"]
@@ -108,11 +111,13 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
         augment=False,
         in_channels=predictor.in_channels,
     )
+    entries = stream.entries_from_table(rows)  # the rows selected above, read once
     columns: dict[str, list[Any]] = {name: [] for name in RESULTS_SCHEMA.names}
-    for batch in eval_batches(loader, rank=0, world_size=1):
+    for batch in eval_batches(loader, rank=0, world_size=1, entries=entries):
         _score_batch(predictor, batch, masks, columns)
         if progress is not None:
             progress({"images": len(columns["key"])})
+    check_delivered(entries, columns["key"], f"the evaluation of {cfg.run} on {cfg.split}")
     table = pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA).sort_by("key")
     summary = {
         **_summarise(table),

@@ -15,3 +15,10 @@ class ManifestError(PneumoError):
 
 class ConfigError(PneumoError):
     """A configuration value is invalid (bad option, inconsistent settings)."""
+
+
+class IntegrityError(StoreError, ManifestError):
+    """The stored shards and the manifest disagree: a sample's shard is gone, cut short, or
+    holds other bytes than the manifest's ``content_sha256``. Both a store error (the data
+    at rest is damaged) and a manifest error (its rows name what is not there): the message
+    names the shard and the key, and ``pneumo verify DATASET`` lists every such sample."""

@@ -38,6 +38,7 @@ class Entry(NamedTuple):
     has_ptx: bool | None
     offset: int | None = None  # the sample's byte span in its shard; None before schema 2
     size: int | None = None
+    content_sha256: str | None = None  # of the image member; the stream checks it as it reads
 
 
 def place(e: Entry) -> tuple[str, int, str]:

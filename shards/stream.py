@@ -36,11 +36,15 @@ since a DDP forward may broadcast buffers and would then wait for ranks that hav
 
 A shard holding a stray second copy of a key (an image given twice to one ingest batch)
 yields the copy the manifest names, once.
+
+Nothing is read in silence: every sample is checked against its manifest row as it comes
+(whole, and its image hashing to ``content_sha256``; :mod:`pneumo.shards.verify`), and a
+shard gone, cut short or changed stops the stream with an ``IntegrityError`` naming the
+shard and the key, never a smaller or different set of samples.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import tarfile
@@ -51,9 +55,10 @@ from typing import Any
 import numpy as np
 
 from pneumo.shards import slots, tario
-from pneumo.shards.errors import ConfigError, ManifestError, StoreError
+from pneumo.shards.errors import ConfigError, IntegrityError, ManifestError, StoreError
 from pneumo.shards.slots import Entry, by_shard, place
 from pneumo.shards.store import Store
+from pneumo.shards.verify import VERIFY_HINT, check_sample
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +101,83 @@ def read_shard(store: Store, path: str, wanted: Mapping[str, Entry]) -> Iterator
     """The samples of one tar shard whose keys are in ``wanted``, in tar order, each once.
 
     With byte spans (schema 2) only those bytes are read (see :func:`tario.read_samples`);
-    without, the shard is streamed whole and other keys' members skipped.
+    without, the shard is streamed whole and other keys' members skipped. Every sample is
+    checked as it comes (:func:`pneumo.shards.verify.check_sample`: whole, and its image the
+    manifest's bytes), and every wanted sample must come: a damaged dataset stops the
+    reader; it never trains or scores on fewer samples, or on other bytes.
 
     Raises:
-        StoreError: the shard cannot be read or is not a tar file.
+        IntegrityError: the shard is gone, or a wanted sample is missing from it, cut short,
+            or its image is not the manifest's (``content_sha256``); names shard and key.
+        StoreError: the shard cannot be read (the store, not the data).
     """
-    found = 0
+    url = store.url_of(path)
+    order = [e.key for e in sorted(wanted.values(), key=place)]
+    done: set[str] = set()
     try:
         for sample in tario.read_samples(store, path, wanted):
-            found += 1
-            sample["__entry__"] = wanted[sample["__key__"]]
+            entry = wanted[sample["__key__"]]
+            check_sample(url, entry, sample)
+            done.add(entry.key)
+            sample["__entry__"] = entry
             yield sample
+    except IntegrityError:
+        raise
     except tarfile.TarError as e:
-        raise StoreError(f"{store.url_of(path)} is not a readable tar shard: {e}") from e
-    if found < len(wanted):
-        log.warning(
-            "%s: %d of the %d selected samples are missing from the shard (the manifest "
-            "and the shards disagree; re-run the ingest of this batch)",
-            store.url_of(path), len(wanted) - found, len(wanted),
-        )  # fmt: skip
+        if len(done) == len(wanted):
+            return  # past every wanted sample: the rest of the shard is verify's business
+        key = _broken(store, path, wanted, [k for k in order if k not in done])
+        raise IntegrityError(
+            f"{url}: sample {key} is cut short or damaged ({e}): {VERIFY_HINT}"
+        ) from e
+    except StoreError as e:
+        if len(done) == len(wanted):
+            return  # every wanted sample came whole: a read past them failed, nothing is lost
+        if not store.exists(path):
+            raise IntegrityError(
+                f"{url}: the shard does not exist, but the manifest names it "
+                f"(sample {_first(order, done)}): {VERIFY_HINT}"
+            ) from e
+        if _past_the_end(e):
+            raise IntegrityError(
+                f"{url}: the shard ends before sample {_first(order, done)}: {VERIFY_HINT}"
+            ) from e
+        raise
+    if len(done) < len(wanted):
+        raise IntegrityError(
+            f"{url}: sample {_first(order, done)} is not in the shard (cut short, or the "
+            f"manifest and the shards disagree): {VERIFY_HINT}"
+        )
+
+
+def _first(order: Sequence[str], done: set[str]) -> str:
+    """The first key of ``order`` not yet read (and how many more are missing)."""
+    missing = [k for k in order if k not in done]
+    return missing[0] + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+
+
+def _broken(store: Store, path: str, wanted: Mapping[str, Entry], left: Sequence[str]) -> str:
+    """Which of the samples ``left`` (not yet read, in tar order) a tar error was in.
+
+    The reader hands on a sample when the next one starts, so the error may be in a later
+    sample than the first one left: each is read alone, by its span, until one fails.
+    """
+    for key in left:
+        if wanted[key].offset is None or wanted[key].size is None:
+            break  # no spans: the first one left is as close as we can tell
+        try:
+            if not any(True for _ in tario.read_samples(store, path, {key: wanted[key]})):
+                return key
+        except tarfile.TarError:
+            return key
+    return left[0]
+
+
+def _past_the_end(error: StoreError) -> bool:
+    """A ranged read that starts past the object's end (S3's 416 InvalidRange): a shard
+    shorter than the manifest says, not a store failure."""
+    response = getattr(error.__cause__, "response", None)
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") == "InvalidRange"
 
 
 def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
@@ -138,31 +201,13 @@ def read_window(
 ) -> Iterator[Sample]:
     """The ``count`` samples at positions ``start, start + 1, ...`` of ``pool``'s passes.
 
-    Samples missing from their shard (logged) are made up from the positions after.
-
     Raises:
-        ManifestError: a whole pass found none of the samples in their shards.
+        IntegrityError: a sample is missing from its shard, cut short or changed.
     """
     if count <= 0:
         return
-    runs = itertools.chain(
-        slots.positions(pool, seeds, start, start + count),
-        slots.positions(pool, seeds, start + count),
-    )
-    got = empty = 0
-    for run in runs:
-        found = 0
-        for sample in read_shard(store, run[0].shard, {e.key: e for e in run}):
-            yield sample
-            got, found = got + 1, found + 1
-            if got == count:
-                return
-        empty = 0 if found else empty + len(run)
-        if empty >= len(pool):
-            raise ManifestError(
-                f"none of the {len(pool)} selected samples is in its shard "
-                f"({run[0].shard}, ...): the manifest and the shards disagree"
-            )
+    for run in slots.positions(pool, seeds, start, start + count):
+        yield from read_shard(store, run[0].shard, {e.key: e for e in run})
 
 
 @dataclass(frozen=True, kw_only=True)

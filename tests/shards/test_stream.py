@@ -16,7 +16,7 @@ import pytest
 
 from pneumo.shards import manifest, stream
 from pneumo.shards import slots as plan
-from pneumo.shards.errors import ConfigError, ManifestError
+from pneumo.shards.errors import ConfigError, IntegrityError, ManifestError
 from pneumo.shards.store import open_store
 
 BATCH = "b0"
@@ -146,20 +146,21 @@ def test_the_train_stream_yields_only_selected_keys(datasets):
     assert seen == selected
 
 
-def test_read_shard_skips_unwanted_members_and_warns_about_missing_ones(datasets, caplog):
+def test_read_shard_skips_unwanted_members_and_fails_on_missing_ones(datasets):
     root = datasets["one"]
     store = open_store(str(root))
     rows = entries(root, "key >= ''")
     shard = rows[0].shard
     wanted = {e.key: e for e in rows[1::3]}
     wanted["nothere"] = stream.Entry("nothere", shard, "x", False)
-    with caplog.at_level(logging.WARNING, logger="pneumo.shards.stream"):
-        got = list(stream.read_shard(store, shard, wanted))
+    with pytest.raises(IntegrityError, match="nothere"):  # a short read is an error now
+        list(stream.read_shard(store, shard, wanted))
+    del wanted["nothere"]
+    got = list(stream.read_shard(store, shard, wanted))
     assert [s["__key__"] for s in got] == [e.key for e in rows[1::3]]  # tar order
     assert all(
         set(s) <= {"__key__", "__shard__", "__entry__", "jpg", "mask.png", "json"} for s in got
     )
-    assert "1 of the" in caplog.text
 
 
 def test_a_stream_whose_keys_are_in_no_shard_fails_instead_of_spinning(datasets):
