@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.s3sim import s3_server, set_latency  # noqa: E402
-from pneumo.shards import layout, manifest, selections, stream  # noqa: E402
+from pneumo.shards import commits, layout, manifest, selections, stream  # noqa: E402
 from pneumo.shards.store import open_store  # noqa: E402
 from pneumo.shards.tario import ShardWriter  # noqa: E402
 from pneumo.training import augment, data  # noqa: E402
@@ -108,7 +108,7 @@ def build_from_frames(out: Path, n: int, shard_size: int) -> str:
                          "has_ptx": positive, "image_format": "jpeg", "bit_depth": 8})  # fmt: skip
         for writer in writers.values():
             _store_shard(store, writer)
-    manifest.write_part(store, layout.manifest_part("siim", "bench"), manifest.to_table(rows))
+    commits.commit(store, manifest.to_table(rows), dataset="siim", batch="bench")
     return f"the {len(frames)} real SIIM JPEG frames, repeated, written with ShardWriter"
 
 

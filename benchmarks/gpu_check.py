@@ -46,7 +46,7 @@ import torchvision
 from torch import nn
 
 from pneumo.ingest.siim import encode_mask
-from pneumo.shards import layout, manifest
+from pneumo.shards import commits, layout, manifest
 from pneumo.shards.store import open_store
 from pneumo.shards.tario import ShardWriter
 from pneumo.synthetic.chest import textured_frame
@@ -107,7 +107,7 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> str:
                          "has_ptx": positive, "image_format": "jpeg", "bit_depth": 8,
                          "rows": 1024, "cols": 1024})  # fmt: skip
         _put(store, writer)
-    manifest.write_part(store, layout.manifest_part("siim", "gpucheck"), manifest.to_table(rows))
+    commits.commit(store, manifest.to_table(rows), dataset="siim", batch="gpucheck")
     return str(root)
 
 

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = "tests/metrics/test_siim_dice.py"
 RLE = ("tests/ingest/test_rle.py", "tests/ingest/test_masks.py")
 COMMIT = (
+    "tests/ingest/test_concurrent_writers.py",
     "tests/ingest/test_resume.py",
     "tests/ingest/test_exactly_once.py",
     "tests/ingest/test_ingest_failures.py",
@@ -85,26 +86,6 @@ def _tests(*groups: str | tuple[str, ...]) -> tuple[str, ...]:
         out.extend([g] if isinstance(g, str) else g)
     return tuple(out)
 
-
-# The last steps of a batch's commit (ingest/batch.py, Batch.commit), as they read now:
-# the batch record, the dataset's settings (first batch only), then the manifest part.
-_PUT_RECORD = (
-    "        self.store.put(layout.batch_record(self.dataset, self.batch), "
-    "json_bytes(self._record()))\n"
-)
-_SETTINGS = (
-    "        if self.policy.write:\n"
-    "            settings = {\n"
-    '                "schema_version": layout.SCHEMA_VERSION,\n'
-    '                "split_policy": self.policy.policy.to_json(),\n'
-    "            }\n"
-    "            manifest.write_settings(self.store, settings)\n"
-)
-_WRITE_PART = (
-    '        table = manifest.to_table(self.rows, "samples")\n'
-    "        manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), "
-    "table)\n"
-)
 
 MUTATIONS = [
     # ---- the SIIM metric: mean over images of per-image Dice, empty/empty = 1
@@ -206,7 +187,7 @@ MUTATIONS = [
         "if pos > height * width + 1:",
         _tests(RLE),
     ),
-    # ---- the commit protocol of a batch: shards, then the record, then the manifest part
+    # ---- the commit protocol of a batch: a lease, shards, then one Delta MERGE
     Mutation(
         "store-put-in-place",
         "LocalStore.put writes the target in place instead of a temp file renamed over it",
@@ -217,20 +198,27 @@ MUTATIONS = [
         _tests(STORE, COMMIT),
     ),
     Mutation(
-        "commit-manifest-first",
-        "the manifest part (the commit point) written before the batch record",
-        "ingest/batch.py",
-        _PUT_RECORD + _SETTINGS + _WRITE_PART,
-        _WRITE_PART + _PUT_RECORD + _SETTINGS,
+        "commit-merge-always-inserts",
+        "the commit's MERGE never matches an existing image: concurrent writers double it",
+        "shards/commits.py",
+        '    "t.dataset = {dataset} AND t.dataset = s.dataset AND (t.image_id = s.image_id OR "',
+        '    "1 = 0 AND t.dataset = {dataset} AND (t.image_id = s.image_id OR "',
         _tests(COMMIT),
     ),
     Mutation(
-        "commit-leftovers-kept",
-        "the unfinished shards of an interrupted attempt are not deleted when the batch is "
-        "resumed (only its stale chunk records are)",
-        "ingest/chunks.py",
-        "    for path in stale_records + stale_shards:\n        store.delete(path)\n",
-        "    for path in stale_records:\n        store.delete(path)\n",
+        "lease-live-holder-ignored",
+        "a second attempt at a batch takes it over while the first is still writing",
+        "shards/lease.py",
+        "            if holder is not None and holder.alive(now):\n",
+        "            if False:\n",
+        _tests(COMMIT),
+    ),
+    Mutation(
+        "vacuum-ignores-batches-in-progress",
+        "vacuum removes the shards of an interrupted batch that a rerun would commit",
+        "shards/vacuum.py",
+        "        if len(parts) == 4 and (parts[1], parts[2]) in active:\n",
+        "        if False:\n",
         _tests(COMMIT),
     ),
     Mutation(

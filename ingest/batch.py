@@ -8,20 +8,22 @@ results in input order, drops what an earlier unit already gave (same id, same p
 and joins the pieces into shards. The order of writes is what makes a batch safe to kill at
 any moment (SIGKILL included):
 
-1. shards, each stored whole (atomic put), and after every chunk of about
-   ``chunk_files`` files a chunk record (``pneumo.ingest.chunks``);
-2. the quarantine part (read only once its batch is committed);
-3. the batch record, and the dataset's settings when this batch fixes the split policy;
-4. the manifest part, last, in one atomic put: this is the commit.
+0. the batch's lease (``pneumo.shards.lease``): one live attempt per batch;
+1. shards, each stored whole (atomic put) under names of this attempt's own, and after
+   every chunk of about ``chunk_files`` files a chunk record (``pneumo.ingest.chunks``);
+2. the quarantine rows (read only once their batch is committed);
+3. the batch record, then the rows, in one Delta commit that inserts only the images the
+   dataset lacks (``pneumo.shards.commits.commit``): this is the commit.
 
-Nothing reads a shard that no committed manifest names, so a killed run leaves nothing
-visible. Running the same command again finds the batch uncommitted, keeps the chunks
-already finished, deletes the other leftovers and does the rest: same input, same bytes,
-every image exactly once.
+Nothing reads a shard that no committed row names, so a killed run leaves nothing
+visible. Running the same command again takes the batch over, keeps the chunks already
+finished and does the rest; other writers committing the same images meanwhile are
+seen at the commit: every image exactly once, whatever ran beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing as mp
@@ -53,8 +55,9 @@ from pneumo.ingest.units import (
     run_unit,
     without,
 )
-from pneumo.shards import layout, manifest
+from pneumo.shards import commits, layout, manifest
 from pneumo.shards.errors import ConfigError
+from pneumo.shards.lease import Lease
 from pneumo.shards.store import Store
 from pneumo.shards.tario import Piece, ShardUploader, ShardWriter
 
@@ -77,6 +80,7 @@ class BatchConfig:
     patient_secret: PatientSecret | None = field(default=None, repr=False)
     relabel: bool = False  # store images whose labels changed as a new labels version
     chunk_files: int = 8192  # a killed batch redoes at most this many files
+    part: tuple[int, int] | None = None  # (I, N): ingest only part I of N of the listing
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -89,6 +93,8 @@ class BatchConfig:
             layout.check_name("batch", self.batch)
         if self.split_fractions is not None:
             check_fractions(self.split_fractions)
+        if self.part is not None and not 0 <= self.part[0] < self.part[1]:
+            raise ConfigError(f"--part {self.part[0]}/{self.part[1]}: need 0 <= I < N")
 
 
 @dataclass(kw_only=True)
@@ -106,6 +112,7 @@ class BatchSummary:
     resumed_files: int = 0  # files an earlier attempt had already finished
     committed: bool = False
     already_committed: bool = False
+    version: int | None = None  # the manifest table version holding the batch
     splits: dict[str, int] = field(default_factory=dict)
     bases: dict[str, int] = field(default_factory=dict)  # patient_basis -> images
     kept_split: dict[str, tuple[str, str]] = field(default_factory=dict)  # key: (kept, policy)
@@ -124,8 +131,10 @@ class BatchRun:
         identity: str,
         policy: BatchPolicy,
         secret: PatientSecret,
+        lease: Lease,
     ) -> None:
         self.store, self.cfg, self.dataset, self.batch = store, cfg, dataset, batch
+        self.lease = lease
         self.identity, self.policy, self.secret = identity, policy, secret
         self.summary = BatchSummary(dataset=dataset, batch=batch)
         self.rows: list[dict[str, Any]] = []
@@ -171,34 +180,43 @@ class BatchRun:
         per_chunk = max(1, self.cfg.chunk_files // size)
         run_id = self._run_id(size, per_chunk)
         scratch_root = self.store.scratch_dir()
-        done = chunks.resume(self.store, self.dataset, self.batch, run_id, scratch_root)
-        assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch)
+        previous = self.lease.previous
+        dead_scratch = (
+            list(scratch_root.glob(f"ingest-{self.batch}-{previous.attempt}-*"))
+            if scratch_root is not None and previous is not None
+            else []
+        )
+        done = chunks.resume(self.store, self.dataset, self.batch, run_id, dead_scratch)
+        assembler = _Assembler(self.store, self.cfg, self.dataset, self.batch, self.lease.attempt)
         for record in done:
             self._take_rows(record.rows)
             self._add_chunk(record)
             assembler.next_index.update(record.next_index)
         todo = units[len(done) * per_chunk :]
         self.summary.resumed_files = min(len(files), len(done) * per_chunk * size)
-        scratch = tempfile.mkdtemp(prefix=f"ingest-{self.batch}-", dir=scratch_root)
+        prefix = f"ingest-{self.batch}-{self.lease.attempt}-"
+        scratch = tempfile.mkdtemp(prefix=prefix, dir=scratch_root)
         assembler.scratch = scratch
         ctx = self._unit_context(scratch, process, format_ctx, self.summary.resumed_files)
         record = ChunkRecord(run_id=run_id, index=len(done))
         try:
-            with _ProgressPoller(ctx.counter, len(files), progress):
-                for result in run_ordered(
-                    run_unit,
-                    todo,
-                    workers=self.cfg.workers,
-                    initializer=init_worker,
-                    initargs=(ctx,),
-                ):
+            results = run_ordered(
+                run_unit, todo, workers=self.cfg.workers, initializer=init_worker, initargs=(ctx,)
+            )
+            # closing: the pool is stopped before the scratch folder goes (an interrupt)
+            with _ProgressPoller(ctx.counter, len(files), progress), contextlib.closing(results):
+                for result in results:
                     self._merge(result, assembler, record, scratch)
                     if (result.index + 1) % per_chunk == 0 or result.index + 1 == len(units):
                         record.shards = assembler.flush()
                         record.next_index = dict(assembler.next_index)
+                        self.lease.check()
                         chunks.save(self.store, self.dataset, self.batch, record)
                         self._add_chunk(record)
                         record = ChunkRecord(run_id=run_id, index=record.index + 1)
+        except BaseException:
+            self.lease.end()  # stopped on an error or signal: a rerun takes over at once
+            raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return self.came
@@ -291,7 +309,8 @@ class BatchRun:
             s.bases[row["patient_basis"]] = s.bases.get(row["patient_basis"], 0) + 1
 
     def commit(self) -> BatchSummary:
-        """The quarantine part, the batch record (and settings), then the manifest part."""
+        """The quarantine rows, then the batch record and its rows in one Delta commit."""
+        self.lease.check()
         q_rows = [
             {
                 "source": _text(r.source),
@@ -301,21 +320,37 @@ class BatchRun:
             }
             for r in self.rejected
         ]
-        q_path = layout.quarantine_part(self.dataset, self.batch)
-        if q_rows:
-            manifest.write_part(self.store, q_path, manifest.to_table(q_rows, "quarantine"))
-        elif self.store.exists(q_path):  # a stale part from an interrupted earlier attempt
-            self.store.delete(q_path)
+        commits.add_quarantine(self.store, manifest.to_table(q_rows, "quarantine"))
         self.summary.quarantined = len(self.rejected)
-        self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(self._record()))
-        if self.policy.write:
-            settings = {
-                "schema_version": layout.SCHEMA_VERSION,
-                "split_policy": self.policy.policy.to_json(),
-            }
+        if self.policy.write:  # an older dataset adopting this batch's secret check value
+            settings = manifest.read_settings(self.store) or {}
+            settings["schema_version"] = layout.SCHEMA_VERSION
+            settings["split_policy"] = self.policy.policy.to_json()
             manifest.write_settings(self.store, settings)
         table = manifest.to_table(self.rows, "samples")
-        manifest.write_part(self.store, layout.manifest_part(self.dataset, self.batch), table)
+        self.lease.check()
+        try:
+            result = commits.commit(
+                self.store, table, dataset=self.dataset, batch=self.batch, record=self._record()
+            )
+        except BaseException:
+            self.lease.end()
+            raise
+        lost = table.num_rows - result.inserted - result.updated
+        if lost and not result.already:
+            # Another writer committed these images (same id or same pixels) first.
+            log.warning(
+                "batch %s: %d images were committed by another writer meanwhile: skipped",
+                self.batch,
+                lost,
+            )
+            self.summary.ingested -= lost
+            self.summary.skipped += lost
+        self.summary.version = result.version
+        if not result.already:  # the counts as committed, and the version that holds them
+            record = {**self._record(), "version": result.version}
+            self.store.put(layout.batch_record(self.dataset, self.batch), json_bytes(record))
+        self.lease.release()
         chunks.discard(self.store, self.dataset, self.batch)
         self.summary.committed = True
         return self.summary
@@ -351,8 +386,11 @@ class _Assembler:
     """Concatenates the units' pieces, in unit order, into shards of the final size and
     uploads each finished shard in the background."""
 
-    def __init__(self, store: Store, cfg: BatchConfig, dataset: str, batch: str) -> None:
+    def __init__(
+        self, store: Store, cfg: BatchConfig, dataset: str, batch: str, attempt: str
+    ) -> None:
         self.store, self.cfg, self.dataset, self.batch = store, cfg, dataset, batch
+        self.attempt = attempt
         self.scratch = ""
         self.uploader = ShardUploader(store)
         self.open: dict[tuple[str, str], ShardWriter] = {}
@@ -364,7 +402,7 @@ class _Assembler:
         if slot not in self.open:
             index = self.next_index.get(slot, 0)
             self.next_index[slot] = index + 1
-            path = layout.shard_path(self.dataset, self.batch, *slot, index)
+            path = layout.shard_path(self.dataset, self.batch, *slot, index, self.attempt)
             self.open[slot] = ShardWriter(path, self.scratch)
         writer = self.open[slot]
         writer.append(piece)

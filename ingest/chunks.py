@@ -3,11 +3,14 @@
 A batch's units are grouped in *chunks* of about ``chunk_files`` input files. At the end
 of a chunk every open shard is closed and stored, then a chunk record is put under
 ``batches/<dataset>-<batch>/``: the chunk's manifest rows, quarantine rows and counts.
-A rerun of the same command keeps the shards named by the records it can use (a
-contiguous run from the first chunk, written by an attempt with the same inputs and
-shard settings), deletes every other leftover of earlier attempts (shards, records,
-half-written objects and multipart uploads) and starts at the first chunk without a
-record. At most one chunk of files is processed again.
+A rerun of the same command (which holds the batch's lease, :mod:`pneumo.shards.lease`,
+so the attempt that wrote the records is gone) keeps the shards named by the records it
+can use (a contiguous run from the first chunk, written with the same inputs and shard
+settings), deletes the records it cannot use and what killed writes left half-done
+(temp files, multipart uploads), and starts at the first chunk without a record. At most
+one chunk of files is processed again. It never deletes a shard: the shards an earlier
+attempt finished after its last record are named by no record and no manifest row, and
+``pneumo vacuum`` removes them once old enough.
 
 The records are deleted once the batch commits.
 """
@@ -97,48 +100,39 @@ def save(store: Store, dataset: str, batch: str, record: ChunkRecord) -> None:
 
 
 def resume(
-    store: Store, dataset: str, batch: str, run_id: str, scratch: Path | None
+    store: Store, dataset: str, batch: str, run_id: str, dead_scratch: list[Path]
 ) -> list[ChunkRecord]:
-    """The usable records of earlier attempts; everything else they left is deleted."""
+    """The usable records of earlier attempts (the caller holds the batch's lease);
+    records it cannot use are deleted, shards never. ``dead_scratch``: local scratch
+    folders of the dead attempt taken over, removed."""
     records = _usable(store, dataset, batch, run_id)
     keep = {s for r in records for s in r.shards}
     stale_records = [
-        p for p in store.list(layout.batch_progress_prefix(dataset, batch)) if _index(p) is None
-    ]
-    stale_records += [
         layout.chunk_record(dataset, batch, i)
         for i in _indexes(store, dataset, batch)
         if i >= len(records)
     ]
-    stale_shards = [
-        p for p in store.list(layout.batch_shard_prefix(dataset, batch)) if p not in keep
-    ]
-    for path in stale_records + stale_shards:
+    for path in stale_records:
         store.delete(path)
     for prefix in (
         layout.batch_shard_prefix(dataset, batch),
         layout.batch_progress_prefix(dataset, batch),
-        layout.manifest_part_prefix(dataset, batch),
-        layout.quarantine_part_prefix(dataset, batch),
     ):
         store.clean_incomplete(prefix)
-    if scratch is not None:
-        for old in scratch.glob(f"ingest-{batch}-*"):
-            shutil.rmtree(old, ignore_errors=True)
-    if records or stale_shards:
+    for old in dead_scratch:
+        shutil.rmtree(old, ignore_errors=True)
+    if records or stale_records:
         log.warning(
-            "batch %s was interrupted: keeping %d finished chunks (%d shards), "
-            "rewriting the rest (%d unfinished shards deleted)",
+            "batch %s was interrupted: keeping %d finished chunks (%d shards), redoing the rest",
             batch,
             len(records),
             len(keep),
-            len(stale_shards),
         )
     return records
 
 
 def discard(store: Store, dataset: str, batch: str) -> None:
-    """Delete the progress records of a committed (or dropped) batch."""
+    """Delete the progress records of a committed (or dropped) batch (leases too)."""
     for path in store.list(layout.batch_progress_prefix(dataset, batch)):
         store.delete(path)
 

@@ -27,6 +27,7 @@ from pneumo.ingest.patients import (
 )
 from pneumo.shards import layout, manifest
 from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.lease import Lease
 from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def open_batch(
     policy = batch_policy(store, wanted, cfg.split_fractions is not None)
     identity = batch_identity(files, inputs, policy.effective, relabel=cfg.relabel)
     batch = cfg.batch or f"b{identity[:12]}"
+    if cfg.batch and cfg.part is not None:  # one batch per part of the Indexed Job
+        batch = layout.check_name("batch", f"{cfg.batch}-{cfg.part[0]}of{cfg.part[1]}")
     if store.exists(layout.drop_marker(dataset, batch)):
         raise ConfigError(
             f"batch {batch!r} of {dataset} is being dropped: finish with "
@@ -75,7 +78,29 @@ def open_batch(
         )
     if batch in manifest.committed_batches(store, dataset):
         return already_committed(store, dataset, batch, identity, len(files))
-    return BatchRun(store, cfg, dataset, batch, identity=identity, policy=policy, secret=secret)
+    _check_record(store, dataset, batch, identity)
+    lease = Lease(store, dataset, batch).acquire()
+    if batch in manifest.committed_batches(store, dataset):  # committed while we looked
+        lease.release()
+        return already_committed(store, dataset, batch, identity, len(files))
+    lease.__enter__()  # heartbeats until the batch commits or the attempt ends
+    return BatchRun(
+        store, cfg, dataset, batch, identity=identity, policy=policy, secret=secret, lease=lease
+    )
+
+
+def _check_record(store: Store, dataset: str, batch: str, identity: str) -> None:
+    """An uncommitted batch whose record names other inputs: a --batch name reused while
+    its first attempt is unfinished."""
+    try:
+        record = json.loads(store.get(layout.batch_record(dataset, batch)))
+    except (StoreError, ValueError):
+        return
+    if record.get("inputs") not in (None, identity):
+        raise ConfigError(
+            f"batch {batch!r} of {dataset} was begun with other inputs and is not committed: "
+            f"give these files another --batch name, or `pneumo batch drop` it first"
+        )
 
 
 def batch_identity(

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pneumo.shards import manifest
+from pneumo.shards import layout, manifest
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import Store
 
@@ -254,15 +254,21 @@ class BatchPolicy:
 def batch_policy(store: Store, wanted: SplitPolicy, fractions_given: bool) -> BatchPolicy:
     """The split policy for a new batch whose own lists and options give ``wanted``.
 
-    The first committed batch fixes the dataset's policy; until one commits, a batch's own
-    policy replaces whatever a killed attempt left in ``_pneumo.json``.
+    The dataset's first batch fixes the policy: it creates ``_pneumo.json`` with a
+    conditional put before reading any file, so of first batches started at once exactly
+    one policy is written and the others adopt it (or refuse, when they asked for other
+    fractions or use another secret).
 
     Raises:
         ConfigError: other split fractions or another secret than the dataset's.
     """
     settings = manifest.read_settings(store)
-    if settings is None or not manifest.committed_parts(store):
-        return BatchPolicy(policy=wanted, write=True)
+    if settings is None:
+        first = {"schema_version": layout.SCHEMA_VERSION, "split_policy": wanted.to_json()}
+        if manifest.create_settings(store, first):
+            return BatchPolicy(policy=wanted)
+        settings = manifest.read_settings(store)  # another first batch won the race
+        assert settings is not None
     stored = policy_of(settings)
     if fractions_given and any(
         abs(a - b) > 1e-9 for a, b in zip(wanted.fractions, stored.fractions, strict=True)

@@ -24,6 +24,7 @@ from pneumo.commands import (
     manifest,
     train,
     unsup,
+    vacuum,
     verify,
 )
 from pneumo.render import fail_on_errors
@@ -51,6 +52,7 @@ train.app.command("autoencode")(unsup.train_autoencode_cmd)
 app.command("embed")(unsup.embed_cmd)
 app.command("cluster")(unsup.cluster_cmd)
 app.command("experiment")(experiment.experiment_cmd)
+app.command("vacuum")(vacuum.vacuum_cmd)
 app.command("verify")(verify.verify_cmd)
 
 

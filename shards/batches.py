@@ -4,14 +4,17 @@ Dropping a batch undoes it: a wrong label file, a wrong folder, a half-written b
 by a killed run. It is atomic where it matters:
 
 1. a drop marker is put (``batches/<dataset>-<batch>.dropping``): a drop is under way;
-2. the manifest part is deleted, in one delete: the batch's samples *and* its quarantine
-   rows (read only for committed batches) disappear from every reader in that one step;
-3. its quarantine part, progress records, shards and batch record are deleted, and
-   what interrupted writes left (temp files, multipart uploads) is cleaned;
+2. the batch record is deleted: its quarantine rows (read only for committed batches)
+   disappear from every reader;
+3. its rows are deleted from the manifest table in one Delta commit, then its quarantine
+   rows; its progress records, leases and shards are deleted, and what interrupted writes
+   left (temp files, multipart uploads) is cleaned;
 4. the drop marker is deleted.
 
 Killed anywhere, running the same drop again finishes it; ingest refuses a batch whose drop
-is under way. A dropped image is no longer in the dataset, so it can be ingested again.
+is under way, and a drop refuses a batch that a live attempt is writing. A dropped image is
+no longer in the dataset, so it can be ingested again (the table's earlier versions still
+show it, until ``pneumo vacuum``).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from pneumo.shards import layout, manifest
+from pneumo.shards import commits, layout, manifest
 from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.lease import live_holder
 from pneumo.shards.store import Store
 
 log = logging.getLogger(__name__)
@@ -36,7 +41,8 @@ class BatchInfo:
 
     dataset: str
     batch: str
-    state: str  # "committed", "interrupted" (never committed) or "dropping"
+    # "committed", "committed, shards missing", "interrupted" (never committed), "dropping"
+    state: str
     images: int | None  # manifest rows (None when not committed)
     quarantined: int | None
     shards: int  # tar files stored under its folder
@@ -95,6 +101,8 @@ def _info(store: Store, dataset: str, batch: str, committed: bool, n_shards: int
         if images is None:  # a batch committed before batch records existed
             images = _rows(store, layout.manifest_part(dataset, batch))
         quarantined = record.get("quarantined")
+        if images and n_shards == 0:
+            state = "committed, shards missing"  # `pneumo verify` names each
     return BatchInfo(
         dataset=dataset,
         batch=batch,
@@ -127,28 +135,35 @@ def find_batch(store: Store, name: str) -> tuple[str, str]:
 
 
 def drop_batch(store: Store, dataset: str, batch: str) -> DropSummary:
-    """Drop a batch (see the module docstring); run again to finish an interrupted drop."""
-    info = _info(store, dataset, batch, (dataset, batch) in manifest.committed_parts(store), 0)
-    images = info.images or 0
-    store.put(layout.drop_marker(dataset, batch), json.dumps({"dropping": batch}).encode())
-    part = layout.manifest_part(dataset, batch)
-    if store.exists(part):
-        store.delete(part)  # the commit undone: samples and quarantine rows go together
-        log.info("batch %s/%s: manifest part deleted", dataset, batch)
+    """Drop a batch (see the module docstring); run again to finish an interrupted drop.
+
+    Raises:
+        ConfigError: a live ingest attempt is writing the batch.
+    """
+    holder = live_holder(store, dataset, batch)
+    if holder is not None:
+        raise ConfigError(
+            f"batch {batch!r} of {dataset} is being written by {holder.describe(time.time())}: "
+            "stop it first"
+        )
     shards = store.list(layout.batch_shard_prefix(dataset, batch))
-    leftovers = (
-        store.list(layout.quarantine_part_prefix(dataset, batch))
-        + store.list(layout.batch_progress_prefix(dataset, batch))
-        + shards
-        + [p for p in [layout.batch_record(dataset, batch)] if store.exists(p)]
-    )
+    committed = (dataset, batch) in manifest.committed_parts(store)
+    info = _info(store, dataset, batch, committed, len(shards))
+    store.put(layout.drop_marker(dataset, batch), json.dumps({"dropping": batch}).encode())
+    version = _record(store, dataset, batch).get("version")
+    if manifest.is_legacy(store):
+        commits.convert_legacy(store)
+    record = layout.batch_record(dataset, batch)
+    if store.exists(record):
+        store.delete(record)
+    images = commits.delete_batch(store, dataset, batch, version)
+    log.info("batch %s/%s: %d rows deleted from the manifest", dataset, batch, images)
+    leftovers = store.list(layout.batch_progress_prefix(dataset, batch)) + shards
     for path in leftovers:
         store.delete(path)
     for prefix in (
         layout.batch_shard_prefix(dataset, batch),
         layout.batch_progress_prefix(dataset, batch),
-        layout.manifest_part_prefix(dataset, batch),
-        layout.quarantine_part_prefix(dataset, batch),
     ):
         store.clean_incomplete(prefix)
     store.delete(layout.drop_marker(dataset, batch))

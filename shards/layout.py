@@ -3,13 +3,18 @@
 ::
 
     DATASET/
-      _pneumo.json                                        schema version, split policy
-      shards/<dataset>/<batch>/<dataset>-<batch>-<split>-<label>-000000.tar
-      manifest/dataset=<dataset>/batch=<batch>/part-0.parquet     one row per sample
-      quarantine/dataset=<dataset>/batch=<batch>/part-0.parquet   one row per rejected input
-      batches/<dataset>-<batch>.json                      what a committed batch was made from
-      batches/<dataset>-<batch>/chunk-000000.json.gz    progress of a batch being written
-      batches/<dataset>-<batch>.dropping                  a drop under way
+      _pneumo.json                                  schema version, split policy (created once)
+      shards/<dataset>/<batch>/<dataset>-<batch>-<attempt>-<split>-<label>-000000.tar
+      manifest/                 Delta table, one row per image (partitioned by dataset)
+      quarantine/               Delta table, one row per rejected input
+      batches/<dataset>-<batch>.json                what a batch was made from (and counts)
+      batches/<dataset>-<batch>/lease-000000.json   the attempt writing the batch, alive or not
+      batches/<dataset>-<batch>/chunk-000000.json.gz  progress of a batch being written
+      batches/<dataset>-<batch>.dropping            a drop under way
+
+Every attempt at a batch names its shards with its own attempt id, so no attempt ever
+overwrites or deletes another's files; the shards an attempt wrote but never committed (it
+was killed, or lost its lease) are removed only by ``pneumo vacuum``.
 
 Shards are grouped by split and label (``pos``, ``neg``, ``unl`` for unlabelled) so a
 training stream reads only the shards of its split and can draw positives and negatives at
@@ -84,8 +89,13 @@ def label_group(has_ptx: bool | None) -> str:
     return "unl" if has_ptx is None else ("pos" if has_ptx else "neg")
 
 
-def shard_path(dataset: str, batch: str, split: str, group: str, index: int) -> str:
-    return f"{SHARDS_DIR}/{dataset}/{batch}/{dataset}-{batch}-{split}-{group}-{index:06d}.tar"
+def shard_path(
+    dataset: str, batch: str, split: str, group: str, index: int, attempt: str = ""
+) -> str:
+    """A shard's path; ``attempt`` (the id of the ingest attempt writing it) keeps every
+    attempt's files apart."""
+    tag = f"{attempt}-" if attempt else ""
+    return f"{SHARDS_DIR}/{dataset}/{batch}/{dataset}-{batch}-{tag}{split}-{group}-{index:06d}.tar"
 
 
 def batch_shard_prefix(dataset: str, batch: str) -> str:
@@ -93,6 +103,7 @@ def batch_shard_prefix(dataset: str, batch: str) -> str:
 
 
 def manifest_part(dataset: str, batch: str) -> str:
+    """A batch's Parquet part in a dataset written before the table format."""
     return f"{MANIFEST_DIR}/dataset={dataset}/batch={batch}/part-0.parquet"
 
 
@@ -110,6 +121,24 @@ def batch_progress_prefix(dataset: str, batch: str) -> str:
 
 def chunk_record(dataset: str, batch: str, index: int) -> str:
     return f"{batch_progress_prefix(dataset, batch)}chunk-{index:06d}.json.gz"
+
+
+def lease_path(dataset: str, batch: str, generation: int) -> str:
+    """The lease of the attempt writing a batch: the highest generation holds it."""
+    return f"{batch_progress_prefix(dataset, batch)}lease-{generation:06d}.json"
+
+
+def recorded_batches(paths: list[str]) -> set[tuple[str, str]]:
+    """(dataset, batch) of the batch records among ``paths`` (a listing of ``batches/``)."""
+    out = set()
+    for path in paths:
+        name = path[len(BATCHES_DIR) + 1 :]
+        if "/" in name or not name.endswith(".json"):
+            continue
+        dataset, sep, batch = name.removesuffix(".json").partition("-")
+        if sep and dataset and batch:
+            out.add((dataset, batch))
+    return out
 
 
 def drop_marker(dataset: str, batch: str) -> str:

@@ -12,6 +12,7 @@ buckets named for this run and deleted at the end.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -186,10 +187,11 @@ def _write_shards(
     batch: str = "b0",
     dataset: str = "siim",
 ) -> None:
-    """A dataset written directly (no ingest): ``rows`` (manifest values; ``shard`` and
-    ``batch`` are filled in; their ``dataset`` must be ``dataset``) in shards grouped by
-    split and label of ``per_shard`` samples, or all in one shard."""
-    from pneumo.shards import layout, manifest
+    """A dataset written directly (no ingest): ``rows`` (manifest values; ``shard``,
+    ``batch``, ``offset``, ``size`` and ``content_sha256`` are filled in; their ``dataset``
+    must be ``dataset``) in shards grouped by split and label of ``per_shard`` samples, or
+    all in one shard. The stream checks every image against its hash, as with an ingest."""
+    from pneumo.shards import commits, layout, manifest
     from pneumo.shards.store import open_store
     from pneumo.shards.tario import ShardWriter
 
@@ -204,10 +206,14 @@ def _write_shards(
                 path = layout.shard_path(dataset, batch, split, group, start // per_shard)
                 writer = ShardWriter(path, tmp)
                 for row in grouped[start : start + per_shard]:
-                    offset, size = writer.write({"__key__": row["key"], **members_of(row)})
+                    members = members_of(row)
+                    offset, size = writer.write({"__key__": row["key"], **members})
                     row.update(shard=path, batch=batch, offset=offset, size=size)
+                    image = members.get("jpg", members.get("png"))
+                    if image is not None:
+                        row["content_sha256"] = hashlib.sha256(image).hexdigest()
                 store.move_file(path, writer.close().tmp_path)
-    manifest.write_part(store, layout.manifest_part(dataset, batch), manifest.to_table(rows))
+    commits.commit(store, manifest.to_table(rows), dataset=dataset, batch=batch)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,15 @@
         --dataset s3://pneumo/datasets/siim --run s3://pneumo/runs/r34 --gpus 4 | kubectl apply -f -
     python infra/k8s/render.py multi --nodes 2 --gpus 8 --image ... --dataset ... --run ... \\
         -- --size 512 --epochs 40 | kubectl apply -f -
+    python infra/k8s/render.py ingest --parts 8 --image ... --dataset s3://pneumo/ds/siim \\
+        --source s3://archive/siim/dicom-images-train \\
+        --labels-url s3://archive/siim/train-rle.csv --batch siim-2026-12 | kubectl apply -f -
 
 Everything a platform engineer sets is set here once: the image, the GPUs per node (the
 template's GPU limit and torchrun's process count), the nodes (the Job's completions and
 parallelism and torchrun's --nnodes), and the CPU and memory requests derived from them.
-Arguments after ``--`` go to ``pneumo train segment``. The templates use ``${NAME}``
+Arguments after ``--`` go to ``pneumo train segment`` (``pneumo ingest KIND`` for the
+ingest Job: ``--parts`` pods, one part of the input listing each). The templates use ``${NAME}``
 placeholders only, so ``envsubst`` fills them as well (export every variable listed in
 README.md, "Deployment"). Standard library only: runs wherever Python does.
 """
@@ -23,13 +27,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TEMPLATES = {"single": HERE / "train-single-node.yaml", "multi": HERE / "train-multi-node.yaml"}
+TEMPLATES = {
+    "single": HERE / "train-single-node.yaml",
+    "multi": HERE / "train-multi-node.yaml",
+    "ingest": HERE / "ingest-indexed.yaml",
+}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _PLAIN = re.compile(r"^[A-Za-z0-9._/:@=+-]+$")  # image references, s3:// URLs, secret names
 
 
 def variables(args: argparse.Namespace) -> dict[str, str]:
     """The template's variables from the options; raises ValueError for a bad value."""
+    if args.template == "ingest":
+        return _ingest_variables(args)
     if not _DNS_LABEL.match(args.name) or len(args.name) > 50:
         raise ValueError(f"--name {args.name!r}: lower-case letters, digits and '-', 50 at most")
     for option in ("image", "dataset", "run", "s3_secret"):
@@ -57,6 +67,35 @@ def variables(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
+def _ingest_variables(args: argparse.Namespace) -> dict[str, str]:
+    if not _DNS_LABEL.match(args.name) or len(args.name) > 50:
+        raise ValueError(f"--name {args.name!r}: lower-case letters, digits and '-', 50 at most")
+    for option in ("image", "dataset", "source", "labels_url", "s3_secret", "batch"):
+        value = getattr(args, option)
+        if not value or not _PLAIN.match(value):
+            raise ValueError(
+                f"--{option.replace('_', '-')} {value!r}: missing or unexpected characters"
+            )
+    if args.kind not in ("siim", "nih"):
+        raise ValueError(f"--kind {args.kind!r}: siim or nih")
+    if args.parts < 1 or args.workers < 1:
+        raise ValueError("--parts and --workers must be at least 1")
+    return {
+        "NAME": args.name,
+        "IMAGE": args.image,
+        "KIND": args.kind,
+        "SOURCE": args.source,
+        "DATASET": args.dataset,
+        "LABELS_URL": args.labels_url,
+        "BATCH": args.batch,
+        "S3_SECRET": args.s3_secret,
+        "PARTS": str(args.parts),
+        "WORKERS": str(args.workers),
+        "MEMORY": f"{2 * args.workers + 2}Gi",
+        "EXTRA_ARGS": "".join(f", {json.dumps(a)}" for a in args.train_args),
+    }
+
+
 def render(template: str, values: dict[str, str]) -> str:
     """``template`` (a key of TEMPLATES) with every ``${NAME}`` filled."""
     return string.Template(TEMPLATES[template].read_text()).substitute(values)
@@ -70,8 +109,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("template", choices=sorted(TEMPLATES))
     p.add_argument("--image", required=True, help="REGISTRY/pneumo:TAG (infra/Dockerfile)")
     p.add_argument("--dataset", required=True, help="s3://bucket/prefix of the dataset")
-    p.add_argument("--run", required=True, help="s3://bucket/prefix of the run")
-    p.add_argument("--name", default="pneumo-train-segment", help="Job (and Service) name")
+    p.add_argument("--run", help="s3://bucket/prefix of the run (training)")
+    p.add_argument("--name", help="Job (and Service) name")
+    p.add_argument("--kind", default="siim", help="ingest: siim | nih")
+    p.add_argument("--source", help="ingest: s3:// prefix of the archive's images")
+    p.add_argument("--labels-url", help="ingest: s3:// URL of the label file")
+    p.add_argument("--batch", help="ingest: batch name (pod I writes BATCH-IofN)")
+    p.add_argument("--parts", type=int, default=4, help="ingest: pods, one part each")
+    p.add_argument("--workers", type=int, default=2, help="ingest: decoding processes per pod")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per node = processes per node")
     p.add_argument("--nodes", type=int, default=2, help="nodes (multi only)")
     p.add_argument("--loader-workers", type=int, default=6, help="loader processes per GPU")
@@ -80,6 +125,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--s3-secret", default="pneumo-s3", help="Secret with the AWS_* variables")
     args = p.parse_args(argv)
     args.train_args = train_args
+    if args.template != "ingest" and not args.run:
+        p.error("--run is required for the training templates")
+    if args.name is None:
+        args.name = "pneumo-ingest" if args.template == "ingest" else "pneumo-train-segment"
     if args.template == "single":
         args.nodes = 1
     return args

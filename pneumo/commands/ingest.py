@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,6 +67,16 @@ SplitListsOpt = Annotated[
     ),
 ]
 
+Part = Annotated[
+    str | None,
+    typer.Option(
+        help="I/N: ingest only part I (0-based) of N of the sorted input listing, as one "
+        "batch (--batch NAME makes it NAME-IofN); N processes or pods ingest one archive "
+        "together, each file once. I may be 'index': $JOB_COMPLETION_INDEX, the pod's index "
+        "in a Kubernetes Indexed Job (infra/k8s/ingest-indexed.yaml).",
+    ),
+]
+
 _NO_XREF = (
     "warning: no --nih-xref: SIIM PatientIDs are per-image pseudonyms, so every SIIM image "
     "is its own patient and the splits are image-level (images of one person can land in "
@@ -82,6 +93,7 @@ def _batch_config(
     fractions: str | None,
     key_file: Path | None,
     relabel: bool,
+    part: str | None = None,
 ) -> Any:
     from pneumo.ingest.batch import BatchConfig
     from pneumo.ingest.patients import resolve_secret
@@ -92,6 +104,7 @@ def _batch_config(
             parsed = tuple(float(x) for x in fractions.split(","))
         except ValueError as e:
             raise ConfigError(f"--split-fractions {fractions!r}: expected three numbers") from e
+    parsed_part = _parse_part(part) if part else None
     # Creating the user's secret logs where it is (a warning: shown once, on stderr).
     secret = resolve_secret(key_file)
     return BatchConfig(
@@ -102,7 +115,25 @@ def _batch_config(
         split_fractions=parsed,
         patient_secret=secret,
         relabel=relabel,
+        part=parsed_part,
     )
+
+
+def _parse_part(part: str) -> tuple[int, int]:
+    """``I/N`` -> (I, N); I = ``index`` is $JOB_COMPLETION_INDEX."""
+    index, sep, count = part.partition("/")
+    if index == "index":
+        index = os.environ.get("JOB_COMPLETION_INDEX", "")
+        if not index:
+            raise ConfigError(
+                f"--part {part!r}: JOB_COMPLETION_INDEX is not set (not in an Indexed Job)"
+            )
+    try:
+        if not sep:
+            raise ValueError
+        return int(index), int(count)
+    except ValueError as e:
+        raise ConfigError(f"--part {part!r}: expected I/N, e.g. 0/4") from e
 
 
 def _report(summary: Any, out: str) -> None:
@@ -193,6 +224,7 @@ def ingest_siim_cmd(
     shard_size: ShardSize = 1000,
     patient_key_file: KeyFile = None,
     relabel: Relabel = False,
+    part: Part = None,
 ) -> None:
     """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch."""
     from pneumo.ingest.siim import SiimConfig, ingest_siim
@@ -206,7 +238,7 @@ def ingest_siim_cmd(
         test_list=test_list,
         split_lists=split_lists,
         batch=_batch_config(
-            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel
+            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel, part
         ),
     )
     with ProgressBar("ingest siim", unit="img") as bar:
@@ -232,6 +264,7 @@ def ingest_nih_cmd(
     shard_size: ShardSize = 1000,
     patient_key_file: KeyFile = None,
     relabel: Relabel = False,
+    part: Part = None,
 ) -> None:
     """Ingest NIH ChestX-ray14 PNGs (+ Data_Entry labels) as one batch."""
     from pneumo.ingest.nih import NihConfig, ingest_nih
@@ -244,7 +277,7 @@ def ingest_nih_cmd(
         train_val_list=train_val,
         test_list=test,
         batch=_batch_config(
-            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel
+            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel, part
         ),
     )
     with ProgressBar("ingest nih", unit="img") as bar:

@@ -117,6 +117,37 @@ def test_multi_node_pods_find_the_rendezvous_host_through_the_headless_service()
     assert int(port) == service["spec"]["ports"][0]["port"]
 
 
+def _ingest_docs(*extra: str) -> list[dict]:
+    argv = ["ingest", "--image", "registry.example/pneumo:1.2", "--dataset", "s3://d/siim"]
+    argv += ["--source", "s3://a/siim/dicom-images-train", "--labels-url", "s3://a/rle.csv"]
+    args = render.parse_args([*argv, "--batch", "dec", *extra])
+    return list(yaml.safe_load_all(render.render(args.template, render.variables(args))))
+
+
+def test_the_ingest_job_gives_each_pod_one_part_of_the_archive():
+    docs = _ingest_docs("--parts", "6", "--workers", "3", "--", "--nih-xref", "/x.csv")
+    (job,) = docs
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"  # each pod gets JOB_COMPLETION_INDEX
+    assert spec["completions"] == spec["parallelism"] == 6
+    container = _container(docs)
+    args = container["args"]
+    assert args[:5] == ["ingest", "siim", "s3://a/siim/dicom-images-train", "--out", "s3://d/siim"]
+    assert _after("--part", args) == "index/6" and _after("--batch", args) == "dec"
+    assert _after("--labels", args) == "/inputs/labels.csv" and args[-2:] == [
+        "--nih-xref",
+        "/x.csv",
+    ]
+    (init,) = spec["template"]["spec"]["initContainers"]
+    assert init["command"][-2:] == ["s3://a/rle.csv", "/inputs/labels.csv"]
+    assert container["resources"]["limits"]["cpu"] == "3"
+    assert "${" not in yaml.safe_dump(job)
+    base = ["ingest", "--image", "i:1", "--dataset", "s3://d/x", "--source", "s3://a/b"]
+    assert render.main([*base, "--labels-url", "s3://a/l", "--batch", "b", "--parts", "0"]) == 1
+    assert render.main([*base, "--batch", "b"]) == 1  # no label file
+
+
 def test_render_refuses_what_cannot_work(capsys):
     with pytest.raises(SystemExit):  # no image
         render.parse_args(["single", "--dataset", "s3://d/x", "--run", "s3://r/y"])
@@ -128,9 +159,10 @@ def test_render_refuses_what_cannot_work(capsys):
 
 
 def test_templates_use_only_the_variables_render_fills():
-    args = render.parse_args(["multi", "--image", "i", "--dataset", "d", "--run", "r"])
-    known = set(render.variables(args))
-    for path in render.TEMPLATES.values():
+    for template, path in render.TEMPLATES.items():
+        argv = [template, "--image", "i", "--dataset", "d", "--run", "r", "--source", "s"]
+        args = render.parse_args([*argv, "--labels-url", "l", "--batch", "b"])
+        known = set(render.variables(args))
         text = path.read_text()
         used = set(re.findall(r"\$\{([A-Z0-9_]+)\}", text))
         assert used <= known and text.count("$") == len(re.findall(r"\$\{[A-Z0-9_]+\}", text))

@@ -19,6 +19,7 @@ from pneumo.ingest.siim import SiimConfig, ingest_siim
 from pneumo.shards import manifest
 from pneumo.shards.store import open_store
 from pneumo.shards.tario import ShardUploader
+from pneumo.shards.vacuum import vacuum
 
 UID_POS = "1.2.276.0.7230010.3.1.4.8323329.4904.1517875185.355709"
 UID_NEG = "1.2.276.0.7230010.3.1.4.8323329.10000.1517875220.938530"
@@ -105,7 +106,8 @@ def test_an_interrupted_batch_is_invisible_then_resumes_without_duplicates(
     shared_data, tmp_path, monkeypatch, rerun_shard_size
 ):
     """Rerun with the same settings (finished shards kept) or another --shard-size (the
-    interrupted attempt's shards are stale: none may be left behind as orphans)."""
+    interrupted attempt's shards are stale). The rerun never deletes a shard; what it does
+    not use, and only that, is removed by vacuum."""
     out = tmp_path / "ds"
     cfg = SiimConfig(
         dicom_root=str(shared_data / "siim"),
@@ -128,6 +130,8 @@ def test_an_interrupted_batch_is_invisible_then_resumes_without_duplicates(
     assert manifest.read(store).num_rows == 0  # nothing visible
     assert len(store.list("shards/")) == 3  # the leftovers of the crash
     left = set(store.list("shards/"))
+    kept = vacuum(store, retention_hours=0)  # the batch can be resumed: its shards stay
+    assert (kept.shards, kept.in_progress) == ([], 3) and set(store.list("shards/")) == left
     monkeypatch.undo()
     rerun = BatchConfig(out=str(out), batch="b1", shard_max_samples=rerun_shard_size)
     summary = ingest_siim(dataclasses.replace(cfg, batch=rerun))
@@ -135,9 +139,16 @@ def test_an_interrupted_batch_is_invisible_then_resumes_without_duplicates(
     assert summary.ingested == table.num_rows == 21
     assert len(set(table.column("key").to_pylist())) == 21
     referenced = set(table.column("shard").to_pylist())
-    assert referenced == set(store.list("shards/"))  # no orphan, no dangling reference
+    listed = set(store.list("shards/"))
+    assert referenced <= listed  # no dangling reference
+    assert left <= listed  # nothing of the first attempt deleted by the rerun
+    assert listed - referenced <= left  # the only orphans are the crashed attempt's
     if rerun_shard_size != 2:  # the premise: the rerun does not write every leftover name
         assert left - referenced
+    assert vacuum(store, retention_hours=1).shards == []  # too young to remove
+    removed = vacuum(store, retention_hours=0).shards
+    assert set(removed) == listed - referenced
+    assert set(store.list("shards/")) == referenced
 
 
 @pytest.mark.slow

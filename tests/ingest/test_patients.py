@@ -14,6 +14,7 @@ from pneumo.ingest.patients import (
     SplitPolicy,
     batch_policy,
     nih_patient,
+    policy_of,
     resolve_secret,
 )
 from pneumo.shards import layout, manifest
@@ -123,12 +124,34 @@ def test_the_first_committed_batch_fixes_the_policy(tmp_path):
         batch_policy(store, other, fractions_given=False)
 
 
-def test_before_any_commit_a_batch_brings_its_own_policy(tmp_path):
+def test_the_first_batch_fixes_the_policy_before_reading_a_file(tmp_path):
     store = open_store(tmp_path / "ds")
-    manifest.write_settings(store, {"split_policy": SplitPolicy().to_json()})  # a killed try
     mine = SplitPolicy(fractions=(0.5, 0.25, 0.25), secret_check="x")
     got = batch_policy(store, mine, fractions_given=True)
-    assert got.policy == mine and got.write
+    assert got.policy == mine and not got.write  # written now, not at commit
+    assert policy_of(manifest.read_settings(store)) == mine
+    with pytest.raises(ConfigError, match="fixed at"):  # even though nothing is committed
+        batch_policy(store, SplitPolicy(secret_check="x"), fractions_given=True)
+
+
+def test_first_batches_racing_with_different_policies_write_exactly_one(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = open_store(tmp_path / "ds")
+    policies = [SplitPolicy(fractions=(0.5 + i / 100, 0.25, 0.25 - i / 100), secret_check="x")
+                for i in range(8)]  # fmt: skip
+
+    def start(policy):
+        try:
+            return batch_policy(store, policy, fractions_given=True).policy
+        except ConfigError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(start, policies))
+    stored = policy_of(manifest.read_settings(store))
+    assert stored in policies
+    assert got.count(stored) == 1 and got.count(None) == 7  # the others refused
 
 
 def test_a_schema_1_dataset_keeps_its_fractions_and_adopts_the_secret(tmp_path):

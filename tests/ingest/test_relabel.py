@@ -107,7 +107,11 @@ def test_new_labels_supersede_old_ones_as_a_batch_that_can_be_dropped(shared_dat
     summary = ingest_siim(SiimConfig(dicom_root=str(sample), labels=labels, batch=batch))
     assert (summary.ingested, summary.relabelled, summary.skipped) == (2, 2, 8)
     after = {r["image_id"]: r for r in manifest.read(store).to_pylist()}
-    assert len(after) == 10 and manifest.read(store, latest_labels=False).num_rows == 12
+    assert len(after) == 10 and manifest.read(store).num_rows == 10  # one row per image
+    earlier = {
+        r["image_id"]: r for r in manifest.read(store, version=summary.version - 1).to_pylist()
+    }
+    assert earlier == before  # the table's previous version still has the old labels
     assert (after[positive]["has_ptx"], after[negative]["has_ptx"]) == (False, True)
     assert after[positive]["labels_version"] == after[negative]["labels_version"] == 2
     assert after[negative]["split"] == before[negative]["split"]

@@ -29,12 +29,20 @@ def _cfg(src: Path, labels: Path, out: str, **kw) -> SiimConfig:
     return SiimConfig(dicom_root=str(src), labels=labels, batch=BatchConfig(out=out, **kw))
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in out.rglob("*")
-        if p.is_file() and ".scratch" not in p.parts
-    }
+def _without_attempt(shard: str) -> str:
+    """``.../siim-b1-<attempt>-train-neg-000000.tar`` -> ``.../siim-b1-train-neg-000000.tar``."""
+    folder, _, name = shard.rpartition("/")
+    parts = name.split("-")
+    return f"{folder}/{'-'.join(parts[:2] + parts[3:])}"
+
+
+def _content(out: Path) -> tuple[dict[str, bytes], list[dict]]:
+    """The committed rows and the bytes of the shards they name, attempt ids left out."""
+    rows = manifest.read(open_store(out)).to_pylist()
+    shards = {_without_attempt(r["shard"]): (out / r["shard"]).read_bytes() for r in rows}
+    for row in rows:
+        row["shard"] = _without_attempt(row["shard"])
+    return shards, rows
 
 
 def test_a_failed_batch_keeps_its_finished_chunks_and_redoes_only_the_rest(
@@ -60,7 +68,11 @@ def test_a_failed_batch_keeps_its_finished_chunks_and_redoes_only_the_rest(
     out = tmp_path / "ds"
     store = open_store(out)
     assert manifest.read(store).num_rows == 0  # nothing visible
-    records = [ChunkRecord.from_bytes(out.joinpath(p).read_bytes()) for p in store.list("batches/")]
+    records = [
+        ChunkRecord.from_bytes(out.joinpath(p).read_bytes())
+        for p in store.list("batches/")
+        if p.endswith(".json.gz")
+    ]
     assert [r.index for r in records] == [0, 1]  # chunk 2 failed
     kept = {p: os.stat(out / p) for r in records for p in r.shards}
     assert len(kept) == 4
@@ -80,51 +92,52 @@ def test_a_failed_batch_keeps_its_finished_chunks_and_redoes_only_the_rest(
     # The same bytes as a run that was never interrupted.
     clean = tmp_path / "clean"
     ingest_siim(_cfg(sample, labels, str(clean), shard_max_samples=1, chunk_files=2))
-    assert _files(out) == _files(clean)
+    assert _content(out) == _content(clean)
     assert summary.ingested == 10 and summary.shards == 10
 
 
-# A child process that runs the ingest and SIGKILLs itself at one step of the commit.
+# A child process that runs the ingest and SIGKILLs itself at one step of the commit:
+# before the quarantine rows, before the batch record, before the rows' Delta commit,
+# and after it (before the progress records are cleared).
 _KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from pneumo.shards import s3 as s3mod, store as st
+from pneumo.ingest import chunks
+from pneumo.shards import commits, s3 as s3mod, store as st
 
 step, src, labels, out = sys.argv[1:5]
 
-def die():
+def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 def is_record(path):
-    return path.startswith("batches/") and path.endswith(".json")
+    return path.startswith("batches/") and path.endswith(".json") and "/" not in path[8:]
 
-for cls in (st.LocalStore, s3mod.S3Store):
-    real_put = cls.put
-    def put(self, path, data, real_put=real_put):
-        if step == "after-shards" and (path.startswith("quarantine/") or is_record(path)):
-            die()
-        if step == "at-record" and is_record(path):  # the quarantine part is written
-            die()
-        if step == "after-record" and (path.startswith("manifest/") or path == "_pneumo.json"):
-            die()
-        if step == "during-manifest" and path.startswith("manifest/"):
-            if isinstance(self, s3mod.S3Store):  # a multipart upload begun, never completed
-                key = self._k(path)
-                up = self.client.create_multipart_upload(Bucket=self.bucket, Key=key)
-                self.client.upload_part(Bucket=self.bucket, Key=key, PartNumber=1,
-                                        UploadId=up["UploadId"], Body=data)
+if step == "after-shards":
+    commits.add_quarantine = die
+if step == "at-record":
+    for cls in (st.LocalStore, s3mod.S3Store):
+        real_put = cls.put
+        def put(self, path, data, real_put=real_put):
+            if is_record(path):
                 die()
-            real_replace = st.os.replace
-            def replace(a, b):  # the part is written to its temp file, not yet renamed
-                if "/manifest/" in str(b):
-                    die()
-                return real_replace(a, b)
-            st.os.replace = replace
-        return real_put(self, path, data)
-    cls.put = put
+            return real_put(self, path, data)
+        cls.put = put
+if step == "after-record":  # the samples table's commit never happens
+    real_write, real_merge = commits.write_deltalake, commits.DeltaTable.merge
+    def write(uri, *args, **kwargs):
+        if str(uri).rstrip("/").endswith("manifest"):
+            die()
+        return real_write(uri, *args, **kwargs)
+    def merge(self, *args, **kwargs):
+        if self.table_uri.rstrip("/").endswith("manifest"):
+            die()
+        return real_merge(self, *args, **kwargs)
+    commits.write_deltalake, commits.DeltaTable.merge = write, merge
+if step == "after-commit":
+    chunks.discard = die
 
 from pneumo.ingest.batch import BatchConfig
-from pneumo.ingest.chunks import ChunkRecord
 from pneumo.ingest.siim import SiimConfig, ingest_siim
 ingest_siim(SiimConfig(dicom_root=src, labels=Path(labels),
                        batch=BatchConfig(out=out, shard_max_samples=2)))
@@ -134,7 +147,7 @@ sys.exit(3)
 
 @pytest.mark.integration
 @pytest.mark.parametrize("where", ["local", "s3"])
-@pytest.mark.parametrize("step", ["after-shards", "at-record", "after-record", "during-manifest"])
+@pytest.mark.parametrize("step", ["after-shards", "at-record", "after-record", "after-commit"])
 def test_a_kill_at_each_commit_step_then_a_rerun_commits_every_image_once(
     shared_data, tmp_path, request, where, step
 ):
@@ -157,12 +170,17 @@ def test_a_kill_at_each_commit_step_then_a_rerun_commits_every_image_once(
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     store = open_store(out)
-    assert manifest.read(store).num_rows == 0
-    assert manifest.read(store, table="quarantine").num_rows == 0  # only at commit
-    if step in ("at-record", "after-record"):
-        assert store.list("quarantine/")  # written, but not visible
-    summary = ingest_siim(_cfg(src, labels, out, shard_max_samples=2))
-    assert summary.committed and summary.resumed_files == 5
+    if step == "after-commit":
+        assert manifest.read(store).num_rows == 4  # committed, then killed
+        summary = ingest_siim(_cfg(src, labels, out, shard_max_samples=2))
+        assert summary.already_committed
+    else:
+        assert manifest.read(store).num_rows == 0
+        assert manifest.read(store, table="quarantine").num_rows == 0  # only at commit
+        if step in ("at-record", "after-record"):
+            assert store.list("quarantine/")  # written, but not visible
+        summary = ingest_siim(_cfg(src, labels, out, shard_max_samples=2))
+        assert summary.committed and summary.resumed_files == 5
     table = manifest.read(store)
     assert sorted(table.column("image_id").to_pylist()) == sorted(uids)
     quarantined = manifest.read(store, table="quarantine").column("source").to_pylist()

@@ -205,8 +205,13 @@ def stray_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _as_schema_1(root: Path, out: Path) -> Path:
     """A copy of the dataset whose manifest is as schema 1 wrote it: no offset, no size."""
     shutil.copytree(root, out)
-    for part in out.glob("manifest/**/*.parquet"):
-        table = pq.read_table(part, partitioning=None).drop_columns(["offset", "size"])
+    rows = manifest.read(open_store(str(out))).to_pylist()
+    shutil.rmtree(out / "manifest")  # schema 1: one hive Parquet part per batch
+    for dataset, batch in {(r["dataset"], r["batch"]) for r in rows}:
+        mine = [r for r in rows if (r["dataset"], r["batch"]) == (dataset, batch)]
+        table = manifest.to_table(mine).drop_columns(["dataset", "batch", "offset", "size"])
+        part = out / layout.manifest_part(dataset, batch)
+        part.parent.mkdir(parents=True)
         pq.write_table(table.replace_schema_metadata({"pneumo.schema_version": "1"}), part)
     return out
 
