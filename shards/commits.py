@@ -86,34 +86,28 @@ def commit(
         if dt is not None and dt.transaction_version(app) is not None:
             return CommitResult(version=dt.version(), inserted=0, updated=0, already=True)
         try:
-            if dt is None or rows.num_rows == 0:
-                # The first commit creates the table; an empty batch still records its
-                # transaction. Plain appends are retried by delta-rs itself.
+            if dt is None:
+                dt = ensure_table(store, "samples")
+            if rows.num_rows == 0:
+                # An empty batch still records its transaction (no row: nothing to double).
                 write_deltalake(
                     uri,
-                    rows if dt is None else manifest.SAMPLES_SCHEMA.empty_table(),
+                    manifest.SAMPLES_SCHEMA.empty_table(),
                     mode="append",
-                    partition_by=["dataset"],
                     storage_options=options,
                     commit_properties=txn,
-                    configuration=TABLE_CONFIGURATION if dt is None else None,
+                    schema_mode="merge",
                 )
                 done = manifest.open_table(store)
                 assert done is not None
-                if dt is None and done.transaction_version(app) is None:
-                    continue  # another writer created the table first: merge into it
-                return CommitResult(
-                    version=done.version(),
-                    inserted=rows.num_rows if dt is None else 0,
-                    updated=0,
-                    retries=attempt,
-                )
+                return CommitResult(version=done.version(), inserted=0, updated=0, retries=attempt)
             metrics = (
                 dt.merge(
                     rows,
                     _MERGE_PREDICATE.format(dataset=_sql_str(dataset)),
                     source_alias="s",
                     target_alias="t",
+                    merge_schema=True,  # a table made by an earlier pneumo gains new columns
                     commit_properties=txn,
                 )
                 .when_matched_update_all(predicate="s.labels_version > t.labels_version")
@@ -150,6 +144,31 @@ def commit(
     raise ManifestError(
         f"{uri}: batch {batch} lost the commit race {MAX_COMMIT_TRIES} times; run it again"
     )
+
+
+def ensure_table(store: Store, table: manifest.TableName) -> DeltaTable:
+    """The table, created empty if it does not exist yet. Rows never enter a table through
+    the write that creates it: delta-rs retries a plain append that lost a race as the next
+    version, so two first writers would both have inserted theirs."""
+    uri, options = manifest.location(store, table)
+    schema = manifest.SAMPLES_SCHEMA if table == "samples" else manifest.QUARANTINE_SCHEMA
+    try:
+        DeltaTable.create(
+            uri,
+            schema,
+            mode="ignore",
+            partition_by=["dataset"],
+            configuration=TABLE_CONFIGURATION,
+            storage_options=options,
+        )
+    except DeltaError as e:  # another writer created it at the same moment
+        log.info("%s: created by another writer meanwhile (%s)", uri, manifest.first_line(e))
+    except OSError as e:
+        raise StoreError(f"{uri}: cannot create the table: {manifest.first_line(e)}") from e
+    dt = manifest.open_table(store, table)
+    if dt is None:
+        raise ManifestError(f"{uri}: the table was created but cannot be opened")
+    return dt
 
 
 def _refreshed(store: Store, dt: DeltaTable | None) -> DeltaTable | None:
@@ -218,26 +237,17 @@ def _merge_quarantine(store: Store, rows: pa.Table) -> None:
     if rows.num_rows == 0:
         return
     rows = rows.cast(manifest.QUARANTINE_SCHEMA)
-    uri, options = manifest.location(store, "quarantine")
+    uri, _ = manifest.location(store, "quarantine")
     for attempt in range(MAX_COMMIT_TRIES):
-        dt = manifest.open_table(store, "quarantine")
+        dt = manifest.open_table(store, "quarantine") or ensure_table(store, "quarantine")
         try:
-            if dt is None:
-                write_deltalake(
-                    uri,
-                    rows,
-                    mode="append",
-                    partition_by=["dataset"],
-                    storage_options=options,
-                    configuration=TABLE_CONFIGURATION,
-                )
-                return
             (
                 dt.merge(
                     rows,
                     "t.dataset = s.dataset AND t.batch = s.batch AND t.source = s.source",
                     source_alias="s",
                     target_alias="t",
+                    merge_schema=True,
                 )
                 .when_not_matched_insert_all()
                 .execute()
@@ -246,8 +256,6 @@ def _merge_quarantine(store: Store, rows: pa.Table) -> None:
         except CommitFailedError:
             time.sleep(random.uniform(0.05, 0.2 * (attempt + 1)))
         except DeltaError as e:
-            if dt is None:  # created by another writer meanwhile: merge into it
-                continue
             raise ManifestError(f"{uri}: {manifest.first_line(e)}") from e
         except OSError as e:
             raise StoreError(f"{uri}: {manifest.first_line(e)}") from e
@@ -326,39 +334,52 @@ def _commit_version(dt: DeltaTable, dataset: str, batch: str) -> int | None:
     return None
 
 
+CONVERSION_APP = "pneumo/convert-legacy"  # the Delta transaction of a conversion
+
+
 def convert_legacy(store: Store) -> bool:
-    """Convert a dataset of hive Parquet parts into the two tables, in one commit each
-    (the samples table last); True if this call converted it. The parts are removed once
-    the tables hold their rows; a conversion killed before the samples commit starts again.
-    """
+    """Convert a dataset of hive Parquet parts into the two tables; True if this call
+    converted it. The rows go in by one MERGE carrying the conversion's transaction, so
+    racing or repeated conversions add each image once; the parts are removed only once
+    that transaction is in the table (a conversion killed before it starts again)."""
+    settings = manifest.read_settings(store) or {}
     if manifest.has_table(store):
-        settings = manifest.read_settings(store) or {}
-        if "converted_batches" in settings and not settings.get("legacy_parts_removed"):
-            _remove_legacy_parts(store)  # left by a conversion killed after its commit
-        return False
-    if not manifest.legacy_parts(store, "samples"):
+        if "converted_batches" not in settings or settings.get("legacy_parts_removed"):
+            return False  # a table from the start, or a finished conversion
+    elif not manifest.legacy_parts(store, "samples"):
         return False
     batches = sorted(manifest.legacy_committed(store))
     samples = manifest.legacy_dataset(store, "samples")
-    rows = samples.to_table()
-    rows = manifest.latest_labels(samples, rows).cast(manifest.SAMPLES_SCHEMA)
+    rows = manifest.latest_labels(samples, samples.to_table()).cast(manifest.SAMPLES_SCHEMA)
     quarantine = manifest.read(store, table="quarantine")
-    settings = manifest.read_settings(store) or {}
-    settings["converted_batches"] = [list(b) for b in batches]
-    manifest.write_settings(store, settings)
+    if "converted_batches" not in settings:
+        settings["converted_batches"] = [list(b) for b in batches]
+        manifest.write_settings(store, settings)
     _merge_quarantine(store, quarantine)
-    uri, options = manifest.location(store, "samples")
-    try:
-        write_deltalake(
-            uri,
-            rows,
-            mode="append",
-            partition_by=["dataset"],
-            storage_options=options,
-            configuration=TABLE_CONFIGURATION,
-        )
-    except DeltaError:
-        return False  # another writer converted it meanwhile
+    for attempt in range(MAX_COMMIT_TRIES):
+        dt = ensure_table(store, "samples")
+        if dt.transaction_version(CONVERSION_APP) is not None:
+            break
+        try:
+            (
+                dt.merge(
+                    rows,
+                    "t.dataset = s.dataset AND t.image_id = s.image_id",
+                    source_alias="s",
+                    target_alias="t",
+                    merge_schema=True,
+                    commit_properties=CommitProperties(
+                        app_transactions=[Transaction(CONVERSION_APP, 1)]
+                    ),
+                )
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            break
+        except CommitFailedError:
+            time.sleep(random.uniform(0.05, 0.2 * (attempt + 1)))
+    else:
+        raise ManifestError(f"{store.url}: the manifest's conversion lost {MAX_COMMIT_TRIES} races")
     _remove_legacy_parts(store)
     log.warning(
         "%s: manifest converted to a Delta table (%d rows, %d batches)",
