@@ -99,7 +99,8 @@ def run_audit(ctx: StageContext) -> dict[str, Any]:
         selections[name] = {"where": where, "images": chosen.num_rows, "patients": patients}
     if report.image_level_images:
         log.warning(
-            "%d images have image-level patient keys (SIIM without --nih-xref): their "
+            "%d images have image-level patient keys (DICOMs without a PatientID, or older SIIM "
+            "rows without --nih-xref): their "
             "patients may have other images in other splits",
             report.image_level_images,
         )

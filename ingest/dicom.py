@@ -10,9 +10,10 @@
   8-bit when BitsStored <= 8, else 16-bit. No windowing, no rescale. Bone is bright:
   MONOCHROME1 is inverted as ``(2**BitsStored - 1) - x``.
 
-Privacy: the patient id only goes to ``raw_patient_id`` (for keyed hashing by the caller).
-No message or log line carries patient data, so pydicom's value validation (its messages
-quote values) is switched off while we read.
+Privacy: the patient ids (PatientID, IssuerOfPatientID, OtherPatientIDs) only go to
+``patient_ids``, for keyed hashing by the caller; its repr shows none of them. No message
+or log line carries patient data, so pydicom's value validation (its messages quote values)
+is switched off while we read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import PurePosixPath
 from typing import Any
@@ -34,11 +35,13 @@ from PIL import Image
 from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID, JPEGBaseline8Bit
 
 from pneumo.ingest.dicom_lean import read_lean
 from pneumo.ingest.jpeg import frame_problem, strip_padding
+from pneumo.ingest.patients import DICOM_PATIENT_ATTRIBUTES
 from pneumo.shards.errors import PneumoError
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,21 @@ class BadInput(PneumoError):
     """A source file or row cannot be ingested; message = the reason (no patient data in it)."""
 
 
+@dataclass(frozen=True)
+class PatientIds:
+    """The header values that can name a patient (``DICOM_PATIENT_ATTRIBUTES``, the empty
+    ones left out), for keyed hashing only: never log or store them. Its repr names the
+    attributes present, never a value, so a traceback or a log of an image shows none."""
+
+    items: tuple[tuple[str, str], ...] = ()
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.items)
+
+    def __repr__(self) -> str:
+        return f"PatientIds({', '.join(k for k, _ in self.items)}; values hidden)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DicomImage:
     """One DICOM image as a shard stores it.
@@ -78,7 +96,7 @@ class DicomImage:
         transfer_syntax: the source transfer syntax UID.
         photometric: the source PhotometricInterpretation (the stored image is always
             MONOCHROME2-like: bone bright).
-        raw_patient_id: only for keyed hashing by the caller; never log or store it.
+        patient_ids: the patient-naming header values (see :class:`PatientIds`).
         view_position: ``"PA"``, ``"AP"``, ... or None.
         sex: ``"M"``, ``"F"``, ``"O"`` or None.
         age_years: age in years, or None if missing, unparseable or over 120.
@@ -94,11 +112,16 @@ class DicomImage:
     bits_stored: int
     transfer_syntax: str
     photometric: str
-    raw_patient_id: str | None
+    patient_ids: PatientIds = field(repr=False)
     view_position: str | None
     sex: str | None
     age_years: float | None
     pixel_spacing: tuple[float, float] | None
+
+    @property
+    def raw_patient_id(self) -> str | None:
+        """The PatientID, for keyed hashing only; None when missing or empty."""
+        return self.patient_ids.as_dict().get("PatientID")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +171,24 @@ def read_dicom(data: bytes, source: str) -> DicomImage:
         bit_depth = 8 if pixels.dtype == np.uint8 else 16
     with _quiet_pydicom():  # reading a value converts it: pydicom may warn
         return _image(ds.get, header, source, image_bytes, image_format, bit_depth)
+
+
+def read_patient_ids(data: bytes, source: str) -> tuple[str, PatientIds]:
+    """The image id and patient ids of a DICOM file, from its header alone (no pixels
+    decoded): to know the patient of a listed image before the batch reads its files.
+
+    Raises:
+        BadInput: empty or not DICOM (a file :func:`read_dicom` would reject too).
+    """
+    lean = read_lean(data)
+    if lean is not None:
+        get: Callable[[str], Any] = lean.values.get
+    else:
+        force = _needs_force(data)
+        with _quiet_pydicom():
+            get = _read_dataset(data, force=force, header_only=True).get
+    with _quiet_pydicom():
+        return _text(get, "SOPInstanceUID") or PurePosixPath(source).stem, _patient_ids(get)
 
 
 def decode_pixels(data: bytes, source: str) -> np.ndarray:
@@ -200,6 +241,15 @@ def _quiet_pydicom() -> Iterator[None]:
 
 def _parse(data: bytes) -> tuple[Dataset, _Header]:
     """Parse the dataset (pixel data included, not decoded) and validate its header."""
+    force = _needs_force(data)
+    with _quiet_pydicom():
+        ds = _read_dataset(data, force=force)
+        header = _header(ds)
+    return ds, header
+
+
+def _needs_force(data: bytes) -> bool:
+    """Whether pydicom must be forced (no preamble); BadInput for what is not DICOM."""
     if not data:
         raise BadInput("file is empty")
     has_preamble = data[128:132] == b"DICM"
@@ -207,27 +257,24 @@ def _parse(data: bytes) -> tuple[Dataset, _Header]:
     # little endian; checking that keeps force=True from "parsing" random bytes into junk.
     if not has_preamble and data[:2] not in (b"\x02\x00", b"\x08\x00"):
         raise BadInput("not a DICOM file (no DICM prefix, no recognisable first element)")
-    with _quiet_pydicom():
-        ds = _read_dataset(data, force=not has_preamble)
-        header = _header(ds)
-    return ds, header
+    return not has_preamble
 
 
-def _read_dataset(data: bytes, *, force: bool) -> Dataset:
+def _read_dataset(data: bytes, *, force: bool, header_only: bool = False) -> Dataset:
     """dcmread with errors turned into BadInput; a cut-off file is reported as truncated."""
     try:
         # Strict reading so that a cut-off file raises EOFError: by default pydicom drops
         # the cut-off last element (the pixel data) with a warning, and we would report
         # "no pixel data" for what is really a truncated file.
         with pydicom_config.strict_reading():
-            ds = pydicom.dcmread(BytesIO(data), force=force)
+            ds = pydicom.dcmread(BytesIO(data), force=force, stop_before_pixels=header_only)
     except EOFError as e:
         raise BadInput(f"truncated: {str(e).splitlines()[0][:160]}") from e
     except Exception:
         # Strict mode also rejects an unknown character set, a VR mismatch or an invalid
         # meta value, which a lenient read tolerates: try again without it.
         try:
-            ds = pydicom.dcmread(BytesIO(data), force=force)
+            ds = pydicom.dcmread(BytesIO(data), force=force, stop_before_pixels=header_only)
         except Exception as e:  # pydicom raises many types (struct.error, ValueError, ...)
             raise BadInput(f"not a DICOM file ({type(e).__name__})") from e
     if "TransferSyntaxUID" not in ds.file_meta:  # no meta header: say how pydicom read it
@@ -376,7 +423,7 @@ def _image(
         bits_stored=header.bits_stored,
         transfer_syntax=str(header.transfer_syntax),
         photometric=header.photometric,
-        raw_patient_id=_text(get, "PatientID"),
+        patient_ids=_patient_ids(get),
         view_position=(_text(get, "ViewPosition") or "").upper() or None,
         sex=_SEX.get((_text(get, "PatientSex") or "").upper()),
         age_years=parse_age(_text(get, "PatientAge")),
@@ -392,6 +439,24 @@ def _text(get: Callable[[str], Any], keyword: str) -> str | None:
         return None
     text = str(value).strip() if value is not None else ""
     return text or None
+
+
+def _patient_ids(get: Callable[[str], Any]) -> PatientIds:
+    """The patient-naming values present; a multi-valued one (OtherPatientIDs) joined with
+    ``\\`` as the file writes it (the lean reader declines such files)."""
+    items = []
+    for keyword in DICOM_PATIENT_ATTRIBUTES:
+        try:
+            value = get(keyword)
+        except Exception:  # a malformed optional element should not sink the image
+            continue
+        if isinstance(value, (list, tuple, MultiValue)):
+            text = "\\".join(str(v).strip() for v in value).strip("\\ ")
+        else:
+            text = str(value).strip() if value is not None else ""
+        if text:
+            items.append((keyword, text))
+    return PatientIds(tuple(items))
 
 
 def _pixel_spacing(get: Callable[[str], Any]) -> tuple[float, float] | None:

@@ -49,6 +49,8 @@ _U16 = struct.Struct("<H")
 TEXT_TAGS = {
     0x00080018: ("SOPInstanceUID", b"UI"),
     0x00100020: ("PatientID", b"LO"),
+    0x00100021: ("IssuerOfPatientID", b"LO"),  # the patient-naming attributes: see
+    0x00101000: ("OtherPatientIDs", b"LO"),  # patients.DICOM_PATIENT_ATTRIBUTES
     0x00100040: ("PatientSex", b"CS"),
     0x00101010: ("PatientAge", b"AS"),
     0x00185101: ("ViewPosition", b"CS"),

@@ -1,9 +1,10 @@
 """Which batch a run makes: its identity, its split policy, and whether it is done.
 
 A batch's identity covers everything that changes its rows: the source files, the label,
-xref and list files, the split policy and relabelling. It names the batch by default, so
-running the same command again finds the same batch (to resume it, or to say it is already
-committed), and running it with another xref or list makes another batch.
+xref and list files, the split policy, the DICOM patient rule and relabelling. It names the
+batch by default, so running the same command again finds the same batch (to resume it, or
+to say it is already committed), and running it with another xref, list or patient rule
+makes another batch.
 """
 
 from __future__ import annotations
@@ -51,13 +52,18 @@ def open_batch(
     files: Sequence[Any],
     inputs: Iterable[Path | None],
     lists: SplitLists,
+    patients: str | None = None,
 ) -> BatchRun | BatchSummary:
     """Start (or resume) the batch these inputs make; its summary if already committed.
+
+    ``patients`` names how the batch finds patients beyond its input files (the DICOM
+    attributes of ``--patient-attribute``): part of the identity when given.
 
     Raises:
         ConfigError: another secret or other split fractions than the dataset's; a batch
             name taken by other inputs or being dropped.
     """
+    inputs = list(inputs)
     secret = cfg.patient_secret or resolve_secret()
     wanted = SplitPolicy(
         fractions=cfg.split_fractions or DEFAULT_FRACTIONS,
@@ -67,7 +73,9 @@ def open_batch(
         lists=tuple(f"{f.name} {_sha256(f)}" for f in lists.files),
     )
     policy = batch_policy(store, wanted, cfg.split_fractions is not None)
-    identity = batch_identity(files, inputs, policy.effective, relabel=cfg.relabel)
+    identity = batch_identity(
+        files, inputs, policy.effective, relabel=cfg.relabel, patients=patients
+    )
     batch = cfg.batch or f"b{identity[:12]}"
     if cfg.batch and cfg.part is not None:  # one batch per part of the Indexed Job
         batch = layout.check_name("batch", f"{cfg.batch}-{cfg.part[0]}of{cfg.part[1]}")
@@ -85,8 +93,31 @@ def open_batch(
         return already_committed(store, dataset, batch, identity, len(files))
     lease.__enter__()  # heartbeats until the batch commits or the attempt ends
     return BatchRun(
-        store, cfg, dataset, batch, identity=identity, policy=policy, secret=secret, lease=lease
+        store,
+        cfg,
+        dataset,
+        batch,
+        identity=identity,
+        policy=policy,
+        secret=secret,
+        lease=lease,
+        sources=describe_sources(files, inputs),
     )
+
+
+def describe_sources(files: Sequence[Any], inputs: Iterable[Path | None]) -> dict[str, Any]:
+    """Where a batch's inputs came from, for its record: the folders or prefixes of the
+    source files with their counts and bytes (sizes are 0 for S3 listings), and the label,
+    xref and list files."""
+    roots: dict[str, dict[str, int]] = {}
+    for f in files:
+        entry = roots.setdefault(str(f.root), {"files": 0, "bytes": 0})
+        entry["files"] += 1
+        entry["bytes"] += int(f.size)
+    return {
+        "roots": roots,
+        "inputs": [str(p) for p in inputs if p is not None],
+    }
 
 
 def _check_record(store: Store, dataset: str, batch: str, identity: str) -> None:
@@ -104,10 +135,16 @@ def _check_record(store: Store, dataset: str, batch: str, identity: str) -> None
 
 
 def batch_identity(
-    files: Iterable[Any], inputs: Iterable[Path | None], policy: SplitPolicy, *, relabel: bool
+    files: Iterable[Any],
+    inputs: Iterable[Path | None],
+    policy: SplitPolicy,
+    *,
+    relabel: bool,
+    patients: str | None = None,
 ) -> str:
     """A hash of everything that changes a batch's rows: the source files (names, sizes),
-    the label, xref and list files (contents), the split policy, and relabelling.
+    the label, xref and list files (contents), the split policy, the patient rule (when
+    the format has one: DICOM's ``--patient-attribute``), and relabelling.
 
     It names the batch by default, so re-running the same command finds the same batch.
     """
@@ -117,6 +154,8 @@ def batch_identity(
     for path in inputs:
         h.update(b"-\n" if path is None else f"{_sha256(path)}\n".encode())
     h.update(f"policy:{policy.fingerprint()}\nrelabel:{relabel}\n".encode())
+    if patients is not None:  # absent for NIH: its batches keep the names they had
+        h.update(f"patients:{patients}\n".encode())
     return h.hexdigest()
 
 

@@ -4,13 +4,15 @@ Leakage is a patient-level problem (a model scored on a person it was trained on
 well), so every split decision is about patients, made the same way for every image of a
 patient, in every batch and in both datasets:
 
-* **Patient.** NIH rows: the Data_Entry ``Patient ID`` (basis ``nih-patient-id``). SIIM rows
-  with ``--nih-xref``: the NIH patient of the image (``nih-xref``), so the SIIM and NIH
-  images of one person are one patient. SIIM rows without it: the image itself
-  (``siim-image``). A SIIM PatientID is a fresh pseudonym on every image, so keying on it
-  would be keying on the image while pretending otherwise; keying on the image id says so,
-  and lets the split be known before any DICOM is read. Bases ending in ``-image`` are
-  image-level.
+* **Patient.** NIH rows: the Data_Entry ``Patient ID`` (basis ``nih-patient-id``). DICOM
+  rows (``pneumo ingest dicom``, alias ``siim``), in order: the NIH patient of the image
+  through ``--nih-xref`` (``nih-xref``), so the SIIM and NIH images of one person are one
+  patient; else the DICOM PatientID (``dicom-patient-id``), or the attributes a
+  :class:`DicomPatientRule` names (``dicom:IssuerOfPatientID+PatientID``, ...); else, when
+  those are empty, the image itself (``dicom-image``). Kaggle SIIM PatientIDs are fresh
+  pseudonyms on every image, so keyed on them SIIM is split by image, exactly as keying on
+  the image would: only the xref makes SIIM patient-level. Bases ending in ``-image`` are
+  image-level (``siim-image`` in datasets written before PatientIDs were used).
 * **Key.** ``patient_key`` = HMAC-SHA256(secret, ``namespace:id``), truncated: linkable
   within pneumo, not reversible without the secret. NIH has only 30,805 patient ids, so a
   public or guessable secret would let anyone reverse every key by trying them all. The
@@ -48,8 +50,16 @@ _HELD_OUT_FIRST = ("test", "val", "train")
 
 BASIS_NIH_PATIENT = "nih-patient-id"
 BASIS_NIH_XREF = "nih-xref"
-BASIS_SIIM_IMAGE = "siim-image"
+BASIS_DICOM_PATIENT_ID = "dicom-patient-id"
+BASIS_DICOM_IMAGE = "dicom-image"
+BASIS_SIIM_IMAGE = "siim-image"  # image-level SIIM rows of datasets written before
 IMAGE_LEVEL_SUFFIX = "-image"
+
+# The DICOM attributes that can name a patient (what ``--patient-attribute`` may name), in
+# the order a rule joins them: the issuer scopes the ids after it. Every one is read by
+# both DICOM readers (``pneumo.ingest.dicom`` and its lean path).
+DICOM_PATIENT_ATTRIBUTES = ("IssuerOfPatientID", "PatientID", "OtherPatientIDs")
+_QUALIFIERS = frozenset({"IssuerOfPatientID"})  # scopes an id; names no one alone
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class Patient:
     found. Never stored or logged as such."""
 
     namespace: str
-    raw_id: str
+    raw_id: str = field(repr=False)  # a repr (a traceback, a log line) never shows it
     basis: str
 
 
@@ -68,8 +78,77 @@ def nih_patient(patient_id: str, basis: str = BASIS_NIH_PATIENT) -> Patient:
 
 
 def image_patient(image_id: str) -> Patient:
-    """A SIIM image that is its own patient (no xref entry for it)."""
-    return Patient("siim-image", image_id, BASIS_SIIM_IMAGE)
+    """A DICOM image that is its own patient (no xref entry, no patient attribute)."""
+    return Patient(BASIS_DICOM_IMAGE, image_id, BASIS_DICOM_IMAGE)
+
+
+@dataclass(frozen=True)
+class DicomPatientRule:
+    """Which DICOM attributes name an image's patient (``--patient-attribute``).
+
+    ``PatientID`` by default; sites that need more name several, joined by ``+``:
+    ``IssuerOfPatientID+PatientID`` (the same PatientID under two issuers is two patients),
+    ``OtherPatientIDs`` (its values sorted, so their order does not matter). The values
+    are hashed together with the rule, never stored. An image whose named id attributes
+    (all but ``IssuerOfPatientID``, which may be empty: an empty scope) are all empty is
+    its own patient.
+    """
+
+    attributes: tuple[str, ...] = ("PatientID",)
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.attributes if a not in DICOM_PATIENT_ATTRIBUTES]
+        if unknown or not self.attributes:
+            raise ConfigError(
+                f"--patient-attribute {self.spec!r}: expected one or more of "
+                f"{', '.join(DICOM_PATIENT_ATTRIBUTES)} joined by '+' (names as the DICOM "
+                "standard spells them), e.g. IssuerOfPatientID+PatientID"
+            )
+        if len(set(self.attributes)) != len(self.attributes):
+            raise ConfigError(f"--patient-attribute {self.spec!r} names an attribute twice")
+        if set(self.attributes) <= _QUALIFIERS:
+            raise ConfigError(
+                f"--patient-attribute {self.spec!r}: IssuerOfPatientID only scopes an id; "
+                "name PatientID or OtherPatientIDs with it (IssuerOfPatientID+PatientID)"
+            )
+        # One order whatever the user wrote: the same rule always makes the same keys.
+        canonical = tuple(a for a in DICOM_PATIENT_ATTRIBUTES if a in self.attributes)
+        object.__setattr__(self, "attributes", canonical)
+
+    @classmethod
+    def parse(cls, spec: str) -> DicomPatientRule:
+        """``"IssuerOfPatientID+PatientID"`` -> the rule (spaces around names ignored)."""
+        return cls(tuple(part.strip() for part in spec.split("+")))
+
+    @property
+    def spec(self) -> str:
+        return "+".join(self.attributes)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """The attributes that name someone (all but the issuer, which scopes them)."""
+        return tuple(a for a in self.attributes if a not in _QUALIFIERS)
+
+    @property
+    def basis(self) -> str:
+        """``dicom-patient-id`` for the default rule, else ``dicom:`` + the rule."""
+        return BASIS_DICOM_PATIENT_ID if self.attributes == ("PatientID",) else f"dicom:{self.spec}"
+
+    def patient(self, values: Mapping[str, str], image_id: str) -> Patient:
+        """The patient of an image whose header has ``values`` (attribute -> text, the
+        empty ones left out); the image itself when its named ids are all empty."""
+        ids = [_canonical(a, values.get(a, "")) for a in self.attributes]
+        if not any(_canonical(a, values.get(a, "")) for a in self.ids):
+            return image_patient(image_id)
+        raw = ids[0] if len(ids) == 1 else json.dumps(ids, ensure_ascii=False)
+        return Patient(f"dicom:{self.spec}", raw, self.basis)
+
+
+def _canonical(attribute: str, value: str) -> str:
+    """A header value as keyed: stripped; OtherPatientIDs' values sorted and deduplicated."""
+    if attribute == "OtherPatientIDs":
+        return "\\".join(sorted({v.strip() for v in value.split("\\")} - {""}))
+    return value.strip()
 
 
 @dataclass(frozen=True)

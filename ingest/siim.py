@@ -1,4 +1,4 @@
-"""``pneumo ingest siim``: SIIM-ACR DICOMs + RLE label CSV -> one batch of shards.
+"""``pneumo ingest dicom`` (alias ``siim``): DICOMs + SIIM RLE label CSV -> one batch of shards.
 
 The flow, top to bottom: list the DICOMs, read and check the label, xref and list files,
 open the batch (its split policy decided before any file is read), then for every file
@@ -6,8 +6,12 @@ open the batch (its split policy decided before any file is read), then for ever
 it is (or decode other transfer syntaxes to PNG) and build the mask from the label rows;
 label rows whose image never came are quarantined; the manifest part commits the batch.
 
-A SIIM image's patient is its NIH patient when ``nih_xref`` maps it (SIIM images are
-ChestX-ray14 images), else the image itself: SIIM PatientIDs are per-image pseudonyms.
+An image's patient is, in order: its NIH patient when ``nih_xref`` maps it (SIIM images
+are ChestX-ray14 images); else the patient its DICOM header names (PatientID, or the
+attributes of ``patients``, hashed); else the image itself. Kaggle SIIM PatientIDs are
+per-image pseudonyms, so without the xref SIIM is split by image (see
+``pneumo.ingest.patients``). A ``test_list`` image the xref does not map has its patient in
+its header only: the headers are read first, to fix the split policy before the batch.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ import hashlib
 import logging
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pneumo.ingest.batch import BatchConfig, BatchRun, BatchSummary, Progress
-from pneumo.ingest.dicom import BadInput, DicomImage, read_dicom
+from pneumo.ingest.dicom import BadInput, DicomImage, PatientIds, read_dicom, read_patient_ids
 from pneumo.ingest.identity import SplitLists, open_batch
 from pneumo.ingest.labels import (
     LabelProblem,
@@ -34,9 +39,9 @@ from pneumo.ingest.labels import (
     read_split_list,
     siim_labels_sha256,
 )
-from pneumo.ingest.patients import BASIS_NIH_XREF, Patient, image_patient, nih_patient
+from pneumo.ingest.patients import BASIS_NIH_XREF, DicomPatientRule, Patient, nih_patient
 from pneumo.ingest.rle import RLEError, combine_masks
-from pneumo.ingest.sources import SourceFile, list_sources, read_input, take_part
+from pneumo.ingest.sources import SourceFile, list_sources, read_input, run_ordered, take_part
 from pneumo.ingest.units import Rejected, Sample
 from pneumo.shards import layout
 from pneumo.shards.errors import ConfigError
@@ -56,6 +61,8 @@ class SiimConfig:
     # NIH's train_val_list.txt, test_list.txt, matched through nih_xref: the official lists
     # decide the test split, for SIIM and NIH rows alike.
     split_lists: tuple[Path, Path] | None = None
+    # Which DICOM attributes name the patient of an image the xref does not map.
+    patients: DicomPatientRule = DicomPatientRule()
     batch: BatchConfig
 
     def __post_init__(self) -> None:
@@ -73,6 +80,7 @@ class _Context:
     labels: dict[str, SiimLabel]
     bad_labels: dict[str, LabelProblem]
     xref: dict[str, str]  # SIIM ImageId -> NIH patient id
+    patients: DicomPatientRule
 
 
 def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
@@ -84,7 +92,8 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     if cfg.labels:
         check_siim_labels(cfg.labels, labels, problems)
     xref = read_nih_xref(cfg.nih_xref) if cfg.nih_xref else {}
-    ctx = _Context(labels, {p.image_id: p for p in problems if p.image_id}, xref)
+    bad = {p.image_id: p for p in problems if p.image_id}
+    ctx = _Context(labels, bad, xref, cfg.patients)
     train_val, test = cfg.split_lists or (None, None)
     store = open_store(cfg.batch.out)
     opened = open_batch(
@@ -93,7 +102,8 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
         DATASET,
         files=files,
         inputs=[cfg.labels, cfg.nih_xref, cfg.test_list, train_val, test],
-        lists=_split_lists(cfg, xref),
+        lists=_split_lists(cfg, ctx, files + others),
+        patients=cfg.patients.spec,
     )
     if isinstance(opened, BatchSummary):
         return opened
@@ -102,27 +112,31 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
         if not p.image_id:  # rows we could not even attach to an image
             run.reject(p.source, p.reason)
     came = run.process(files, _process, ctx, progress)
-    labels_name = cfg.labels.name if cfg.labels else "labels"
     if cfg.batch.part is None or cfg.batch.part[0] == 0:
         # With --part, part 0 alone reports label rows whose image is in no part's files
         # (the file name is the image id in the SIIM archive).
         in_other_parts = {Path(f.rel).stem for f in others}
-        _reject_orphan_labels(run, labels, ctx.bad_labels, came | in_other_parts, labels_name)
+        _unmatched_labels(run, labels, ctx.bad_labels, came | in_other_parts)
     return run.commit()
 
 
-def _patient(xref: dict[str, str], image_id: str) -> Patient:
-    nih = xref.get(image_id)
-    return nih_patient(nih, BASIS_NIH_XREF) if nih is not None else image_patient(image_id)
+def _patient(ctx: _Context, image_id: str, ids: Mapping[str, str]) -> Patient:
+    """The NIH patient through the xref; else the patient the header names (``ids``: the
+    image's patient attributes); else the image itself."""
+    nih = ctx.xref.get(image_id)
+    if nih is not None:
+        return nih_patient(nih, BASIS_NIH_XREF)
+    return ctx.patients.patient(ids, image_id)
 
 
-def _split_lists(cfg: SiimConfig, xref: dict[str, str]) -> SplitLists:
-    """The patients the lists force into test: SIIM ids of ``--test-list`` (their NIH
-    patient when the xref knows them), and the NIH patients of the official test list."""
+def _split_lists(cfg: SiimConfig, ctx: _Context, listing: Sequence[SourceFile]) -> SplitLists:
+    """The patients the lists force into test: those of the ``--test-list`` images (see
+    :func:`_listed_patients`), and the NIH patients of the official test list."""
     test: set[Patient] = set()
     files: list[Path] = []
     if cfg.test_list is not None:
-        test |= {_patient(xref, image_id) for image_id in read_split_list(cfg.test_list)}
+        listed = read_split_list(cfg.test_list)
+        test |= _listed_patients(ctx, listed, listing, cfg.batch.workers)
         files.append(cfg.test_list)
     if cfg.split_lists is not None:
         test |= {nih_patient(p, BASIS_NIH_XREF) for p in nih_list_patients(cfg.split_lists[1])}
@@ -130,6 +144,42 @@ def _split_lists(cfg: SiimConfig, xref: dict[str, str]) -> SplitLists:
     return SplitLists(
         test=frozenset(test), official=cfg.split_lists is not None, files=tuple(files)
     )
+
+
+def _listed_patients(
+    ctx: _Context, listed: set[str], listing: Sequence[SourceFile], workers: int
+) -> set[Patient]:
+    """The patients of the listed image ids: through the xref, else from the headers of
+    the files in ``listing`` (every part's, so that all parts fix one policy). Files named
+    by their image id (the SIIM layout) are read first; the rest only if ids remain."""
+    found = {_patient(ctx, i, {}) for i in listed if i in ctx.xref}
+    wanted = set(listed) - ctx.xref.keys()
+    named = [f for f in listing if Path(f.rel).stem in wanted]
+    others = [f for f in listing if Path(f.rel).stem not in wanted]
+    for files in (named, others):
+        if not wanted:
+            break
+        log.info("reading %d DICOM headers for the patients of --test-list images", len(files))
+        for header in run_ordered(_header_ids, files, workers=workers):
+            if header is not None and header[0] in wanted:
+                wanted.discard(header[0])
+                found.add(_patient(ctx, header[0], header[1].as_dict()))
+    if wanted:
+        log.warning(
+            "%d --test-list images are neither in --nih-xref nor in these DICOMs: their "
+            "patients are unknown, so not forced into test",
+            len(wanted),
+        )
+    return found
+
+
+def _header_ids(src: SourceFile) -> tuple[str, PatientIds] | None:
+    """(image id, patient ids) of a file, from its header; None for a file that is not
+    DICOM (the batch quarantines it when it reads it)."""
+    try:
+        return read_patient_ids(read_input(src), src.name)
+    except BadInput:
+        return None
 
 
 def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
@@ -188,7 +238,7 @@ def _sample(
         image_id=img.image_id,
         members=members,
         meta=meta,
-        patient=_patient(ctx.xref, img.image_id),
+        patient=_patient(ctx, img.image_id, img.patient_ids.as_dict()),
         labels_sha256=siim_labels_sha256(label),
     )
 
@@ -235,21 +285,16 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def _reject_orphan_labels(
-    run: BatchRun,
-    labels: dict[str, SiimLabel],
-    bad: dict[str, LabelProblem],
-    seen: set[str],
-    labels_name: str,
+def _unmatched_labels(
+    run: BatchRun, labels: dict[str, SiimLabel], bad: dict[str, LabelProblem], seen: set[str]
 ) -> None:
-    """A label row whose image never came is quarantined (unless stored in an earlier batch)."""
+    """Label rows whose image is neither in this batch nor stored: a malformed one is
+    quarantined (the label file has a problem), a good one only counted. A batch is often a
+    part of an archive whose label file covers all of it (the 12,047 rows of stage 2)."""
     for image_id in sorted(set(labels) | set(bad)):
         if image_id in seen or image_id in run.stored:
             continue
         if image_id in bad:
             run.reject(bad[image_id].source, bad[image_id].reason)
             continue
-        rows = labels[image_id].rows
-        where = f"{labels_name}:{rows[0]}" if rows else labels_name
-        run.reject(where, f"label row for image {image_id}, which is not in this batch")
         run.summary.orphan_labels += 1

@@ -7,9 +7,11 @@ means a model can be scored on a person it was trained on.
 
 Two entry points:
 
-- :func:`audit`: every (dataset, split) with its images and patients, and every patient
-  found in more than one split, counted by (dataset, split) pair; :func:`audit_datasets`
-  reads it from one or more DATASETs. ``pneumo audit`` prints it.
+- :func:`audit`: every (dataset, split) with its images and patients, every (dataset,
+  patient basis) with its images and patients (how the patients were found: an NIH id, a
+  DICOM PatientID, the image itself...), and every patient found in more than one split,
+  counted by (dataset, split) pair; :func:`audit_datasets` reads it from one or more
+  DATASETs. ``pneumo audit`` prints it.
 - :func:`held_out_overlap`: the patients of a training selection that are also in the
   held-out rows (by default the SIIM val/test rows). Training commands refuse to start when
   it is not empty.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Any
 
@@ -45,6 +47,23 @@ class SplitCount:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BasisCount:
+    """The images of one dataset whose patients were found one way (``patient_basis``)."""
+
+    dataset: str
+    basis: str  # "" for rows written without one
+    images: int
+    patients: int
+    image_level: bool  # the basis is the image itself: as many patients as images
+
+    @property
+    def one_image_per_patient(self) -> bool:
+        """Every patient of a patient-level basis has one image: true of a dataset with one
+        image per person, and of pseudonyms made per image (Kaggle SIIM PatientIDs)."""
+        return not self.image_level and self.images > 1 and self.images == self.patients
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditReport:
     """What :func:`audit` found. ``ok`` when no patient is in two (dataset, split) groups
     with different splits."""
@@ -53,6 +72,7 @@ class AuditReport:
     overlapping_patients: int  # patients found in more than one split
     pairs: dict[tuple[str, str], int] = field(default_factory=dict)  # "ds/split" pairs
     image_level_images: int = 0  # rows whose patient basis is the image itself
+    bases: list[BasisCount] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)  # the DATASETs audited, when given
 
     @property
@@ -67,11 +87,15 @@ class AuditReport:
             "overlapping_patients": self.overlapping_patients,
             "pairs": [{"a": a, "b": b, "patients": n} for (a, b), n in sorted(self.pairs.items())],
             "image_level_images": self.image_level_images,
+            "bases": [
+                {**vars(b), "one_image_per_patient": b.one_image_per_patient} for b in self.bases
+            ],
         }
 
 
 def audit(rows: pa.Table) -> AuditReport:
-    """Images and patients per (dataset, split), and patients found in more than one split.
+    """Images and patients per (dataset, split) and per (dataset, patient basis), and
+    patients found in more than one split.
 
     ``rows`` needs ``dataset``, ``split`` and ``patient_key`` (``patient_basis`` is used
     when present: rows whose basis ends in ``-image`` count as image-level).
@@ -82,8 +106,10 @@ def audit(rows: pa.Table) -> AuditReport:
     if "patient_basis" in rows.column_names:
         basis = pc.fill_null(rows.column("patient_basis"), "")
         image_level = pc.ends_with(basis, IMAGE_LEVEL_SUFFIX).to_pylist()
+        bases = basis.to_pylist()
     else:
         image_level = [False] * rows.num_rows
+        bases = [""] * rows.num_rows
     groups_of: dict[str, set[tuple[str, str]]] = {}  # patient -> {(ds, split), ...}
     images: Counter[tuple[str, str]] = Counter()
     flagged: Counter[tuple[str, str]] = Counter()
@@ -120,7 +146,30 @@ def audit(rows: pa.Table) -> AuditReport:
         overlapping_patients=overlapping,
         pairs=dict(pairs),
         image_level_images=sum(flagged.values()),
+        bases=_basis_counts(datasets, bases, patients),
     )
+
+
+def _basis_counts(
+    datasets: Sequence[str], bases: Sequence[str], patients: Sequence[str | None]
+) -> list[BasisCount]:
+    """Images and distinct patient keys per (dataset, patient basis)."""
+    images: Counter[tuple[str, str]] = Counter()
+    keys: dict[tuple[str, str], set[str]] = {}
+    for ds_name, basis, patient in zip(datasets, bases, patients, strict=True):
+        images[(ds_name, basis)] += 1
+        if patient is not None:
+            keys.setdefault((ds_name, basis), set()).add(patient)
+    return [
+        BasisCount(
+            dataset=d,
+            basis=b,
+            images=n,
+            patients=len(keys.get((d, b), ())),
+            image_level=b.endswith(IMAGE_LEVEL_SUFFIX),
+        )
+        for (d, b), n in sorted(images.items())
+    ]
 
 
 def audit_datasets(stores: Sequence[tuple[str, Store]]) -> AuditReport:
@@ -148,14 +197,7 @@ def audit_datasets(stores: Sequence[tuple[str, Store]]) -> AuditReport:
             labels = pc.binary_join_element_wise(name, table.column("dataset"), ":")
             table = table.set_column(0, "dataset", labels)
         tables.append(table)
-    report = audit(pa.concat_tables(tables))
-    return AuditReport(
-        groups=report.groups,
-        overlapping_patients=report.overlapping_patients,
-        pairs=report.pairs,
-        image_level_images=report.image_level_images,
-        datasets=[name for name, _ in stores],
-    )
+    return replace(audit(pa.concat_tables(tables)), datasets=[name for name, _ in stores])
 
 
 def _secret_check(store: Store) -> str | None:

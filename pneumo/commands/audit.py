@@ -19,9 +19,10 @@ def audit_cmd(
     ],
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ) -> None:
-    """Images and patients per dataset and split; every patient found in more than one split
-    (within a dataset or across the datasets given), counted by pair; images whose patient
-    basis is image-level. Exit code 0 when no patient is in two splits, else 1."""
+    """Images and patients per dataset and split, and per patient basis (how patients were
+    found); every patient found in more than one split (within a dataset or across the
+    datasets given), counted by pair; images whose patient basis is image-level. Exit code 0
+    when no patient is in two splits, else 1."""
     from pneumo.shards.audit import audit_datasets
     from pneumo.shards.store import open_store
 
@@ -42,6 +43,16 @@ def _print(report: Any) -> None:
 
     rows = [vars(g) for g in report.groups]
     print_table(pa.Table.from_pylist(rows), sys.stdout)
+    if report.bases:
+        typer.echo("")
+        print_table(pa.Table.from_pylist([vars(b) for b in report.bases]), sys.stdout)
+        for b in report.bases:
+            if b.one_image_per_patient:
+                typer.echo(
+                    f"{b.dataset} {b.basis}: one image per patient ({b.images} images): if "
+                    "its ids are made per image (Kaggle SIIM PatientIDs are), its split is "
+                    "image-level in effect: ingest SIIM with --nih-xref (see README, Splits)"
+                )
     typer.echo(f"patients in more than one split: {report.overlapping_patients}")
     for (a, b), n in sorted(report.pairs.items()):
         typer.echo(f"  {a} and {b}: {n} patients")
@@ -53,6 +64,7 @@ def _print(report: Any) -> None:
     if report.image_level_images:
         typer.echo(
             f"{report.image_level_images} images have an image-level patient basis (each "
-            "image is its own patient: SIIM ingested without --nih-xref), so patients with "
-            "several images may still be in two splits unseen"
+            "image is its own patient: DICOMs without a PatientID, or SIIM ingested without "
+            "--nih-xref by an older pneumo), so patients with several images may still be in "
+            "two splits unseen"
         )

@@ -1,4 +1,10 @@
-"""``pneumo ingest siim|nih`` and ``pneumo demo-data``: source files into a dataset."""
+"""``pneumo ingest dicom|siim|nih`` and ``pneumo demo-data``: source files into a dataset.
+
+``ingest siim`` is ``ingest dicom`` under its SIIM name: the same options, the same code,
+the same rows. Only the warnings differ: ``siim`` says, when no ``--nih-xref`` is given,
+that Kaggle SIIM PatientIDs are per-image pseudonyms (so the split is image-level in
+effect), which ``dicom`` cannot know of a hospital's files.
+"""
 
 from __future__ import annotations
 
@@ -77,11 +83,21 @@ Part = Annotated[
     ),
 ]
 
+PatientAttribute = Annotated[
+    str,
+    typer.Option(
+        help="DICOM attributes that name an image's patient, joined by '+': PatientID, "
+        "IssuerOfPatientID+PatientID (the same PatientID under two issuers is two "
+        "patients), OtherPatientIDs. Hashed with the patient secret, never stored. An image "
+        "with these empty is its own patient. --nih-xref, when it maps the image, wins.",
+    ),
+]
+
 _NO_XREF = (
-    "warning: no --nih-xref: SIIM PatientIDs are per-image pseudonyms, so every SIIM image "
-    "is its own patient and the splits are image-level (images of one person can land in "
-    "train and test). Give --nih-xref siim_to_nih_id.csv for patient-level splits shared "
-    "with NIH (see README, Splits)."
+    "warning: no --nih-xref: SIIM PatientIDs are per-image pseudonyms, so keyed on them every "
+    "SIIM image is its own patient and the splits are image-level (images of one person can "
+    "land in train and test). Give --nih-xref siim_to_nih_id.csv for patient-level splits "
+    "shared with NIH (see README, Splits)."
 )
 
 
@@ -172,8 +188,8 @@ def _notes(summary: Any, out: str) -> list[str]:
         )
     if summary.orphan_labels:
         notes.append(
-            f"of the quarantined, {summary.orphan_labels} are label rows whose image "
-            "is not in this batch"
+            f"{summary.orphan_labels} label rows are for images neither in this batch nor "
+            "stored (not quarantined: a label file may cover a whole archive)"
         )
     if summary.bases:
         bases = ", ".join(f"{k} {v}" for k, v in sorted(summary.bases.items()))
@@ -191,59 +207,108 @@ def _notes(summary: Any, out: str) -> list[str]:
     return notes
 
 
-@app.command("siim")
-@fail_on_errors
-def ingest_siim_cmd(
-    dicom_root: Annotated[str, typer.Argument(help="Folder or s3:// prefix of .dcm files.")],
-    out: Dataset,
-    labels: Annotated[
-        Path | None,
-        typer.Option(help="SIIM RLE label CSV (any stage).", exists=True, dir_okay=False),
-    ] = None,
-    batch: Batch = None,
-    workers: Workers = 1,
-    nih_xref: Annotated[
-        Path | None,
-        typer.Option(
-            help="CSV mapping SIIM ImageIds to NIH images (Kaggle_ID,NIH_ID, e.g. "
-            "siim_to_nih_id.csv): a SIIM image's patient becomes its NIH patient.",
-            exists=True,
-            dir_okay=False,
-        ),
-    ] = None,
-    test_list: Annotated[
-        Path | None,
-        typer.Option(
-            help="File of SIIM ImageIds whose patients go to the test split.",
-            exists=True,
-            dir_okay=False,
-        ),
-    ] = None,
-    split_lists: SplitListsOpt = None,
-    split_fractions: Fractions = None,
-    shard_size: ShardSize = 1000,
-    patient_key_file: KeyFile = None,
-    relabel: Relabel = False,
-    part: Part = None,
-) -> None:
-    """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch."""
-    from pneumo.ingest.siim import SiimConfig, ingest_siim
+def _dicom_command(name: str, doc: str) -> Any:
+    """``ingest dicom`` and its SIIM-named alias ``ingest siim``: one body, two names (the
+    name picks the warnings, and the line an interruption prints)."""
 
-    if nih_xref is None:
-        typer.echo(_NO_XREF, err=True)
-    cfg = SiimConfig(
-        dicom_root=dicom_root,
-        labels=labels,
-        nih_xref=nih_xref,
-        test_list=test_list,
-        split_lists=split_lists,
-        batch=_batch_config(
-            out, batch, workers, shard_size, split_fractions, patient_key_file, relabel, part
-        ),
-    )
-    with ProgressBar("ingest siim", unit="img") as bar:
-        summary = ingest_siim(cfg, progress=bar.update_to)
-    _report(summary, out)
+    def command(
+        dicom_root: Annotated[str, typer.Argument(help="Folder or s3:// prefix of .dcm files.")],
+        out: Dataset,
+        labels: Annotated[
+            Path | None,
+            typer.Option(help="SIIM RLE label CSV (any stage).", exists=True, dir_okay=False),
+        ] = None,
+        batch: Batch = None,
+        workers: Workers = 1,
+        nih_xref: Annotated[
+            Path | None,
+            typer.Option(
+                help="CSV mapping SIIM ImageIds to NIH images (Kaggle_ID,NIH_ID, e.g. "
+                "siim_to_nih_id.csv): a SIIM image's patient becomes its NIH patient.",
+                exists=True,
+                dir_okay=False,
+            ),
+        ] = None,
+        patient_attribute: PatientAttribute = "PatientID",
+        test_list: Annotated[
+            Path | None,
+            typer.Option(
+                help="File of image ids (SOPInstanceUIDs) whose patients go to the test split.",
+                exists=True,
+                dir_okay=False,
+            ),
+        ] = None,
+        split_lists: SplitListsOpt = None,
+        split_fractions: Fractions = None,
+        shard_size: ShardSize = 1000,
+        patient_key_file: KeyFile = None,
+        relabel: Relabel = False,
+        part: Part = None,
+    ) -> None:
+        from pneumo.ingest.patients import DicomPatientRule
+        from pneumo.ingest.siim import SiimConfig, ingest_siim
+
+        rule = DicomPatientRule.parse(patient_attribute)
+        if name == "siim" and nih_xref is None:
+            typer.echo(_NO_XREF, err=True)
+        cfg = SiimConfig(
+            dicom_root=dicom_root,
+            labels=labels,
+            nih_xref=nih_xref,
+            test_list=test_list,
+            split_lists=split_lists,
+            patients=rule,
+            batch=_batch_config(
+                out, batch, workers, shard_size, split_fractions, patient_key_file, relabel, part
+            ),
+        )
+        with ProgressBar(f"ingest {name}", unit="img") as bar:
+            summary = ingest_siim(cfg, progress=bar.update_to)
+        _report(summary, out)
+        siim_xref = name == "siim" and nih_xref is not None
+        for line in _patient_warnings(summary, " or ".join(rule.ids), siim_xref=siim_xref):
+            typer.echo(line, err=True)
+
+    command.__name__ = f"ingest_{name}_cmd"  # names the command in an interruption's line
+    command.__doc__ = doc
+    return app.command(name)(fail_on_errors(command))
+
+
+def _patient_warnings(summary: Any, ids: str, *, siim_xref: bool) -> list[str]:
+    """What the patient bases of a DICOM batch's new rows mean for its split (``siim_xref``:
+    SIIM files with an xref, whose unmapped images fall back to pseudonymous PatientIDs)."""
+    from pneumo.ingest.patients import BASIS_NIH_XREF, IMAGE_LEVEL_SUFFIX
+
+    lines = []
+    own = sum(n for b, n in summary.bases.items() if b.endswith(IMAGE_LEVEL_SUFFIX))
+    if own:
+        lines.append(
+            f"warning: {own} images have no {ids}: each is its own patient (patient_basis "
+            "dicom-image), so their split is image-level and images of one person can land "
+            "in train and test. Name the attribute that holds their patient with "
+            "--patient-attribute (see README, Splits)."
+        )
+    bases = summary.bases.items()
+    header = sum(n for b, n in bases if b != BASIS_NIH_XREF and not b.endswith(IMAGE_LEVEL_SUFFIX))
+    if siim_xref and header:
+        lines.append(
+            f"warning: {header} images are not in --nih-xref: keyed on their SIIM PatientID, "
+            "a per-image pseudonym, each is its own patient (an image-level split)."
+        )
+    return lines
+
+
+ingest_dicom_cmd = _dicom_command(
+    "dicom",
+    """Ingest a batch of chest DICOMs (+ SIIM RLE labels), split by patient: the NIH patient
+    through --nih-xref, else the patient the DICOM header names (--patient-attribute).""",
+)
+ingest_siim_cmd = _dicom_command(
+    "siim",
+    """Ingest SIIM-ACR DICOMs (+ RLE labels) as one batch: `ingest dicom` under its SIIM name
+    (same options, same rows). Without --nih-xref it warns that SIIM PatientIDs are per-image
+    pseudonyms: the split is then image-level in effect.""",
+)
 
 
 @app.command("nih")

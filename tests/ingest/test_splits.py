@@ -169,18 +169,6 @@ def test_a_later_batch_keeps_committed_splits_and_reports_them(linked, tmp_path)
             assert r["split"] == siim_split[image_id[:8]][0]
 
 
-def test_siim_without_xref_is_image_level_and_says_so(linked, tmp_path, pneumo):
-    out = tmp_path / "ds"
-    proc = pneumo("ingest", "siim", str(linked.siim_dir), "--out", str(out))
-    assert "per-image pseudonyms" in proc.stderr and "--nih-xref" in proc.stderr
-    rows = _rows(out)
-    assert {r["patient_basis"] for r in rows.values()} == {"siim-image"}
-    assert len({r["patient_key"] for r in rows.values()}) == 11
-    report = json.loads(pneumo("audit", str(out), "--format", "json").stdout)
-    assert report["image_level_images"] == 11
-    assert "image-level patient basis" in pneumo("audit", str(out)).stdout
-
-
 def test_a_test_list_forces_whole_patients_in_both_datasets(linked, tmp_path):
     # One SIIM id listed: its NIH patient (through the xref) goes to test, NIH images too.
     listed = next(i for i, p in linked.siim_patient.items() if p not in _test_patients(linked))
