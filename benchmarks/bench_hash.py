@@ -37,6 +37,7 @@ from pydicom.encaps import generate_frames
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pneumo.shards.members import image_suffix  # noqa: E402
 from pneumo.shards.slots import Entry  # noqa: E402
 from pneumo.shards.verify import check_sample, stored_size  # noqa: E402
 from pneumo.training.data import decode_image  # noqa: E402
@@ -65,7 +66,8 @@ def load_samples() -> tuple[list[tuple[dict, Entry]], str]:
 
 
 def _image(sample: dict) -> tuple[str, bytes]:
-    suffix = "jpg" if "jpg" in sample else "png"
+    suffix = image_suffix(sample)
+    assert suffix is not None
     return suffix, sample[suffix]
 
 

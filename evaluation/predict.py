@@ -35,6 +35,7 @@ from pneumo.ingest.dicom import BadInput, read_dicom
 from pneumo.ingest.rle import rle_encode
 from pneumo.ingest.sources import SourceFile, list_sources, read_source
 from pneumo.shards.errors import ConfigError, StoreError
+from pneumo.shards.members import SUFFIX_OF_FORMAT
 from pneumo.shards.store import is_s3_url, open_store, write_url
 from pneumo.training.data import decode_image
 from pneumo.training.fullres import upsample
@@ -157,7 +158,7 @@ def _read(src: SourceFile, size: int, failed: list[dict[str, str]]) -> _Image | 
     """Read and decode one file as training saw its images; None (and a report) on failure."""
     try:
         dicom = read_dicom(read_source(src), src.name)
-        suffix = "jpg" if dicom.image_format == "jpeg" else "png"
+        suffix = SUFFIX_OF_FORMAT[dicom.image_format]
         pixels, _ = decode_image(dicom.image_bytes, suffix, size)
     except (BadInput, StoreError, OSError, ValueError, cv2.error) as e:
         log.warning("%s: %s", src.name, e)

@@ -11,10 +11,17 @@ scale, and the shard bytes are the same whatever ``--workers``.
 Nothing a unit decides depends on the other units: the split is the dataset's policy
 applied to the patient key (decided in the parent before any unit runs), and a patient
 already committed keeps the split it has.
+
+A 16-bit image is stored as ``KEY.npy.gz``, whatever a source made of it (a DICOM decoded
+to a 16-bit PNG, an NIH-style 16-bit PNG): webdataset's standard image decoders would clip
+a 16-bit PNG to solid white (see ``pneumo.shards.members``). Its ``content_sha256`` is the
+hash of those bytes, the member the stream and ``pneumo verify`` hash.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -23,8 +30,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
+import numpy as np
+
 from pneumo.ingest.patients import Patient, PatientSecret, SplitPolicy
 from pneumo.shards import layout, manifest
+from pneumo.shards.members import ARRAY_FORMAT, ARRAY_SUFFIX, encode_array
 from pneumo.shards.tario import Piece, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -38,7 +49,7 @@ class Sample:
 
     key: str
     image_id: str
-    members: dict[str, bytes]  # {"jpg" | "png": ..., "mask.png": ..., }
+    members: dict[str, bytes]  # {"jpg" | "png" | "npy.gz": ..., "mask.png": ..., }
     meta: dict[str, Any]  # the sample's JSON, also the base of its manifest row
     patient: Patient  # hashed with the secret; never stored
     labels_sha256: str | None = None  # of the label rows used; None: unlabelled
@@ -126,6 +137,8 @@ class _UnitWriter:
     def take(self, item: Sample | Rejected) -> None:
         if item.image_id:
             self.result.came.append(item.image_id)
+        if isinstance(item, Sample):
+            item = stored_form(item)
         if isinstance(item, Rejected):
             self.result.rejected.append(item)
             return
@@ -227,6 +240,32 @@ def without(piece: Piece, keys: set[str], scratch: str) -> Piece | None:
         return out
     os.unlink(out.tmp_path)
     return None
+
+
+def stored_form(sample: Sample) -> Sample | Rejected:
+    """``sample`` as a shard stores it: a 16-bit PNG image becomes ``KEY.npy.gz`` with the
+    same values (``image_format`` ``npy``, ``content_sha256`` of the new bytes); anything
+    else is kept as it is. A 16-bit PNG that does not decode to one 16-bit channel is
+    rejected: no reader could use it."""
+    png = sample.members.get("png")
+    if png is None or sample.meta.get("bit_depth") != 16:
+        return sample
+    pixels = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.ndim != 2 or pixels.dtype != np.uint16:
+        got = "nothing" if pixels is None else f"{pixels.dtype} {pixels.shape}"
+        return Rejected(
+            f"image {sample.image_id}",
+            f"its 16-bit PNG decodes to {got}, not one 16-bit channel",
+            sample.image_id,
+        )
+    data = encode_array(pixels)
+    members = {k: v for k, v in sample.members.items() if k != "png"}
+    meta = {
+        **sample.meta,
+        "image_format": ARRAY_FORMAT,
+        "content_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    return dataclasses.replace(sample, members={ARRAY_SUFFIX: data, **members}, meta=meta)
 
 
 def _key_clash(item: Sample, other: str) -> Rejected:

@@ -16,6 +16,7 @@ from pneumo.pseudolabels.parquet import fingerprint, read_json, write_json
 from pneumo.shards import manifest, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.manifest import write_part
+from pneumo.shards.members import image_suffix
 from pneumo.shards.store import open_store
 from pneumo.training.data import decode_image
 
@@ -98,8 +99,8 @@ def read_thumbnails(dataset: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
     out = {}
     for shard, members in sorted(by_shard.items()):
         for sample in stream.read_shard(store, shard, members):
-            suffix = "jpg" if "jpg" in sample else "png"
-            if suffix not in sample:
+            suffix = image_suffix(sample)
+            if suffix is None:  # the checked stream never gives one: kept as a guard
                 continue
             image, _ = decode_image(sample[suffix], suffix, THUMB)
             if image.dtype != np.uint8:  # 16-bit images come back windowed to [0, 1]

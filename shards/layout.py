@@ -20,8 +20,9 @@ Shards are grouped by split and label (``pos``, ``neg``, ``unl`` for unlabelled)
 training stream reads only the shards of its split and can draw positives and negatives at
 a controlled rate without scanning everything.
 
-A sample inside a tar is a group of members sharing a key: ``KEY.jpg`` or ``KEY.png``
-(the image), ``KEY.mask.png`` (labelled SIIM images), ``KEY.json`` (metadata).
+A sample inside a tar is a group of members sharing a key: one image, ``KEY.jpg`` (a
+JPEG frame as it was), ``KEY.png`` (8-bit) or ``KEY.npy.gz`` (16-bit, which webdataset's
+image decoders would clip), then ``KEY.mask.png`` (labelled SIIM images) and ``KEY.json``.
 webdataset splits a member name at its *first* dot, so keys never contain one; keys are
 also short and plain whatever the image id is (see :func:`sample_key`).
 """

@@ -62,7 +62,8 @@ from pneumo.shards.verify import VERIFY_HINT, check_sample
 
 log = logging.getLogger(__name__)
 
-Sample = dict[str, Any]  # {"__key__", "__shard__", "__entry__", "jpg"|"png", "mask.png", "json"}
+# {"__key__", "__shard__", "__entry__", "jpg"|"png"|"npy.gz", "mask.png", "json"}
+Sample = dict[str, Any]
 
 DEFAULT_SHUFFLE_BUFFER = 64
 

@@ -32,7 +32,8 @@ from pneumo.shards.store import Store, create_temp
 
 log = logging.getLogger(__name__)
 
-Sample = dict[str, Any]  # {"__key__": str, "jpg" | "png": bytes, "mask.png": bytes, "json": bytes}
+# {"__key__": str, "jpg" | "png" | "npy.gz": bytes, "mask.png": bytes, "json": bytes}
+Sample = dict[str, Any]
 Span = tuple[int, int]  # (offset of the sample's first header, bytes of all its members)
 
 # tarfile reads its stream in blocks of this size; it also copies what is left of a block on

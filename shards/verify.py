@@ -34,6 +34,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from pneumo.shards import tario
 from pneumo.shards.errors import IntegrityError
+from pneumo.shards.members import IMAGE_SUFFIXES, SUFFIX_OF_FORMAT
 from pneumo.shards.store import Store
 
 if TYPE_CHECKING:
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERIFY_HINT = "run `pneumo verify DATASET` to list every damaged sample"
-IMAGE_SUFFIXES = ("jpg", "png")
-_SUFFIX_OF_FORMAT = {"jpeg": "jpg", "png": "png"}
 _SKIP_CHUNK = 1 << 20
 
 Progress = Callable[[int, int], None]  # (samples checked, samples in all)
@@ -57,8 +56,8 @@ def check_sample(url: str, entry: Entry, sample: dict[str, Any]) -> None:
 
     Its members must fill the row's span exactly (headers and padding included: a sample cut
     at a member boundary loses a whole member, its mask say, not bytes), and its image member
-    (``jpg`` or ``png``) must hash to the row's ``content_sha256``. A row without a span or
-    a hash (schema 1) skips that part.
+    (``jpg``, ``png`` or ``npy.gz``: :data:`pneumo.shards.members.IMAGE_SUFFIXES`) must hash
+    to the row's ``content_sha256``. A row without a span or a hash (schema 1) skips that part.
 
     Raises:
         IntegrityError: one line naming the shard and the key.
@@ -210,7 +209,7 @@ def _check_span(cursor: _Cursor, row: _Row, deep: bool) -> str | None:
     offset, end = row.offset or 0, (row.offset or 0) + (row.size or 0)
     if not cursor.skip_to(offset):
         return _cut(cursor, offset, end)
-    image_suffix = _SUFFIX_OF_FORMAT.get(row.image_format or "")
+    image_suffix = SUFFIX_OF_FORMAT.get(row.image_format or "")
     suffixes: list[str] = []
     digest = None
     while cursor.pos < end:
@@ -248,12 +247,13 @@ def _cut(cursor: _Cursor, offset: int, end: int) -> str:
 
 def _image_problem(row: _Row, suffixes: list[str], digest: str | None, deep: bool) -> str | None:
     """Why the members found for ``row`` lack its image or its bytes, or None."""
-    image_suffix = _SUFFIX_OF_FORMAT.get(row.image_format or "")
+    image_suffix = SUFFIX_OF_FORMAT.get(row.image_format or "")
     if image_suffix not in suffixes and not (
         image_suffix is None and set(IMAGE_SUFFIXES) & set(suffixes)
     ):
         members = ", ".join(f"{row.key}.{s}" for s in suffixes) or "none"
-        return f"no image member {row.key}.{image_suffix or 'jpg|png'} (members: {members})"
+        wanted = image_suffix or "|".join(IMAGE_SUFFIXES)
+        return f"no image member {row.key}.{wanted} (members: {members})"
     if deep and row.content_sha256 is not None and digest != row.content_sha256:
         return (
             f"the image's sha256 {str(digest)[:16]}... is not content_sha256 "

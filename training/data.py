@@ -22,16 +22,17 @@ A batch is a dict::
 
 Decoding: a JPEG is decoded by libjpeg-turbo at 1/2, 1/4 or 1/8 scale in the DCT
 (``cv2.IMREAD_REDUCED_GRAYSCALE_*``: the smallest scale still at least ``size``), a PNG
-through ``cv2.imdecode``; ingest's 1-bit mask PNGs are inflated and unpacked with numpy
-(``pneumo.shards.members``). Then one step resizes to ``size`` and augments
-(``pneumo.training.augment``: a horizontal flip and a mild affine, the distribution of the
-albumentations pipeline the loader used to run, as one ``cv2.warpAffine``); unaugmented
-(evaluation) it is an area resize. Images are squashed to a square (SIIM and NIH are square
-already). 16-bit PNGs are windowed to [0, 1] by their own 0.5th and 99.5th percentiles,
-since a 16-bit PNG rarely uses its full range and says nothing of its real bit depth. Masks
-are binarised (any non-zero value), resized or warped with the image and thresholded at one
-half. Each sample is written straight into the batch tensors: no per-sample float copies, no
-stacking.
+through ``cv2.imdecode``, a 16-bit ``.npy.gz`` member by zlib and numpy; ingest's 1-bit
+mask PNGs are inflated and unpacked with numpy (``pneumo.shards.members``). Then one step
+resizes to ``size`` and augments (``pneumo.training.augment``: a horizontal flip and a mild
+affine, the distribution of the albumentations pipeline the loader used to run, as one
+``cv2.warpAffine``); unaugmented (evaluation) it is an area resize. Images are squashed to
+a square (SIIM and NIH are square already). 16-bit images (``KEY.npy.gz``, or a 16-bit
+``KEY.png`` of a dataset written before) are windowed to [0, 1] by their own 0.5th and
+99.5th percentiles, since they rarely use their full range and say nothing of their real
+bit depth. Masks are binarised (any non-zero value), resized or warped with the image and
+thresholded at one half. Each sample is written straight into the batch tensors: no
+per-sample float copies, no stacking.
 
 8-bit images and masks travel as uint8, a quarter of float32's bytes through the workers'
 shared memory (whose fresh pages cost more than the copy: ~0.9 ms a 512 px sample in
@@ -58,7 +59,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pneumo.shards import manifest, selections, stream
 from pneumo.shards.errors import ConfigError, PneumoError
-from pneumo.shards.members import jpeg_sof, read_bilevel_png
+from pneumo.shards.members import (
+    ARRAY_SUFFIX,
+    decode_array,
+    image_suffix,
+    jpeg_sof,
+    read_bilevel_png,
+)
 from pneumo.shards.store import open_store
 from pneumo.training import augment
 
@@ -153,6 +160,9 @@ def _read_image(data: bytes, suffix: str, size: int) -> tuple[np.ndarray, tuple[
         if pixels is None:
             raise ValueError("not a JPEG cv2 can read")
         return pixels, (rows, cols)
+    if suffix == ARRAY_SUFFIX:
+        pixels = decode_array(data)
+        return pixels, pixels.shape
     pixels = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ValueError("not a PNG cv2 can read")
@@ -206,10 +216,10 @@ def _decode(
     sample: dict[str, Any], size: int, d: augment.Draw
 ) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int]]:
     """A sample's image and mask (None: empty), resized to ``size`` and augmented by ``d``."""
-    suffix = "jpg" if "jpg" in sample else "png"
+    suffix = image_suffix(sample)
     where = f"sample {sample.get('__key__')} of {sample.get('__shard__')}"
-    if suffix not in sample:
-        raise SampleError(f"{where} has no .jpg or .png image; re-run its ingest")
+    if suffix is None:
+        raise SampleError(f"{where} has no .jpg, .png or .npy.gz image; re-run its ingest")
     entry = sample.get("__entry__")
     # A negative's mask is empty by definition: skip inflating a 1024x1024 PNG of zeros.
     mask_png = None if entry is not None and entry.has_ptx is False else sample.get("mask.png")
