@@ -24,14 +24,20 @@ seen at the commit: every image exactly once, whatever ran beside it.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import hashlib
+import importlib.metadata
 import logging
 import multiprocessing as mp
 import shutil
+import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pneumo.ingest import chunks
@@ -42,6 +48,7 @@ from pneumo.ingest.patients import (
     check_fractions,
     committed_splits,
 )
+from pneumo.ingest.reasons import reason_code
 from pneumo.ingest.sources import run_ordered
 from pneumo.ingest.units import (
     UNIT_FILES,
@@ -107,7 +114,7 @@ class BatchSummary:
     relabelled: int = 0  # stored again with new labels (a new labels version)
     label_changes: int = 0  # skipped images whose labels differ (see --relabel)
     quarantined: int = 0
-    orphan_labels: int = 0  # of the quarantined: label rows whose image never came
+    orphan_labels: int = 0  # label rows whose image is neither in the batch nor stored
     shards: int = 0
     resumed_files: int = 0  # files an earlier attempt had already finished
     committed: bool = False
@@ -132,9 +139,13 @@ class BatchRun:
         policy: BatchPolicy,
         secret: PatientSecret,
         lease: Lease,
+        sources: dict[str, Any] | None = None,
     ) -> None:
         self.store, self.cfg, self.dataset, self.batch = store, cfg, dataset, batch
         self.lease = lease
+        self.sources = sources or {}  # where the inputs came from (the batch record)
+        self.started_at = datetime.now(timezone.utc)
+        self.committed_at: datetime | None = None
         self.identity, self.policy, self.secret = identity, policy, secret
         self.summary = BatchSummary(dataset=dataset, batch=batch)
         self.rows: list[dict[str, Any]] = []
@@ -315,6 +326,7 @@ class BatchRun:
             {
                 "source": _text(r.source),
                 "reason": _text(r.reason),
+                "reason_code": reason_code(r.reason),
                 "dataset": self.dataset,
                 "batch": self.batch,
             }
@@ -327,6 +339,9 @@ class BatchRun:
             settings["schema_version"] = layout.SCHEMA_VERSION
             settings["split_policy"] = self.policy.policy.to_json()
             manifest.write_settings(self.store, settings)
+        self.committed_at = datetime.now(timezone.utc)
+        for row in self.rows:
+            row["ingested_at"] = self.committed_at
         table = manifest.to_table(self.rows, "samples")
         self.lease.check()
         try:
@@ -370,7 +385,28 @@ class BatchRun:
             "quarantined": s.quarantined,
             "shards": s.shards,
             "kept_split": len(s.kept_split),
+            "labels_without_image": s.orphan_labels,
+            "sources": self.sources,
+            "command": _command_line(),
+            "pneumo_version": _version(),
+            "user": getpass.getuser(),
+            "host": socket.gethostname(),
+            "attempt": self.lease.attempt,
+            "started_at": self.started_at.isoformat(),
+            "committed_at": self.committed_at.isoformat() if self.committed_at else None,
         }
+
+
+def _command_line() -> list[str]:
+    """The command that made the batch (``pneumo ingest ...``), as run."""
+    return [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else []
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("pneumo")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 def _text(value: str) -> str:

@@ -132,9 +132,14 @@ def resume(
 
 
 def discard(store: Store, dataset: str, batch: str) -> None:
-    """Delete the progress records of a committed (or dropped) batch (leases too)."""
-    for path in store.list(layout.batch_progress_prefix(dataset, batch)):
+    """Delete the progress records of a committed (or dropped) batch (leases too), and
+    their folder on a local store."""
+    prefix = layout.batch_progress_prefix(dataset, batch)
+    for path in store.list(prefix):
         store.delete(path)
+    folder = store.local_path(prefix)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # only hidden temp files can be left
 
 
 def _usable(store: Store, dataset: str, batch: str, run_id: str) -> list[ChunkRecord]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -166,6 +167,13 @@ def drop_batch(store: Store, dataset: str, batch: str) -> DropSummary:
         layout.batch_progress_prefix(dataset, batch),
     ):
         store.clean_incomplete(prefix)
+    for prefix in (
+        layout.batch_shard_prefix(dataset, batch),
+        layout.batch_progress_prefix(dataset, batch),
+    ):
+        folder = store.local_path(prefix)
+        if folder is not None:  # the batch's own folders, empty now (hidden temp files aside)
+            shutil.rmtree(folder, ignore_errors=True)
     store.delete(layout.drop_marker(dataset, batch))
     return DropSummary(
         dataset=dataset, batch=batch, images=images, shards=len(shards), was=info.state

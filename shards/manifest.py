@@ -72,16 +72,19 @@ SAMPLES_SCHEMA = pa.schema(
         ("sex", pa.string()),
         ("age_years", pa.float32()),
         ("content_sha256", pa.string()),  # of the stored image bytes
-        ("image_format", pa.string()),  # "jpeg" (source frame as-is) | "png"
+        ("image_format", pa.string()),  # "jpeg" (frame as-is) | "png" (8-bit) | "npy" (16-bit)
         ("bit_depth", pa.int8()),  # 8 | 16
         ("transfer_syntax", pa.string()),  # source DICOM transfer syntax; "png" for NIH
         ("findings", pa.list_(pa.string())),  # NIH findings; SIIM: ["Pneumothorax"] or []
         ("n_boxes", pa.int16()),  # NIH bounding boxes kept with the sample
-        # How patient_key was made: "nih-patient-id", "nih-xref", "siim-image"... A basis
+        # How patient_key was made: "nih-patient-id", "nih-xref", "dicom-patient-id",
+        # "dicom:<attributes>", "dicom-image" ("siim-image" in older datasets). A basis
         # ending in "-image" is image-level: the image is its own patient.
         ("patient_basis", pa.string()),
         ("labels_version", pa.int16()),  # 1, then +1 for each batch that relabels the image
         ("labels_sha256", pa.string()),  # of the label rows the sample was made from
+        # When the row was committed (UTC); null in datasets written before it existed.
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
     ],
     metadata={"pneumo.schema_version": str(layout.SCHEMA_VERSION)},
 )
@@ -89,7 +92,8 @@ SAMPLES_SCHEMA = pa.schema(
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("source", pa.string()),  # file path or "labels.csv:LINE"
-        ("reason", pa.string()),
+        ("reason", pa.string()),  # what was wrong, in words
+        ("reason_code", pa.string()),  # one of a small set (pneumo.ingest.reasons.CODES)
         ("dataset", pa.string()),
         ("batch", pa.string()),
     ],
@@ -290,9 +294,13 @@ def read(
 
 
 def scan(dataset: ds.Dataset, schema: pa.Schema) -> pa.Table:
-    """Every row of a Delta table's dataset, with the manifest's column types."""
+    """Every row of a Delta table's dataset, with the manifest's columns and types (a
+    column the table predates reads as null)."""
     table = dataset.to_table(columns=[c for c in schema.names if c in dataset.schema.names])
-    return table.cast(pa.schema([schema.field(c) for c in table.column_names]))
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def require_dataset(store: Store) -> None:

@@ -190,9 +190,45 @@ def test_same_input_gives_the_same_bytes(shared_data, tmp_path):
         rows = manifest.read(open_store(out)).to_pylist()
         for row in rows:
             row["shard"] = row["shard"].replace(tag, "-")
+            assert row.pop("ingested_at").tzname() == "UTC"  # the one column that may differ
         assert summary.batch in {r["batch"] for r in rows}
         return shards, rows
 
     one, two = run(tmp_path / "a", 1), run(tmp_path / "b", 2)
     assert one[0].keys() == two[0].keys() and len(one[0]) >= 4
     assert one == two
+
+
+def test_rows_and_batch_record_say_when_where_and_how(shared_data, tmp_path):
+    """Provenance: every row has its commit time (UTC); the batch record names its sources
+    (folder, files, bytes), the label file, the command, pneumo's version, user and host."""
+    import getpass
+    import json
+    import socket
+    import sys
+    from datetime import datetime, timezone
+
+    sample = shared_data / "siim" / "sample_images"
+    labels = sample / "train-rle-sample.csv"
+    out = tmp_path / "ds"
+    before = datetime.now(timezone.utc)
+    summary = ingest_siim(
+        SiimConfig(dicom_root=str(sample), labels=labels, batch=BatchConfig(out=str(out)))
+    )
+    after = datetime.now(timezone.utc)
+    rows = manifest.read(open_store(out)).to_pylist()
+    times = {r["ingested_at"] for r in rows}
+    assert len(times) == 1 and before <= times.pop() <= after
+    record = json.loads((out / layout.batch_record("siim", summary.batch)).read_text())
+    dicoms = list(sample.glob("*.dcm"))
+    assert record["sources"]["roots"] == {
+        str(sample): {"files": len(dicoms), "bytes": sum(p.stat().st_size for p in dicoms)}
+    }
+    assert record["sources"]["inputs"] == [str(labels)]
+    assert record["command"][1:] == sys.argv[1:] and record["user"] == getpass.getuser()
+    assert record["host"] == socket.gethostname() and record["pneumo_version"]
+    assert record["version"] == summary.version and record["ingested"] == len(rows)
+    empty = [d for d in out.rglob("*") if d.is_dir() and not any(d.iterdir())]
+    assert [d for d in empty if not d.name.startswith(".")] == []  # no empty folder left
+    committed = datetime.fromisoformat(record["committed_at"])
+    assert before <= datetime.fromisoformat(record["started_at"]) <= committed <= after

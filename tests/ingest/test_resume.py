@@ -42,6 +42,7 @@ def _content(out: Path) -> tuple[dict[str, bytes], list[dict]]:
     shards = {_without_attempt(r["shard"]): (out / r["shard"]).read_bytes() for r in rows}
     for row in rows:
         row["shard"] = _without_attempt(row["shard"])
+        del row["ingested_at"]  # when, not what
     return shards, rows
 
 
