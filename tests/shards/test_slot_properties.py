@@ -1,0 +1,238 @@
+"""Properties of stream planning on random samples, shards, ranks and workers (hypothesis).
+
+Pure data, no files: entries are made up with a known tar order (their keys sort in
+another order), and where a whole stream is run, the shard reader is replaced by one that
+hands back the wanted entries in tar order (its contract in ``pneumo.shards.stream``).
+
+* evaluation: the slots' runs, laid end to end, are the selection in shard-path and tar
+  order, each sample once, sizes within one;
+* training: any window of a pool's sequence of passes is that slice of the sequence (any
+  resume point), and each pass holds every sample once; the slots' windows of successive
+  epochs tile the sequence, each as long as the draws its batches make; so over all ranks
+  and workers every sample is drawn once per pass, and a stream resumed at any step gives
+  the uninterrupted stream's batches from that step on.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pneumo.shards import slots, stream
+from pneumo.shards.slots import Entry
+
+# A planning bug can loop forever (a run that never shrinks): fail in a minute, not 15.
+pytestmark = pytest.mark.timeout(60)
+
+PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
+
+
+@st.composite
+def selections(draw: st.DrawFn, labelled: bool = False) -> list[Entry]:
+    """Entries of 1-5 shards of 1-9 samples, shuffled. Within a shard, the tar order
+    (increasing offsets) is the order they were made in; keys are drawn at random, so key
+    order is not tar order. Paths too are drawn, so path order is not the order made in."""
+    paths = draw(st.lists(st.sampled_from("qwertyuiop"), min_size=1, max_size=5, unique=True))
+    entries = []
+    made = 0
+    for path in paths:
+        offset = 0
+        for _ in range(draw(st.integers(1, 9))):
+            key = f"{draw(st.integers(0, 999)):03d}-{made:03d}"  # unique, random order
+            has_ptx = draw(st.sampled_from([True, False] if labelled else [True, False, None]))
+            size = draw(st.integers(1, 3)) * 512
+            entries.append(Entry(key, f"shards/{path}.tar", key, has_ptx, offset, size))
+            offset += size
+            made += 1
+    return draw(st.permutations(entries))
+
+
+def tar_line(entries: list[Entry]) -> list[Entry]:
+    """The selection laid end to end: shards by path, each in offset order."""
+    return sorted(entries, key=lambda e: (e.shard, e.offset))
+
+
+def flat(runs: Iterator[list[Entry]]) -> list[Entry]:
+    return [e for run in runs for e in run]
+
+
+@PROPERTY
+@given(selections(), st.integers(1, 12))
+def test_eval_slots_read_every_sample_once_in_tar_order(entries: list[Entry], n_slots: int) -> None:
+    runs = slots.assign_slots(entries, n_slots)
+    assert len(runs) == n_slots
+    assert [e for run in runs for e in run] == tar_line(entries)
+    sizes = [len(run) for run in runs]
+    assert max(sizes) - min(sizes) <= 1
+    per_shard = Counter(e.shard for e in entries)
+    for run in runs:  # whole shards, and at most two pieces (its first and last)
+        pieces = [s for s, n in Counter(e.shard for e in run).items() if n < per_shard[s]]
+        assert len(pieces) <= 2
+
+
+@PROPERTY
+@given(selections(), st.integers(0, 2**32 - 1), st.integers(0, 4))
+def test_each_pass_holds_every_sample_once_in_shard_runs(
+    entries: list[Entry], seed: int, k: int
+) -> None:
+    n = len(entries)
+    runs = list(slots.positions(entries, (seed, 1), k * n, (k + 1) * n))
+    assert sorted(flat(iter(runs))) == sorted(entries)
+    line = tar_line(entries)
+    for run in runs:  # each run: adjacent samples of one shard, in tar order
+        assert len({e.shard for e in run}) == 1
+        i = line.index(run[0])
+        assert line[i : i + len(run)] == run
+    # Cut into shards, whole: a pass reads each shard once, as one run.
+    assert len(runs) == len({e.shard for e in entries})
+
+
+@PROPERTY
+@given(selections(), st.integers(0, 2**32 - 1), st.data())
+def test_any_window_is_that_slice_of_the_sequence(
+    entries: list[Entry], seed: int, data: st.DataObject
+) -> None:
+    n = len(entries)
+    stop = data.draw(st.integers(0, 4 * n))
+    start = data.draw(st.integers(0, stop))
+    whole = flat(slots.positions(entries, (seed, 1), 0, stop))
+    assert len(whole) == stop
+    assert flat(slots.positions(entries, (seed, 1), start, stop)) == whole[start:]
+    endless = slots.positions(entries, (seed, 1), start)
+    got: list[Entry] = []
+    while len(got) < stop - start:
+        got += next(endless)
+    assert got[: stop - start] == whole[start:]
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> tuple[dict[str, list[Entry]], stream.TrainSpec, int]:
+    """Pools (one, positives and negatives with a pos_rate, or N classes), a spec at
+    epoch 0, and a number of epochs."""
+    kind = draw(st.sampled_from(["all", "pos_rate", "classes"]))
+    entries = draw(selections(labelled=kind == "pos_rate"))
+    pos_rate = None
+    if kind == "all":
+        pools = stream.class_pools(entries, None)
+    elif kind == "pos_rate":
+        pos_rate = (draw(st.sampled_from([0, 0.3, 0.5, 1])), draw(st.sampled_from([0, 0.4, 1])))
+        pools = stream.class_pools(entries, pos_rate)
+        if stream.ALL in pools:
+            pos_rate = None  # one class is empty: the stream falls back to all
+    else:
+        k = draw(st.integers(2, 3))
+        pools = {f"c{i}": [e for j, e in enumerate(entries) if j % k == i] for i in range(k)}
+        pools = {name: pool for name, pool in pools.items() if pool}
+    epochs = draw(st.integers(1, 3))
+    steps = draw(st.integers(1, 5))
+    spec = stream.TrainSpec(
+        seed=draw(st.integers(0, 2**32 - 1)),
+        epoch=0,
+        world_size=draw(st.integers(1, 3)),
+        workers=draw(st.integers(1, 3)),
+        batch_size=draw(st.integers(1, 4)),
+        steps_per_epoch=steps,
+        total_steps=draw(st.integers(1, epochs * steps)),
+        pos_rate=pos_rate,
+        shuffle_buffer=draw(st.integers(1, 8)),
+    )
+    return pools, spec, epochs
+
+
+@PROPERTY
+@given(plans())
+def test_slot_windows_tile_the_passes_and_match_the_draws(
+    plan: tuple[dict[str, list[Entry]], stream.TrainSpec, int],
+) -> None:
+    pools, spec, epochs = plan
+    classes = sorted(pools)
+    n_slots = spec.world_size * spec.workers
+    for name in classes:
+        windows = []
+        for epoch in range(epochs):
+            for slot in range(n_slots):
+                rank, worker = divmod(slot, spec.workers)
+                at = replace(spec, epoch=epoch, rank=rank)
+                start, count = stream.slot_window(at, name, slot, classes)
+                # A resumed rank plans the same windows.
+                resumed = replace(at, start_step=spec.steps_per_epoch)
+                assert stream.slot_window(resumed, name, slot, classes) == (start, count)
+                made = sum(
+                    stream.batch_draws(at, step, pools)[0].count(name)
+                    for step in range(worker, spec.steps_per_epoch, spec.workers)
+                )
+                assert count == made, (epoch, slot, name)
+                windows.append((start, count))
+        # Successive (epoch, slot) windows tile the sequence from position 0.
+        ends = [0]
+        for start, count in windows:
+            assert start == ends[-1]
+            ends.append(start + count)
+        # So every sample is drawn once per pass: count ``total // n`` or one more.
+        total, n = ends[-1], len(pools[name])
+        tag = classes.index(name) + 1  # the pool's seeds in train_stream
+        drawn = Counter(flat(slots.positions(pools[name], (spec.seed, tag), 0, total)))
+        assert set(drawn) <= set(pools[name])
+        assert all(total // n <= drawn[e] <= total // n + 1 for e in pools[name])
+        assert sum(drawn.values()) == total
+
+
+def fake_read_shard(store: object, path: str, wanted: Mapping[str, Entry]) -> Iterator[dict]:
+    """The reader's contract without bytes: the wanted samples of one shard, in tar order."""
+    for e in sorted(wanted.values(), key=slots.place):
+        assert e.shard == path
+        yield {"__key__": e.key, "__entry__": e}
+
+
+def keys_and_seeds(batches: list[tuple[int, list[dict]]]) -> list[tuple[int, list]]:
+    return [(step, [(s["__key__"], s["__seed__"]) for s in batch]) for step, batch in batches]
+
+
+@PROPERTY
+@given(plans(), st.data())
+def test_streams_draw_every_sample_once_per_pass_and_resume_anywhere(
+    plan: tuple[dict[str, list[Entry]], stream.TrainSpec, int], data: st.DataObject
+) -> None:
+    pools, spec, epochs = plan
+    by_key = {e.key: name for name, pool in pools.items() for e in pool}
+    drawn: Counter[str] = Counter()
+    with mock.patch.object(stream, "read_shard", fake_read_shard):
+        for epoch in range(epochs):
+            for rank in range(spec.world_size):
+                at = replace(spec, epoch=epoch, rank=rank)
+                batches = keys_and_seeds(list(stream.rank_stream(None, pools, at)))  # type: ignore[arg-type]
+                assert [step for step, _ in batches] == list(range(spec.steps_per_epoch))
+                assert all(len(b) == spec.batch_size for _, b in batches)
+                drawn.update(key for _, b in batches for key, _ in b)
+                s = data.draw(st.integers(0, spec.steps_per_epoch), label="resume step")
+                resumed = replace(at, start_step=s)
+                got = keys_and_seeds(list(stream.rank_stream(None, pools, resumed)))  # type: ignore[arg-type]
+                assert got == batches[s:]
+    for name, pool in pools.items():
+        total = sum(drawn[e.key] for e in pool)
+        assert all(total // len(pool) <= drawn[e.key] <= total // len(pool) + 1 for e in pool)
+        assert sum(n for key, n in drawn.items() if by_key[key] == name) == total
+
+
+@PROPERTY
+@given(selections(), st.integers(1, 3), st.integers(1, 3), st.integers(1, 4))
+def test_eval_streams_give_every_sample_once(
+    entries: list[Entry], world: int, workers: int, batch_size: int
+) -> None:
+    got: list[str] = []
+    with mock.patch.object(stream, "read_shard", fake_read_shard):
+        for rank in range(world):
+            spec = stream.EvalSpec(
+                rank=rank, world_size=world, workers=workers, batch_size=batch_size
+            )
+            for worker in range(workers):
+                batches = list(stream.eval_stream(None, entries, spec, worker))  # type: ignore[arg-type]
+                assert all(len(b) == batch_size for b in batches[:-1])
+                got += [s["__key__"] for b in batches for s in b]
+    assert got == [e.key for e in tar_line(entries)]
