@@ -192,9 +192,9 @@ MUTATIONS = [
         "store-put-in-place",
         "LocalStore.put writes the target in place instead of a temp file renamed over it",
         "shards/store.py",
-        '            with os.fdopen(fd, "wb") as f:\n',
-        "            os.close(fd)\n            Path(tmp).unlink()\n            tmp = target\n"
-        '            with open(target, "wb") as f:\n',
+        '        with os.fdopen(fd, "wb") as f:\n',
+        "        os.close(fd)\n        Path(tmp).unlink()\n        tmp = str(target)\n"
+        '        with open(target, "wb") as f:\n',
         _tests(STORE, COMMIT),
     ),
     Mutation(

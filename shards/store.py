@@ -139,6 +139,32 @@ def _named(e: OSError, path: Path) -> OSError:
     return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
 
 
+def _write_temp(target: Path, data: bytes) -> str:
+    """``data`` in a new, synced temp file beside ``target``; its path. Dot-prefixed temp
+    names are skipped by listings (and by pyarrow.dataset): a half-written file is never read.
+
+    Raises:
+        OSError: naming ``target`` (a full disk says which file could not be written).
+    """
+    try:
+        _make_dirs(target.parent)
+        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
+    except OSError as e:
+        raise _named(e, target) from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, target) from e
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def _make_dirs(directory: Path) -> None:
     """``mkdir -p``, durably: the parent of every folder created is fsynced."""
     missing = []
@@ -230,19 +256,12 @@ class LocalStore:
 
     def put(self, path: str, data: bytes) -> None:
         target = self._p(path)
-        _make_dirs(target.parent)
-        # Dot-prefixed temp names are ignored by pyarrow.dataset, so a half-written
-        # Parquet part is never read even before the rename.
-        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
+        tmp = _write_temp(target, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except OSError as e:
             Path(tmp).unlink(missing_ok=True)
-            raise
+            raise _named(e, target) from e
         _fsync_dir(target.parent)
 
     def put_if_absent(self, path: str, data: bytes) -> bool:
@@ -253,17 +272,13 @@ class LocalStore:
         to create the same lease or settings file: exactly one wins).
         """
         target = self._p(path)
-        _make_dirs(target.parent)
-        fd, tmp = create_temp(target.parent, f".{target.name}.", ".tmp")
+        tmp = _write_temp(target, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                return False
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise _named(e, target) from e
         finally:
             Path(tmp).unlink(missing_ok=True)
         _fsync_dir(target.parent)

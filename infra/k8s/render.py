@@ -40,12 +40,7 @@ def variables(args: argparse.Namespace) -> dict[str, str]:
     """The template's variables from the options; raises ValueError for a bad value."""
     if args.template == "ingest":
         return _ingest_variables(args)
-    if not _DNS_LABEL.match(args.name) or len(args.name) > 50:
-        raise ValueError(f"--name {args.name!r}: lower-case letters, digits and '-', 50 at most")
-    for option in ("image", "dataset", "run", "s3_secret"):
-        value = getattr(args, option)
-        if not _PLAIN.match(value):
-            raise ValueError(f"--{option.replace('_', '-')} {value!r}: unexpected characters")
+    _check_plain(args, ("image", "dataset", "run", "s3_secret"))
     if args.gpus < 1 or args.loader_workers < 0 or args.nodes < 1:
         raise ValueError("--gpus and --nodes must be at least 1, --loader-workers at least 0")
     if args.template == "multi" and args.nodes < 2:
@@ -67,15 +62,20 @@ def variables(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def _ingest_variables(args: argparse.Namespace) -> dict[str, str]:
+def _check_plain(args: argparse.Namespace, options: tuple[str, ...]) -> None:
+    """The Job name is a DNS label; the other values go into YAML as they are."""
     if not _DNS_LABEL.match(args.name) or len(args.name) > 50:
         raise ValueError(f"--name {args.name!r}: lower-case letters, digits and '-', 50 at most")
-    for option in ("image", "dataset", "source", "labels_url", "s3_secret", "batch"):
+    for option in options:
         value = getattr(args, option)
         if not value or not _PLAIN.match(value):
             raise ValueError(
                 f"--{option.replace('_', '-')} {value!r}: missing or unexpected characters"
             )
+
+
+def _ingest_variables(args: argparse.Namespace) -> dict[str, str]:
+    _check_plain(args, ("image", "dataset", "source", "labels_url", "s3_secret", "batch"))
     if args.kind not in ("siim", "nih"):
         raise ValueError(f"--kind {args.kind!r}: siim or nih")
     if args.parts < 1 or args.workers < 1:

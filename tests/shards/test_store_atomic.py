@@ -7,6 +7,7 @@ past it fails (EFBIG). A put that wrote in place would leave a truncated object 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,22 @@ def test_a_write_that_fails_part_way_leaves_the_old_object(tmp_path, how):
     assert store.get("dir/part.parquet") == old
     assert store.list() == ["dir/part.parquet"]  # no half-written object visible
     assert [p.name for p in (tmp_path / "store" / "dir").iterdir()] == ["part.parquet"]
+
+
+@pytest.mark.parametrize("how", ["put", "put_if_absent"])
+def test_a_full_disk_names_the_file_and_leaves_no_temp(tmp_path, monkeypatch, how):
+    """write() and fsync() report ENOSPC without a file name: the store adds it (the CLI's
+    one line then says which file could not be written)."""
+    import errno
+
+    store = LocalStore(tmp_path / "store")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        getattr(store, how)("batches/siim-b1/lease-000000.json", b"{}")
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(tmp_path / "store/batches/siim-b1/lease-000000.json")
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
