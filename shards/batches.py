@@ -167,10 +167,6 @@ def drop_batch(store: Store, dataset: str, batch: str) -> DropSummary:
         layout.batch_progress_prefix(dataset, batch),
     ):
         store.clean_incomplete(prefix)
-    for prefix in (
-        layout.batch_shard_prefix(dataset, batch),
-        layout.batch_progress_prefix(dataset, batch),
-    ):
         folder = store.local_path(prefix)
         if folder is not None:  # the batch's own folders, empty now (hidden temp files aside)
             shutil.rmtree(folder, ignore_errors=True)

@@ -385,7 +385,7 @@ def committed_parts(store: Store) -> set[tuple[str, str]]:
     for dataset, batch in layout.recorded_batches(store.list(layout.BATCHES_DIR + "/")):
         if dt.transaction_version(transaction_id(dataset, batch)) is not None:
             out.add((dataset, batch))
-    return out | _legacy_committed_in_table(store, dt)
+    return out | _legacy_committed_in_table(store)
 
 
 def legacy_committed(store: Store) -> set[tuple[str, str]]:
@@ -397,7 +397,7 @@ def legacy_committed(store: Store) -> set[tuple[str, str]]:
     return out
 
 
-def _legacy_committed_in_table(store: Store, dt: DeltaTable) -> set[tuple[str, str]]:
+def _legacy_committed_in_table(store: Store) -> set[tuple[str, str]]:
     """Batches a conversion carried into the table (recorded in its first commit)."""
     batches = settings_value(store, "converted_batches") or []
     return {(d, b) for d, b in batches}
