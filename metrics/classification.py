@@ -55,7 +55,9 @@ def classification_summary(labels: np.ndarray, probs: np.ndarray) -> dict[str, A
         ``class_counts`` (images per class, C entries).
     """
     labels = np.asarray(labels, dtype=np.int64)
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(labels), -1)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:  # a flat [N * C]; an empty [0, C] keeps its C
+        probs = probs.reshape(len(labels), -1)
     n_classes = probs.shape[1]
     counts = np.bincount(labels, minlength=n_classes) if len(labels) else np.zeros(n_classes)
     if len(labels) == 0:

@@ -65,3 +65,10 @@ def test_balanced_accuracy_is_the_unweighted_mean_of_recalls() -> None:
     s = classification_summary(labels, pred_one_hot)
     assert s["accuracy"] == pytest.approx(0.9)
     assert s["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+
+
+def test_no_images_give_nan_figures_for_every_class_given():
+    """A validation with no images (every rank's share empty) still knows its classes."""
+    out = classification_summary(np.zeros(0, int), np.zeros((0, 3)))
+    assert (out["n_images"], out["n_classes"], out["class_counts"]) == (0, 3, [0, 0, 0])
+    assert all(math.isnan(out[k]) for k in ("accuracy", "balanced_accuracy", "auroc"))
