@@ -79,3 +79,52 @@ def test_runs_on_other_images_or_unpaired_seeds_are_refused() -> None:
 def test_mean_sd_is_the_sample_sd() -> None:
     assert mean_sd([0.7, 0.8, 0.9]) == pytest.approx((0.8, 0.1))
     assert mean_sd([0.7]) == (0.7, None)
+
+
+# Equal to 1e-12: the blocks' means may differ from one draw's in the last bit.
+def _by_definition(per_image: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
+    """The documented bootstrap in one draw: ``resamples`` rows of n indices in 0..n-1 from
+    default_rng(seed), each row's mean, their 2.5th and 97.5th percentiles."""
+    idx = np.random.default_rng(seed).integers(0, per_image.size, (resamples, per_image.size))
+    low, high = np.quantile(per_image[idx].mean(axis=1), [0.025, 0.975])
+    return float(per_image.mean()), float(low), float(high)
+
+
+@pytest.mark.parametrize("resamples", [2_500, 999])  # not a multiple of the 1,000-row blocks
+def test_resamples_drawn_in_blocks_are_the_resamples_asked_for(resamples: int) -> None:
+    diffs = np.random.default_rng(1).normal(0.02, 0.1, (2, 37))
+    got = bootstrap_interval(diffs, resamples=resamples, seed=7)
+    assert got == pytest.approx(_by_definition(diffs.mean(axis=0), resamples, 7), rel=1e-12)
+
+
+def test_the_defaults_are_ten_thousand_resamples_seeded_zero() -> None:
+    diffs = np.random.default_rng(2).normal(0.0, 0.2, (1, 25))
+    assert bootstrap_interval(diffs) == pytest.approx(
+        _by_definition(diffs[0], 10_000, 0), rel=1e-12
+    )
+
+
+def test_float32_inputs_are_summarised_in_float64() -> None:
+    values32 = np.array([0.1, 0.7, 1 / 3, 0.9, 0.05] * 3, dtype=np.float32)
+    exact = values32.astype(np.float64)
+    mean, sd = mean_sd(values32)
+    assert (mean, sd) == pytest.approx((exact.mean(), exact.std(ddof=1)), rel=1e-12)
+    diffs32 = values32.reshape(3, 5)
+    got = bootstrap_interval(diffs32, resamples=500, seed=3)
+    want = _by_definition(diffs32.astype(np.float64).mean(axis=0), 500, 3)
+    assert got == pytest.approx(want, rel=1e-12)  # float32 sums differ from ~1e-8 on
+
+
+def test_one_seed_is_paired_too_and_errors_say_what_is_wrong() -> None:
+    diffs = paired_differences([{"b": 1.0, "a": 0.25}], [{"a": 0.5, "b": 0.5}])
+    assert diffs.tolist() == [[-0.25, 0.5]]
+    with pytest.raises(ConfigError) as e:
+        paired_differences([{"a": 1.0, "x": 1.0, "y": 0.0}], [{"a": 0.5, "b": 0.5}])
+    assert str(e.value) == (
+        "evaluations are not on the same images (1 missing, 2 extra): "
+        "every arm and seed must be scored on the same test split"
+    )
+    with pytest.raises(ConfigError, match=r"^no images to bootstrap$"):
+        bootstrap_interval(np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"^mean_sd of nothing$"):
+        mean_sd([])

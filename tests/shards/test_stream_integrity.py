@@ -162,3 +162,55 @@ def test_s3_shards_cut_or_deleted_stop_the_stream(dataset, copy: Path, s3_bucket
     with pytest.raises(IntegrityError, match="does not exist") as error:
         list(stream.read_shard(store, gone, wanted))
     assert gone in str(error.value)
+
+
+class _RangeRefused:
+    """A store whose reads fail the way boto3 reports S3 errors: a StoreError raised from a
+    ClientError whose response carries the error code."""
+
+    def __init__(self, code: str | None, response: object = "client-error"):
+        self.code, self.response = code, response
+
+    def url_of(self, path: str) -> str:
+        return f"s3://bucket/{path}"
+
+    def exists(self, path: str) -> bool:
+        return True
+
+    def open_range(self, path: str, start: int, end: int):
+        from botocore.exceptions import ClientError
+
+        from pneumo.shards.errors import StoreError
+
+        if self.response == "client-error":
+            cause: BaseException = ClientError(
+                {"Error": {"Code": self.code, "Message": "m"}}, "GetObject"
+            )
+        elif self.response == "absent":
+            cause = OSError("connection reset")  # a cause with no response at all
+        else:
+            cause = RuntimeError("no response")
+            cause.response = self.response  # type: ignore[attr-defined]
+        raise StoreError(f"{path}: read failed") from cause
+
+    open_read = open_range
+
+
+def _one_entry() -> dict[str, stream.Entry]:
+    return {"k1": stream.Entry("k1", "s.tar", "img1", True, offset=4096, size=512)}
+
+
+def test_a_range_past_the_end_of_a_shard_is_damage_and_other_s3_errors_are_not():
+    with pytest.raises(IntegrityError, match="s3://bucket/s.tar: the shard ends before sample k1"):
+        list(stream.read_shard(_RangeRefused("InvalidRange"), "s.tar", _one_entry()))
+    for store in (
+        _RangeRefused("AccessDenied"),
+        _RangeRefused("invalidrange"),
+        _RangeRefused(None, response={"Code": "InvalidRange"}),  # no "Error" level
+        _RangeRefused(None, response=None),
+        _RangeRefused(None, response="absent"),
+        _RangeRefused(None, response=[("Error", {"Code": "InvalidRange"})]),
+    ):
+        with pytest.raises(Exception) as e:
+            list(stream.read_shard(store, "s.tar", _one_entry()))
+        assert type(e.value).__name__ == "StoreError", (store.code, store.response)
