@@ -69,6 +69,7 @@ def fake_s3(tmp_path, monkeypatch):
     monkeypatch.setattr(classify, "is_s3_url", lambda url: url.startswith("s3://"))
 
     def prefix(url: str, create: bool):
+        assert not create  # reading labels never creates a bucket or prefix
         # On S3 an object's key is also a prefix, one with nothing under it.
         path = local(url)
         return open_store(tmp_path / "nothing-under" if path.is_file() else path, create=True)
