@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -354,10 +355,27 @@ def _worker_signals(_worker: int) -> None:
     handler exits with 0 only for a SIGTERM from the parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _leave)
+    sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
 
 
 def _leave(signum: int, frame: FrameType | None) -> None:
     os._exit(0)
+
+
+def _quiet_when_the_parent_hangs_up(hook: Callable[..., Any]) -> Callable[..., None]:
+    """``hook``, silent for the error a worker sees when the training process stops in the
+    middle of taking a batch (Ctrl-C, SIGTERM): a batch's tensors go to the parent as file
+    descriptors, served by a thread of the worker (multiprocessing's resource sharer) that
+    reports any error through ``sys.excepthook``; a parent that leaves mid-transfer gives it
+    a broken pipe or an early end of data, and it would print a traceback after the
+    parent's one line. Other errors are shown as before."""
+
+    def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(kind, (ConnectionError, EOFError)):
+            return
+        hook(kind, value, tb)
+
+    return excepthook
 
 
 def train_batches(

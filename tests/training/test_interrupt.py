@@ -19,7 +19,7 @@ import pytest
 from pneumo.render import Terminated
 from pneumo.shards import selections
 from pneumo.training.checkpoint import load_checkpoint
-from pneumo.training.data import LoaderConfig, train_batches
+from pneumo.training.data import LoaderConfig, _quiet_when_the_parent_hangs_up, train_batches
 from pneumo.training.segment import SegmentConfig, SegmentTask, train_segment
 
 
@@ -140,3 +140,23 @@ def test_a_loader_worker_leaves_quietly_on_a_sigterm_from_anyone(dataset) -> Non
         assert (ended.si_code, ended.si_status) == (os.CLD_EXITED, 0)
     finally:
         batches.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError, ConnectionResetError, EOFError])
+def test_a_worker_keeps_quiet_when_the_parent_hangs_up_mid_batch(error, capsys) -> None:
+    """The worker's resource-sharer thread (it hands a batch's tensors to the parent) reports
+    through sys.excepthook; a SIGTERM'd parent leaving mid-transfer must not add a
+    traceback under its one line. A real error of the worker still prints."""
+    hook = _quiet_when_the_parent_hangs_up(sys.__excepthook__)
+    try:
+        raise error("the parent left")
+    except error as e:
+        hook(type(e), e, e.__traceback__)
+    assert capsys.readouterr().err == ""
+    try:
+        raise ValueError("a real bug")
+    except ValueError as e:
+        hook(type(e), e, e.__traceback__)
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert err.rstrip().endswith("ValueError: a real bug")
