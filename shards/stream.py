@@ -50,6 +50,7 @@ import math
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -327,15 +328,20 @@ def batch_draws(
 
 def _positives(spec: TrainSpec, epoch: int, worker: int, stop: int) -> int:
     """Positives in stream worker ``worker``'s batches before step ``stop`` of ``epoch``:
-    the running sum of ``batch_size * rate``, rounded."""
+    the running sum of ``batch_size * rate``, rounded.
+
+    In exact arithmetic: with floats, a sum over more steps could round below one over
+    fewer (0.4999... against 0.5), a batch would get a negative count and the worker more
+    positives than :func:`draws` planned, and its stream would run dry mid-epoch."""
     steps = range(worker, min(stop, spec.steps_per_epoch), spec.workers)
-    return math.floor(spec.batch_size * _rate_sum(spec, epoch, steps) + 0.5)
+    return math.floor(spec.batch_size * _rate_sum(spec, epoch, steps) + Fraction(1, 2))
 
 
-def _rate_sum(spec: TrainSpec, epoch: int, steps: range) -> float:
-    """``sum(positive_rate at step j of epoch for j in steps)``, in closed form: the rate is
-    linear in the step until the slide ends, then flat."""
-    a, b = spec.pos_rate  # type: ignore[misc]
+def _rate_sum(spec: TrainSpec, epoch: int, steps: range) -> Fraction:
+    """``sum(positive_rate at step j of epoch for j in steps)``, in closed form and exact
+    (the rates' binary values as fractions): the rate is linear in the step until the
+    slide ends, then flat."""
+    a, b = (Fraction(p) for p in spec.pos_rate)  # type: ignore[union-attr]
     done = epoch * spec.steps_per_epoch  # steps of the earlier epochs
     sliding = min(len(steps), len(range(steps.start, spec.total_steps - done + 1, steps.step)))
     step_sum = sliding * steps.start + steps.step * sliding * (sliding - 1) // 2

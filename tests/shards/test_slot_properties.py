@@ -21,7 +21,7 @@ from dataclasses import replace
 from unittest import mock
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pneumo.shards import slots, stream
@@ -236,3 +236,37 @@ def test_eval_streams_give_every_sample_once(
                 assert all(len(b) == batch_size for b in batches[:-1])
                 got += [s["__key__"] for b in batches for s in b]
     assert got == [e.key for e in tar_line(entries)]
+
+
+@PROPERTY
+@given(
+    st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    st.integers(1, 3),  # workers
+    st.integers(1, 8),  # batch size
+    st.integers(1, 6),  # steps per epoch
+    st.integers(0, 3),  # epoch
+    st.integers(1, 30),  # total steps
+)
+@example((0.5, 0.0), 1, 3, 2, 1, 3)  # the case the stream property found
+def test_a_workers_positives_per_batch_add_up_to_its_planned_draws(
+    pos_rate: tuple[float, float], workers: int, batch: int, spe: int, epoch: int, total: int
+) -> None:
+    """Any rates (not only round ones): every batch has 0..batch_size positives, and a
+    worker's batches together draw what its window was planned for. Found by this file's
+    stream property: with float sums, pos_rate (0.5, 0), 3 total steps, batch 3 gave epoch
+    1's second batch -1 positives (two, as a slice [:-1]), and the stream ran dry."""
+    spec = stream.TrainSpec(
+        epoch=epoch, workers=workers, batch_size=batch, steps_per_epoch=spe,
+        total_steps=total, pos_rate=pos_rate,
+    )  # fmt: skip
+    pools = {stream.POS: [], stream.NEG: []}
+    for worker in range(workers):
+        counts = [
+            stream.batch_draws(spec, step, pools)[0].count(stream.POS)
+            for step in range(worker, spe, workers)
+        ]
+        assert all(0 <= c <= batch for c in counts)
+        assert sum(counts) == stream.draws(spec, stream.POS, epoch, worker)
+        # Within one of the rate at every step, as the stream's doc promises.
+        for c, step in zip(counts, range(worker, spe, workers), strict=True):
+            assert abs(c - batch * stream.positive_rate(spec, step)) < 1 + 1e-9
