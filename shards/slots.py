@@ -1,19 +1,28 @@
 """Which samples each reader slot reads: contiguous runs of shards laid end to end.
 
-A slot is one (rank, loader worker) of a job. Both plans below hand a slot contiguous runs
-of the selected samples in tar order, so a slot reads whole shards and pieces of shards,
-each piece one ranged read of adjacent samples: together the slots read each selected
-byte about once, however few the shards.
+A slot is one (rank, loader worker) of a job. Both plans below hand a slot runs of
+adjacent selected samples in tar order, each one ranged read: together the slots read
+each selected byte about once (per pass), however few the shards.
 
 * Evaluation (:func:`assign_slots`): the shards, sorted by path, laid end to end and cut
   into one run per slot, sizes differing by at most one. Every sample is read once.
 * Training (:func:`positions`): a pool (all samples, or one class) is an endless sequence
-  of *passes*; each pass lays the pool's shards end to end in an order drawn from the
-  seed and the pass number. Position ``i`` of the sequence is sample ``i % n`` of pass
+  of *passes*; each pass lays the pool's *pieces* end to end in an order drawn from the
+  seed and the pass number. A piece is :data:`PIECE` adjacent samples of one shard (one
+  short ranged read); a shard whose rows have no byte spans (manifest schema 1) is one
+  piece, streamed whole. Position ``i`` of the sequence is sample ``i % n`` of pass
   ``i // n``. Every draw from the pool, by any slot in any epoch, takes the next position:
   ``pneumo.shards.stream`` gives each (epoch, slot) the window of positions it will draw, so a
   sample is drawn once per pass, every sample at the same rate, whatever the shard sizes
   and whatever the number of slots.
+
+Why pieces and not whole shards: shards hold samples in ingest order, and an archive is
+ingested patient by patient (NIH's tars are), so a whole shard read in order, even through
+a shuffle buffer, gives batches of one or two patients; correlated batches bias BatchNorm
+statistics and gradients. Pieces of two samples from anywhere in the pool, mixed in the
+stream's buffer, bring a batch's share of same-patient pairs to within about 1.3x that of a
+uniform shuffle (``benchmarks/bench_shuffle.py``), while each read stays a contiguous byte
+range.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import numpy as np
 from pneumo.shards.errors import ConfigError
 
 _PASS = 1  # this module's purpose tag in seeded generators (see pneumo.shards.stream)
+
+PIECE = 2  # samples per piece: the unit a pass is shuffled in (see the module doc)
 
 
 class Entry(NamedTuple):
@@ -74,27 +85,51 @@ def assign_slots(entries: Sequence[Entry], n_slots: int) -> list[list[Entry]]:
     return runs
 
 
+def pieces(pool: Iterable[Entry], piece: int = PIECE) -> list[list[Entry]]:
+    """``pool`` cut into pieces: runs of up to ``piece`` adjacent samples of one shard, in
+    shard and tar order; a shard with a sample lacking its byte span is one piece.
+
+    Raises:
+        ConfigError: ``piece`` below 1.
+    """
+    if piece < 1:
+        raise ConfigError(f"a piece holds at least one sample, got {piece}")
+    out: list[list[Entry]] = []
+    for run in by_shard(pool).values():
+        if any(e.offset is None or e.size is None for e in run):
+            out.append(run)  # read by streaming the shard: once per pass, not per piece
+        else:
+            out.extend(run[i : i + piece] for i in range(0, len(run), piece))
+    return out
+
+
 def positions(
-    pool: Sequence[Entry], seeds: Sequence[int], start: int, stop: int | None = None
+    pool: Sequence[Entry],
+    seeds: Sequence[int],
+    start: int,
+    stop: int | None = None,
+    *,
+    piece: int = PIECE,
 ) -> Iterator[list[Entry]]:
     """Positions ``[start, stop)`` (``None``: endless) of ``pool``'s sequence of passes, as
-    runs of adjacent samples of one shard each, in sequence order.
+    runs of adjacent samples of one shard each (a piece, or the part of one the window
+    holds), in sequence order.
 
-    Pass ``k`` lays the shards end to end in an order drawn from ``(*seeds, k)``.
+    Pass ``k`` lays the pieces (:func:`pieces`) end to end in an order drawn from
+    ``(*seeds, k)``.
 
     Raises:
         ConfigError: an empty pool.
     """
-    grouped = by_shard(pool)
-    shards = list(grouped)
-    n = sum(len(run) for run in grouped.values())
+    cut = pieces(pool, piece)
+    n = sum(len(run) for run in cut)
     if not n:
         raise ConfigError("nothing to stream: no samples were given")
     first, skip = divmod(start, n)
     left = None if stop is None else stop - start
     for k in itertools.count(first):
-        for i in np.random.default_rng([*seeds, _PASS, k]).permutation(len(shards)):
-            run = grouped[shards[i]]
+        for i in np.random.default_rng([*seeds, _PASS, k]).permutation(len(cut)):
+            run = cut[i]
             if skip >= len(run):
                 skip -= len(run)
                 continue

@@ -23,10 +23,12 @@ endless sequence of passes over its samples; every draw takes the next position,
 (epoch, slot) takes the window of positions it will draw, known in closed form. A sample
 is therefore drawn once per pass, every sample of a class at the same rate, whatever the
 shard sizes, ranks and workers: a 12-sample tail shard is drawn like the others. A slot
-reads exactly its window, shuffled in a small seeded buffer. Resuming at step ``s``
-replays the sub-streams for the batches before ``s`` on raw bytes (nothing is decoded), so
-the resumed stream continues exactly where an uninterrupted one would, given the same
-``world_size``, ``workers``, ``steps_per_epoch`` and ``total_steps``.
+reads exactly its window, piece by piece (:mod:`pneumo.shards.slots`: pieces of a few
+adjacent samples from anywhere in the pool, one ranged read each), mixed in a seeded
+buffer of ``shuffle_buffer`` samples (:func:`shuffle_order`). The buffer's order is worked
+out on positions alone, so resuming at step ``s`` skips the samples drawn before ``s``
+without reading them and continues exactly where an uninterrupted stream would, given
+the same ``world_size``, ``workers``, ``steps_per_epoch`` and ``total_steps``.
 
 Evaluation (:func:`eval_stream`) is finite: every selected sample exactly once across all
 slots, in a fixed order (shards sorted by path, tar order inside), last batch short.
@@ -45,10 +47,12 @@ shard and the key, never a smaller or different set of samples.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -66,7 +70,10 @@ log = logging.getLogger(__name__)
 # {"__key__", "__shard__", "__entry__", "jpg"|"png"|"npy.gz", "mask.png", "json"}
 Sample = dict[str, Any]
 
-DEFAULT_SHUFFLE_BUFFER = 64
+# Samples a stream worker holds (raw bytes, not decoded) to mix the pieces it reads: 512
+# with pieces of 2 (slots.PIECE) gives batches about as mixed as a uniform shuffle's
+# (benchmarks/bench_shuffle.py); at 0.5 MB a sample (a 1024-px PNG), 256 MB a worker.
+DEFAULT_SHUFFLE_BUFFER = 512
 
 # The purpose of each seeded generator, so no two purposes share a stream of numbers
 # (1 is pneumo.shards.slots's passes).
@@ -182,34 +189,80 @@ def _past_the_end(error: StoreError) -> bool:
     return isinstance(response, dict) and response.get("Error", {}).get("Code") == "InvalidRange"
 
 
-def shuffled(samples: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
-    """A shuffle buffer of ``size`` samples: each new sample replaces a random one, yielded."""
-    buffer: list[Sample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        i = int(rng.integers(size))
+def shuffle_order(count: int, size: int, rng: np.random.Generator) -> Iterator[int]:
+    """The order in which a shuffle buffer of ``size`` hands on ``count`` items given in
+    order ``0, 1, ...``: each new item replaces a random one of the buffer, which is handed
+    on; the last ``size`` leave in random order. An item is handed on at most ``size``
+    items after the last one read before it: memory stays at ``size`` items.
+
+    Worked out on positions alone (no sample is read for it), so a resumed stream knows
+    which of its window's samples were drawn before the resume and never reads them.
+    Lazy: an endless epoch (``bench_loader``) is one huge window.
+    """
+    if count <= 0:
+        return
+    size = max(1, min(size, count))
+    buffer, item = list(range(size)), size
+    while item < count:  # random indices drawn in chunks: one call per _CHUNK items
+        for i in rng.integers(0, size, size=min(_CHUNK, count - item)).tolist():
+            yield buffer[i]
+            buffer[i] = item
+            item += 1
+    for i in rng.permutation(size).tolist():
         yield buffer[i]
-        buffer[i] = sample
-    while buffer:  # only reached when ``samples`` ends
-        i = int(rng.integers(len(buffer)))
-        buffer[i], buffer[-1] = buffer[-1], buffer[i]
-        yield buffer.pop()
+
+
+_CHUNK = 4096
 
 
 def read_window(
-    store: Store, pool: Sequence[Entry], seeds: Sequence[int], start: int, count: int
+    store: Store,
+    pool: Sequence[Entry],
+    seeds: Sequence[int],
+    start: int,
+    count: int,
+    order: Iterator[int],
+    *,
+    drawn: Set[int] = frozenset(),
+    piece: int = slots.PIECE,
 ) -> Iterator[Sample]:
-    """The ``count`` samples at positions ``start, start + 1, ...`` of ``pool``'s passes.
+    """The samples at positions ``start + i`` of ``pool``'s passes, for ``i`` in ``order``
+    (a :func:`shuffle_order` of ``count``, less the positions ``drawn`` before a resume).
+
+    The window's positions are read in sequence order, one ranged read per piece, except
+    those ``drawn`` (not read at all); each sample is held until ``order`` reaches it.
 
     Raises:
         IntegrityError: a sample is missing from its shard, cut short or changed.
     """
-    if count <= 0:
-        return
-    for run in slots.positions(pool, seeds, start, start + count):
-        yield from read_shard(store, run[0].shard, {e.key: e for e in run})
+    read = _read_positions(store, pool, seeds, start, count, drawn, piece)
+    held: dict[int, Sample] = {}
+    for i in order:
+        while i not in held:
+            j, sample = next(read)
+            held[j] = sample
+        yield held.pop(i)
+
+
+def _read_positions(
+    store: Store,
+    pool: Sequence[Entry],
+    seeds: Sequence[int],
+    start: int,
+    count: int,
+    drawn: Set[int],
+    piece: int,
+) -> Iterator[tuple[int, Sample]]:
+    """``(i, sample)`` for the positions ``start + i`` (``i < count``, not in ``drawn``) of
+    ``pool``'s passes, in sequence order."""
+    i = 0
+    for run in slots.positions(pool, seeds, start, start + count, piece=piece):
+        index = {e.key: i + j for j, e in enumerate(run) if i + j not in drawn}
+        i += len(run)
+        if not index:
+            continue  # drawn before the resume: not read
+        for sample in read_shard(store, run[0].shard, {e.key: e for e in run if e.key in index}):
+            yield index[sample["__key__"]], sample
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +272,8 @@ class TrainSpec:
     ``workers`` counts *stream* workers, at least 1: a loader running in-process (0 loader
     workers) is one stream worker. ``pos_rate=(a, b)`` makes the share of positives slide
     linearly from ``a`` to ``b`` over ``total_steps`` (:func:`batch_draws`); ``None`` keeps
-    the natural mix.
+    the natural mix. ``shuffle_buffer`` and ``piece`` (samples per ranged read, see
+    :mod:`pneumo.shards.slots`) set how well batches are mixed.
     """
 
     seed: int = 0
@@ -233,11 +287,14 @@ class TrainSpec:
     start_step: int = 0
     pos_rate: tuple[float, float] | None = None
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
+    piece: int = slots.PIECE
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"rank {self.rank} is not within world size {self.world_size}")
-        positive = ("workers", "batch_size", "steps_per_epoch", "total_steps", "shuffle_buffer")
+        positive = (
+            "workers", "batch_size", "steps_per_epoch", "total_steps", "shuffle_buffer", "piece"
+        )  # fmt: skip
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -390,18 +447,25 @@ def train_stream(
     if not 0 <= worker < spec.workers:
         raise ConfigError(f"worker {worker} is not within {spec.workers} workers")
     slot = spec.rank * spec.workers + worker
+    done: Counter[str] = Counter()  # draws of each class before the resume
+    for step in range(worker, spec.start_step, spec.workers):
+        done.update(batch_draws(spec, step, pools)[0])
     streams: dict[str, Iterator[Sample]] = {}
     classes = sorted(pools)
     for tag, name in enumerate(classes, start=1):
         start, count = slot_window(spec, name, slot, classes)
-        samples = read_window(store, pools[name], (spec.seed, tag), start, count)
         rng = np.random.default_rng([spec.seed, spec.epoch, slot, tag, _BUFFER])
-        streams[name] = shuffled(samples, min(spec.shuffle_buffer, count), rng)
+        order = shuffle_order(count, spec.shuffle_buffer, rng)
+        drawn = set(itertools.islice(order, done[name]))
+        streams[name] = read_window(
+            store, pools[name], (spec.seed, tag), start, count, order, drawn=drawn,
+            piece=spec.piece,
+        )  # fmt: skip
     for step in range(worker, spec.steps_per_epoch, spec.workers):
+        if step < spec.start_step:
+            continue  # drawn before the resume: its samples are left out of ``order``
         names, seeds = batch_draws(spec, step, pools)
         samples = [next(streams[name]) for name in names]
-        if step < spec.start_step:
-            continue  # resume: these bytes were read only to advance the sub-streams
         for sample, seed in zip(samples, seeds, strict=True):
             sample["__seed__"] = seed
         yield step, samples

@@ -58,7 +58,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pneumo.shards import manifest, selections, stream
+from pneumo.shards import manifest, selections, slots, stream
 from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.members import (
     ARRAY_SUFFIX,
@@ -105,6 +105,7 @@ class LoaderConfig:
     augment: bool = True
     in_channels: int = 1  # 1, or 3 (the grey image replicated)
     shuffle_buffer: int = stream.DEFAULT_SHUFFLE_BUFFER
+    piece: int = slots.PIECE  # samples per ranged read of the training stream
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -117,8 +118,8 @@ class LoaderConfig:
             raise ConfigError("--seed must not be negative")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels must be 1 or 3, got {self.in_channels}")
-        if self.shuffle_buffer < 1:
-            raise ConfigError("shuffle_buffer must be at least 1")
+        if self.shuffle_buffer < 1 or self.piece < 1:
+            raise ConfigError("shuffle_buffer and piece must be at least 1")
         stream.check_pos_rate(self.pos_rate)
 
     @property
@@ -422,6 +423,7 @@ def train_batches(
         start_step=start_step,
         pos_rate=cfg.pos_rate,
         shuffle_buffer=cfg.shuffle_buffer,
+        piece=cfg.piece,
     )
     return _batches(_TrainBatches(cfg, pools, spec), cfg)
 

@@ -15,11 +15,13 @@ hands back the wanted entries in tar order (its contract in ``pneumo.shards.stre
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -89,8 +91,25 @@ def test_each_pass_holds_every_sample_once_in_shard_runs(
         assert len({e.shard for e in run}) == 1
         i = line.index(run[0])
         assert line[i : i + len(run)] == run
-    # Cut into shards, whole: a pass reads each shard once, as one run.
-    assert len(runs) == len({e.shard for e in entries})
+    # Cut into pieces of PIECE samples (a shard's last one shorter): a pass reads each
+    # piece once, as one run, and pieces of one shard come in no fixed order.
+    per_shard = Counter(e.shard for e in entries)
+    assert len(runs) == sum(-(-n // slots.PIECE) for n in per_shard.values())
+    assert all(len(run) <= slots.PIECE for run in runs)
+    first = {e.shard: line.index(e) for e in reversed(line)}  # each shard's first sample
+    piece_starts = [i for i, e in enumerate(line) if (i - first[e.shard]) % slots.PIECE == 0]
+    assert sorted(line.index(run[0]) for run in runs) == piece_starts
+
+
+def test_a_shard_without_byte_spans_is_one_piece() -> None:
+    """Schema-1 rows have no spans: such a shard is streamed whole, so cutting it into
+    pieces would stream it once per piece."""
+    spanned = [Entry(f"a{i}", "shards/a.tar", f"a{i}", True, 512 * i, 512) for i in range(5)]
+    legacy = [Entry(f"b{i}", "shards/b.tar", f"b{i}", True) for i in range(5)]
+    cut = slots.pieces(spanned + legacy, 2)
+    assert [[e.key for e in run] for run in cut] == [
+        ["a0", "a1"], ["a2", "a3"], ["a4"], ["b0", "b1", "b2", "b3", "b4"]
+    ]  # fmt: skip
 
 
 @PROPERTY
@@ -141,6 +160,7 @@ def plans(draw: st.DrawFn) -> tuple[dict[str, list[Entry]], stream.TrainSpec, in
         total_steps=draw(st.integers(1, epochs * steps)),
         pos_rate=pos_rate,
         shuffle_buffer=draw(st.integers(1, 8)),
+        piece=draw(st.integers(1, 4)),
     )
     return pools, spec, epochs
 
@@ -177,7 +197,9 @@ def test_slot_windows_tile_the_passes_and_match_the_draws(
         # So every sample is drawn once per pass: count ``total // n`` or one more.
         total, n = ends[-1], len(pools[name])
         tag = classes.index(name) + 1  # the pool's seeds in train_stream
-        drawn = Counter(flat(slots.positions(pools[name], (spec.seed, tag), 0, total)))
+        drawn = Counter(
+            flat(slots.positions(pools[name], (spec.seed, tag), 0, total, piece=spec.piece))
+        )
         assert set(drawn) <= set(pools[name])
         assert all(total // n <= drawn[e] <= total // n + 1 for e in pools[name])
         assert sum(drawn.values()) == total
@@ -188,6 +210,17 @@ def fake_read_shard(store: object, path: str, wanted: Mapping[str, Entry]) -> It
     for e in sorted(wanted.values(), key=slots.place):
         assert e.shard == path
         yield {"__key__": e.key, "__entry__": e}
+
+
+def counting_reader(read: Counter[str]):
+    """:func:`fake_read_shard`, counting in ``read`` each sample it hands back."""
+
+    def read_shard(store: object, path: str, wanted: Mapping[str, Entry]) -> Iterator[dict]:
+        for sample in fake_read_shard(store, path, wanted):
+            read[sample["__key__"]] += 1
+            yield sample
+
+    return read_shard
 
 
 def keys_and_seeds(batches: list[tuple[int, list[dict]]]) -> list[tuple[int, list]]:
@@ -212,8 +245,13 @@ def test_streams_draw_every_sample_once_per_pass_and_resume_anywhere(
                 drawn.update(key for _, b in batches for key, _ in b)
                 s = data.draw(st.integers(0, spec.steps_per_epoch), label="resume step")
                 resumed = replace(at, start_step=s)
-                got = keys_and_seeds(list(stream.rank_stream(None, pools, resumed)))  # type: ignore[arg-type]
+                read: Counter[str] = Counter()
+                with mock.patch.object(stream, "read_shard", counting_reader(read)):
+                    got = keys_and_seeds(list(stream.rank_stream(None, pools, resumed)))  # type: ignore[arg-type]
                 assert got == batches[s:]
+                # What was drawn before the resume is skipped, not read: the resumed stream
+                # reads exactly the samples it gives, each draw once.
+                assert read == Counter(key for _, b in got for key, _ in b)
     for name, pool in pools.items():
         total = sum(drawn[e.key] for e in pool)
         assert all(total // len(pool) <= drawn[e.key] <= total // len(pool) + 1 for e in pool)
@@ -270,3 +308,22 @@ def test_a_workers_positives_per_batch_add_up_to_its_planned_draws(
         # Within one of the rate at every step, as the stream's doc promises.
         for c, step in zip(counts, range(worker, spe, workers), strict=True):
             assert abs(c - batch * stream.positive_rate(spec, step)) < 1 + 1e-9
+
+
+@PROPERTY
+@given(st.integers(0, 60), st.integers(1, 70), st.integers(0, 2**32 - 1))
+def test_a_shuffle_order_is_a_permutation_that_holds_at_most_size_items(
+    count: int, size: int, seed: int
+) -> None:
+    order = list(stream.shuffle_order(count, size, np.random.default_rng(seed)))
+    assert sorted(order) == list(range(count))
+    # The k-th item handed on was among the first k + size read: the buffer never holds
+    # more than ``size`` samples.
+    assert all(item < k + size for k, item in enumerate(order))
+
+
+def test_a_shuffle_order_of_an_endless_epoch_starts_at_once() -> None:
+    """bench_loader trains one epoch of 2**40 steps: the order is worked out as it goes."""
+    order = stream.shuffle_order(1 << 45, 512, np.random.default_rng(0))
+    first = list(itertools.islice(order, 1000))
+    assert len(set(first)) == 1000 and max(first) < 1000 + 512
