@@ -106,7 +106,7 @@ class ClassifyConfig(RunConfig):
             dataset=self.dataset,
             size=self.size,
             batch_size=self.batch_size,
-            workers=self.workers,
+            workers=self.loader_workers,
             seed=self.seed,
             pos_rate=self.pos_rate(),
             in_channels=self.in_channels,

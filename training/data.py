@@ -48,7 +48,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any
 
@@ -333,17 +333,20 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _batches(dataset: IterableDataset, cfg: LoaderConfig) -> Iterator[dict[str, Any]]:
-    loader = DataLoader(
+    yield from _loader(dataset, cfg.workers, persistent=False)
+
+
+def _loader(dataset: IterableDataset, workers: int, *, persistent: bool) -> DataLoader:
+    return DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole batches
         collate_fn=_as_is,  # already tensors; default_convert would turn tuples into lists
-        num_workers=cfg.workers,
+        num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-        prefetch_factor=PREFETCH_BATCHES if cfg.workers > 0 else None,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=_worker_signals,
     )
-    yield from loader
 
 
 def _worker_signals(_worker: int) -> None:
@@ -411,21 +414,29 @@ def train_batches(
         if len(labelled) < len(entries):
             log.warning("%d unlabelled samples left out of training", len(entries) - len(labelled))
         pools = stream.class_pools(labelled, cfg.pos_rate)
-    spec = stream.TrainSpec(
-        seed=cfg.seed,
-        epoch=epoch,
+    spec = _train_spec(
+        cfg,
         rank=rank,
         world_size=world_size,
-        workers=cfg.stream_workers,
-        batch_size=cfg.batch_size,
+        epoch=epoch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         start_step=start_step,
+    )
+    return _batches(_TrainBatches(cfg, pools, spec), cfg)
+
+
+def _train_spec(cfg: LoaderConfig, **where: int) -> stream.TrainSpec:
+    """The stream's settings of ``cfg`` at ``where`` (rank, world_size, epoch, steps...)."""
+    return stream.TrainSpec(
+        seed=cfg.seed,
+        workers=cfg.stream_workers,
+        batch_size=cfg.batch_size,
         pos_rate=cfg.pos_rate,
         shuffle_buffer=cfg.shuffle_buffer,
         piece=cfg.piece,
+        **where,
     )
-    return _batches(_TrainBatches(cfg, pools, spec), cfg)
 
 
 def eval_batches(
@@ -448,6 +459,129 @@ def eval_batches(
         rank=rank, world_size=world_size, workers=cfg.stream_workers, batch_size=cfg.batch_size
     )
     return _batches(_EvalBatches(cfg, entries, spec), cfg)
+
+
+class RunLoader:
+    """A training run's batches from one DataLoader whose workers stay for the whole run.
+
+    The training batches of any epoch from any step (:meth:`train`: each epoch, and the
+    epoch's first batches again for PreciseBN) and the validation batches (:meth:`val`:
+    after each epoch, and segmentation's post-processing search) all come from one set of
+    ``workers`` loader processes, started on the first call and stopped by :meth:`close`:
+    no fork, store client and process start-up per epoch and per validation, and one set of
+    workers (never a training set and a validation set) holding memory.
+
+    A persistent DataLoader pickles (or forks) its dataset once, at the workers' start, so
+    the workers cannot be handed a new epoch through the dataset object. Each call writes
+    what it wants (training or validation, epoch, start step) into a small tensor in shared
+    memory and then starts a new pass of the loader: each worker reads the tensor when it
+    begins its share of the new pass (torch's ``_ResumeIteration``, which follows every
+    batch wanted before it in the worker's queue) and plays the same stream worker as
+    :func:`train_batches` / :func:`eval_batches` would, so the batches are exactly theirs;
+    the new pass starts taking batches from worker 0 again, as a new loader would. Batches
+    the workers had made ahead for the pass before are dropped (at most
+    ``PREFETCH_BATCHES`` a worker, when a pass stops early, as PreciseBN's does).
+    ``workers=0`` reads in this process, with the same batches.
+
+    ``train`` and ``val`` must agree on dataset and workers (one set of workers).
+    """
+
+    def __init__(
+        self,
+        train: LoaderConfig,
+        val: LoaderConfig,
+        *,
+        rank: int,
+        world_size: int,
+        steps_per_epoch: int,
+        total_steps: int,
+        pools: dict[str, list[stream.Entry]],
+        val_entries: list[stream.Entry],
+    ) -> None:
+        if (train.dataset, train.workers) != (val.dataset, val.workers):
+            raise ConfigError(
+                "a run's training and validation loaders need one dataset and workers"
+            )
+        self.spe = steps_per_epoch
+        self._plan = torch.zeros(3, dtype=torch.int64).share_memory_()  # kind, epoch, start
+        spec = _train_spec(
+            train, rank=rank, world_size=world_size, epoch=0, steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+        )  # fmt: skip
+        eval_spec = stream.EvalSpec(
+            rank=rank, world_size=world_size, workers=val.stream_workers, batch_size=val.batch_size
+        )
+        self._dataset = _RunBatches(train, val, pools, val_entries, spec, eval_spec, self._plan)
+        self._loader = _loader(self._dataset, train.workers, persistent=True)
+        self._pass = 0
+
+    def train(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, Any]]:
+        """This rank's training batches of ``epoch`` from ``start_step`` on (what
+        :func:`train_batches` gives for them); the pass starts now."""
+        self._dataset.train_spec(epoch, start_step)  # bad values: ConfigError here, not in a worker
+        return self._start((_TRAIN, epoch, start_step))
+
+    def val(self) -> Iterator[dict[str, Any]]:
+        """This rank's share of the validation entries (what :func:`eval_batches` gives)."""
+        return self._start((_VAL, 0, 0))
+
+    def _start(self, plan: tuple[int, int, int]) -> Iterator[dict[str, Any]]:
+        self._plan.copy_(torch.tensor(plan))
+        self._pass += 1
+        return self._take(iter(self._loader), self._pass)
+
+    def _take(self, batches: Iterator[dict[str, Any]], number: int) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if number != self._pass:  # the workers serve a newer pass now
+                raise RuntimeError("a pass of a RunLoader was read after a newer one started")
+            yield batch
+
+    def close(self) -> None:
+        """Stop the workers (at the run's end, and at once on Ctrl-C or SIGTERM); a later
+        call starts new ones."""
+        # A persistent DataLoader keeps its one iterator, and with it the workers, in
+        # ``_iterator`` until it is collected: shut them down now, not at some later GC.
+        iterator = self._loader._iterator
+        self._loader._iterator = None
+        if iterator is not None:
+            iterator._shutdown_workers()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> RunLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_TRAIN, _VAL = 0, 1  # RunLoader's kinds of pass
+
+
+class _RunBatches(IterableDataset):
+    """The dataset of a :class:`RunLoader`: each pass is what ``plan`` says when it starts."""
+
+    def __init__(
+        self,
+        train: LoaderConfig,
+        val: LoaderConfig,
+        pools: dict[str, list[stream.Entry]],
+        entries: list[stream.Entry],
+        spec: stream.TrainSpec,
+        eval_spec: stream.EvalSpec,
+        plan: torch.Tensor,
+    ) -> None:
+        self.train, self.val, self.pools, self.entries = train, val, pools, entries
+        self.spec, self.eval_spec, self.plan = spec, eval_spec, plan
+
+    def train_spec(self, epoch: int, start_step: int) -> stream.TrainSpec:
+        return replace(self.spec, epoch=epoch, start_step=start_step)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Read when the pass starts (not at the first batch): a batch of the pass before
+        # may still be asked of this worker after the main process wrote the next plan.
+        kind, epoch, start_step = self.plan.tolist()
+        if kind == _VAL:
+            return iter(_EvalBatches(self.val, self.entries, self.eval_spec))
+        return iter(_TrainBatches(self.train, self.pools, self.train_spec(epoch, start_step)))
 
 
 def bench_loader(

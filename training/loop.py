@@ -35,12 +35,22 @@ owns everything else, the same way for every task:
    when ``Task.best`` improved;
 7. ``Task.finish`` (segment: the post-processing search), then the summary.
 
-On GPU: bf16 autocast around the step and the validation (``cfg.amp``), channels-last
-images (:func:`pneumo.training.runs.images_to`), pinned memory, cuDNN autotune.
+On GPU: autocast to ``cfg.precision`` (bf16 by default; fp16 with a gradient scaler, whose
+state every resumable checkpoint holds; fp32: none) around the step, PreciseBN and the
+validation, channels-last images (:func:`pneumo.training.runs.images_to`), pinned memory,
+cuDNN autotune; ``cfg.compile``: the training step calls ``torch.compile`` of the model (of
+the DDP wrapper, when distributed). On CPU everything runs in float32.
+
+Loader workers (:class:`pneumo.training.data.RunLoader`): one set per rank for the whole run,
+serving every epoch's batches, PreciseBN's and the validation's; ``cfg.workers`` unset
+takes the run's own on a resume, else :func:`pneumo.training.runs.default_workers`.
 
 Progress: ``progress`` (rank 0) gets ``{"event": "step", "step", "total", "epoch",
-"epochs", "loss", "images_per_s"}`` after every step and ``{"event": "epoch", "epochs",
-"headline", **metrics line}`` after every epoch.
+"epochs"}`` after every step, with ``"loss"`` (the mean training loss of the ``loss_steps``
+steps since the last reading) and ``"images_per_s"`` (over those steps) added every
+``log_every`` steps and at the epoch's last step: the losses add up on the device, and only
+those readings wait for it (:func:`pneumo.training.task.default_log_every`). After every
+epoch it gets ``{"event": "epoch", "epochs", "headline", **metrics line}``.
 
 Writing a task (the ``train autoencode`` task is one whose batches have no labels)::
 
@@ -95,7 +105,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any
 
@@ -109,31 +119,42 @@ from pneumo.shards import manifest, stream
 from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.store import open_store
 from pneumo.training import checkpoint as ckpts
-from pneumo.training.data import eval_batches, train_batches
+from pneumo.training.data import RunLoader
 from pneumo.training.rows import pin_rows
 from pneumo.training.runs import (
     CONFIG_FILE,
     DistEnv,
     RunDir,
     autocast,
+    available_cpus,
     broadcast_state,
+    default_workers,
     gather,
+    grad_scaler,
     on_main,
     setup_device,
     signals_held,
     teardown,
 )
-from pneumo.training.task import Task
+from pneumo.training.task import Task, default_log_every
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
-# Settings that change nothing a run computes: a resumed run may differ in them.
-FREE_ON_RESUME = frozenset({"out", "resume", "checkpoint_every"})
+# Settings that change nothing a run computes: a resumed run may differ in them. compile
+# changes how the step's kernels are made, not what they compute (up to float rounding,
+# as another GPU would).
+FREE_ON_RESUME = frozenset({"out", "resume", "checkpoint_every", "log_every", "compile"})
+# Settings that, unset, take the run's own value on a resume.
+RUN_DECIDES = frozenset({"workers"})
 
 
 class TrainingError(PneumoError):
     """Training cannot go on (e.g. the data stream delivered fewer batches than planned)."""
+
+
+def _no_scaling() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", enabled=False)
 
 
 @dataclass(kw_only=True)
@@ -157,6 +178,9 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     progress: Progress | None
+    loader: RunLoader | None = None  # None: a Job made by hand (tests)
+    scaler: torch.amp.GradScaler = field(default_factory=_no_scaling)
+    log_every: int = 1  # steps between the training-loss readings of ``progress``
     step: int = 0
     saved_step: int = -1  # the step last.pt holds
     best_score: float | None = None
@@ -185,10 +209,11 @@ def run(task: Task, progress: Progress | None = None) -> dict[str, Any]:
         log.info(
             "training %d steps (%d x %d) from step %d", job.total, cfg.epochs, job.spe, job.step
         )
-        for epoch in range(job.step // job.spe, cfg.epochs):
-            stats = _train_epoch(job, epoch)
-            _end_epoch(job, epoch, stats)
-        extra = task.finish(job)
+        with closing(job.loader):  # its workers stop here, also on an error or Ctrl-C
+            for epoch in range(job.step // job.spe, cfg.epochs):
+                stats = _train_epoch(job, epoch)
+                _end_epoch(job, epoch, stats)
+            extra = task.finish(job)
         last = job.history[-1] if job.history else {}
         return {
             "run": job.run.url,
@@ -209,9 +234,9 @@ def _start(
     task: Task, env: DistEnv, device: torch.device, run_dir: RunDir, progress: Progress | None
 ) -> Job:
     """Resume or start fresh: pinned rows, model, optimizer, schedule, position."""
-    cfg = task.cfg
     run_dir.clean_incomplete()
     ckpt = _resume_point(task, env, run_dir)
+    task.cfg = cfg = _settled(task.cfg, env, ckpt)
     train_rows, val_rows, pinned = on_main(env, lambda: pin_rows(task, run_dir, ckpt))
     task.use_rows(train_rows, val_rows)
     spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * env.world_size)
@@ -244,10 +269,8 @@ def _start(
         "val_rows": val_rows.num_rows,
         **pinned,
     }
-    net = model
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
+    pools = task.pools(train_rows)
+    val_entries = stream.entries_from_table(val_rows)
     job = Job(
         cfg=cfg,
         task=task,
@@ -259,13 +282,25 @@ def _start(
         meta=meta,
         train_rows=train_rows,
         val_rows=val_rows,
-        val_entries=stream.entries_from_table(val_rows),
-        pools=task.pools(train_rows),
+        val_entries=val_entries,
+        pools=pools,
         model=model,
-        net=net,
+        net=_step_module(model, env, device, compile=cfg.compile),
         optimizer=optimizer,
         scheduler=task.scheduler(optimizer, meta["total_steps"]),
         progress=progress,
+        loader=RunLoader(
+            task.loader(train=True),
+            task.loader(train=False),
+            rank=env.rank,
+            world_size=env.world_size,
+            steps_per_epoch=spe,
+            total_steps=meta["total_steps"],
+            pools=pools,
+            val_entries=val_entries,
+        ),
+        scaler=grad_scaler(device, cfg.precision),
+        log_every=cfg.log_every or default_log_every(cfg.batch_size, env.world_size),
         history=[],
     )
     if ckpt is not None:
@@ -273,6 +308,31 @@ def _start(
     about = {k: v for k, v in meta.items() if k != "config"}  # task, steps, init chain, rows
     job.run.write_json(CONFIG_FILE, {**meta["config"], **about})
     return job
+
+
+def _step_module(
+    model: nn.Module, env: DistEnv, device: torch.device, *, compile: bool
+) -> nn.Module:
+    """What the training step calls: ``model``, DDP-wrapped when distributed, compiled
+    when asked (checkpoints, PreciseBN and validation use the plain ``model``)."""
+    net = model
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(net) if compile else net
+
+
+def _settled(cfg: Any, env: DistEnv, ckpt: dict[str, Any] | None) -> Any:
+    """``cfg`` with its unset loader workers decided: the run's own on a resume, else from
+    the CPUs, rank 0's count on every rank (the stream of every rank depends on it)."""
+    if cfg.workers is not None:
+        return cfg
+    if ckpt is not None:
+        workers = int(ckpt["config"]["workers"])
+    else:
+        workers = on_main(env, lambda: default_workers(available_cpus(), env.local_world_size))
+        log.info("%d loader workers per process (--workers to choose)", workers)
+    return replace(cfg, workers=workers)
 
 
 def _resume_point(task: Task, env: DistEnv, run_dir: RunDir) -> dict[str, Any] | None:
@@ -293,10 +353,12 @@ def _resume_point(task: Task, env: DistEnv, run_dir: RunDir) -> dict[str, Any] |
 
 def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) -> None:
     """One line naming every setting that differs from the run's, if any does."""
-    old, new = ckpt.get("config", {}), task.cfg.to_dict()
+    old, new = _comparable(ckpt.get("config", {})), _comparable(task.cfg.to_dict())
     problems = [] if ckpt.get("task") == task.name else [f"task {ckpt.get('task')}"]
     for key in sorted(set(old) | set(new)):
-        if key not in FREE_ON_RESUME and old.get(key) != new.get(key):
+        if key in FREE_ON_RESUME or (key in RUN_DECIDES and new.get(key) is None):
+            continue
+        if old.get(key) != new.get(key):
             option = "--" + key.replace("_", "-")
             problems.append(f"{option} {old.get(key)!r} (now {new.get(key)!r})")
     if ckpt.get("world_size") != env.world_size:
@@ -308,6 +370,16 @@ def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) ->
         )  # fmt: skip
 
 
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """A config as today's say it: one written before ``precision`` has ``amp`` alone
+    (bf16 when true); ``amp`` follows precision, so it is not compared itself."""
+    config = dict(config)
+    amp = config.pop("amp", True)
+    if config.get("precision") is None:
+        config["precision"] = "bf16" if amp else "fp32"
+    return config
+
+
 def _restore(job: Job, ckpt: dict[str, Any]) -> None:
     """Weights, optimizer, schedule, RNG, position and history of ``last.pt`` (a finished
     run's holds the weights alone: nothing is left to train)."""
@@ -317,6 +389,8 @@ def _restore(job: Job, ckpt: dict[str, Any]) -> None:
         job.optimizer.load_state_dict(ckpt["optimizer"])
         if job.scheduler is not None:
             job.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):  # fp16 on GPU: the loss scale and its growth count
+            job.scaler.load_state_dict(ckpt["scaler"])
         ckpts.set_rng_state(ckpt["rng"])
     job.best_score = ckpt.get("best_score")
     # Epochs after the checkpoint's are redone: drop their lines, keep the earlier ones.
@@ -333,26 +407,25 @@ def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
     cfg, env = job.cfg, job.env
     job.model.train()
     started, first = time.perf_counter(), job.step
-    loss_sum = torch.zeros((), device=job.device)
+    loss_sum = torch.zeros((), device=job.device)  # summed on the device: no sync a step
+    report = _StepReport(job, epoch, job.progress) if job.progress and env.is_main else None
     batches = _epoch_batches(job, epoch, start_step=job.step - epoch * job.spe)
     try:
-        # Closed at once, also on Ctrl-C: the loader workers are shut down here, not at
-        # interpreter exit (where a worker killed by the Ctrl-C can leave the exit waiting).
         with closing(batches):
             for batch in islice(batches, (epoch + 1) * job.spe - job.step):
                 with signals_held():
-                    loss_sum += _train_step(job, batch)
+                    loss = _train_step(job, batch)
+                    loss_sum += loss
                     job.step += 1
                     if job.step % cfg.checkpoint_every == 0 and job.step % job.spe:
                         _save_last(job)  # the epoch's end writes its own, validated
-                if job.progress and env.is_main:
-                    done, seconds = job.step - first, time.perf_counter() - started
-                    job.progress({
-                        "event": "step", "step": job.step, "total": job.total, "epoch": epoch,
-                        "epochs": cfg.epochs, "loss": float(loss_sum) / done,
-                        "images_per_s": done * cfg.batch_size * env.world_size / seconds,
-                    })  # fmt: skip
+                if report is not None:
+                    report.step(loss)
     except KeyboardInterrupt:
+        # The loader workers stop now, not at interpreter exit (where a worker killed by
+        # the Ctrl-C can leave the exit waiting).
+        if job.loader is not None:
+            job.loader.close()
         # Not at the epoch's last step: last.pt there would skip the epoch's validation.
         if job.step % job.spe and job.step != job.saved_step:
             with signals_held():
@@ -367,6 +440,36 @@ def _train_epoch(job: Job, epoch: int) -> dict[str, Any]:
     return {"batches": job.step - first, "seconds": time.perf_counter() - started, "loss": loss_sum}
 
 
+class _StepReport:
+    """The step events of an epoch (rank 0, with a progress callback): the position after
+    every step; the mean loss of the steps since the last reading every ``job.log_every``
+    steps and at the epoch's last step. Only a reading waits for the device (``float`` of
+    the loss sum): the steps in between queue their work and go on."""
+
+    def __init__(self, job: Job, epoch: int, progress: Progress) -> None:
+        self.job, self.epoch, self.progress = job, epoch, progress
+        self.loss_sum = torch.zeros((), device=job.device)
+        self.steps, self.since = 0, time.perf_counter()
+
+    def step(self, loss: torch.Tensor) -> None:
+        job = self.job
+        self.loss_sum += loss
+        self.steps += 1
+        event = {
+            "event": "step", "step": job.step, "total": job.total, "epoch": self.epoch,
+            "epochs": job.cfg.epochs,
+        }  # fmt: skip
+        if job.step % job.log_every == 0 or job.step == (self.epoch + 1) * job.spe:
+            event["loss"] = float(self.loss_sum) / self.steps  # the reading: one sync
+            now = time.perf_counter()  # after it: the steps are done, not just queued
+            images = self.steps * job.cfg.batch_size * job.env.world_size
+            event["loss_steps"] = self.steps
+            event["images_per_s"] = images / max(now - self.since, 1e-9)
+            self.loss_sum.zero_()
+            self.steps, self.since = 0, now
+        self.progress(event)
+
+
 def _save_last(job: Job, val: dict[str, Any] | None = None, *, resumable: bool = True) -> None:
     """``last.pt`` at the current step (rank 0 writes; the other ranks note the step)."""
     if job.env.is_main:
@@ -376,24 +479,28 @@ def _save_last(job: Job, val: dict[str, Any] | None = None, *, resumable: bool =
 
 def _epoch_batches(job: Job, epoch: int, *, start_step: int) -> Iterator[dict[str, Any]]:
     """This rank's training batches of ``epoch`` from its step ``start_step`` on."""
-    return train_batches(
-        job.task.loader(train=True),
-        rank=job.env.rank,
-        world_size=job.env.world_size,
-        epoch=epoch,
-        steps_per_epoch=job.spe,
-        total_steps=job.total,
-        start_step=start_step,
-        pools=job.pools,
-    )
+    return _loader(job).train(epoch, start_step)
+
+
+def val_batches(job: Job) -> Iterator[dict[str, Any]]:
+    """This rank's share of the pinned validation rows, from the run's loader workers."""
+    return _loader(job).val()
+
+
+def _loader(job: Job) -> RunLoader:
+    if job.loader is None:
+        raise TrainingError("this Job has no loader: only loop.run makes one")
+    return job.loader
 
 
 def _train_step(job: Job, batch: dict[str, Any]) -> torch.Tensor:
-    with autocast(job.device, job.cfg.amp):
+    with autocast(job.device, job.cfg.precision):
         loss = job.task.loss(job, batch)
     job.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    job.optimizer.step()
+    # Disabled (all but fp16 on GPU), the scaler is a plain backward and optimizer step.
+    job.scaler.scale(loss).backward()
+    job.scaler.step(job.optimizer)  # fp16: skipped when the gradients overflowed
+    job.scaler.update()
     if job.scheduler is not None and job.task.schedule_on == "step":
         job.scheduler.step()
     return loss.detach()
@@ -430,7 +537,7 @@ def precise_bn(job: Job, epoch: int) -> None:
     job.model.train()
     with closing(batches), torch.random.fork_rng(devices=devices), torch.no_grad():
         for batch in islice(batches, count):
-            with autocast(job.device, job.cfg.amp):
+            with autocast(job.device, job.cfg.precision):
                 job.task.loss(plain, batch)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -439,14 +546,9 @@ def precise_bn(job: Job, epoch: int) -> None:
 def validate(job: Job) -> dict[str, Any]:
     """The task's validation figures over the pinned val rows, the same on every rank."""
     broadcast_state(job.env, job.model)  # evaluate exactly the weights the checkpoint holds
-    batches = eval_batches(
-        job.task.loader(train=False),
-        rank=job.env.rank,
-        world_size=job.env.world_size,
-        entries=job.val_entries,
-    )
+    batches = val_batches(job)
     job.model.eval()
-    with closing(batches), torch.no_grad(), autocast(job.device, job.cfg.amp):
+    with closing(batches), torch.no_grad(), autocast(job.device, job.cfg.precision):
         part = job.task.validate(job, batches)
     job.model.train()
     return job.task.summarise(gather(job.env, part))
@@ -517,5 +619,7 @@ def _checkpoint(job: Job, val: dict[str, Any], *, resumable: bool = True) -> byt
         ckpt["optimizer"] = job.optimizer.state_dict()
         if job.scheduler is not None:
             ckpt["scheduler"] = job.scheduler.state_dict()
+        if job.scaler.is_enabled():
+            ckpt["scaler"] = job.scaler.state_dict()
         ckpt["rng"] = ckpts.rng_state()
     return ckpts.to_bytes(ckpt)

@@ -37,7 +37,7 @@ from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.training import checkpoint as ckpts
 from pneumo.training import fullres, loop
-from pneumo.training.data import LoaderConfig, eval_batches
+from pneumo.training.data import LoaderConfig
 from pneumo.training.loop import Job, Progress
 from pneumo.training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
 from pneumo.training.model import build_unet, unet_args
@@ -105,7 +105,7 @@ class SegmentConfig(RunConfig):
             where=self.where if train else self.val_where,
             size=self.size,
             batch_size=self.batch_size,
-            workers=self.workers,
+            workers=self.loader_workers,
             seed=self.seed,
             pos_rate=self.pos_rate if train else None,
             augment=train,
@@ -245,12 +245,6 @@ def lr_factor(step: int, *, warmup: int, total: int, floor: float = 0.1) -> floa
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def _val_batches(job: Job, rank: int, world_size: int) -> Iterable[dict[str, Any]]:
-    return eval_batches(
-        job.cfg.loader(train=False), rank=rank, world_size=world_size, entries=job.val_entries
-    )
-
-
 def _choose_postprocess(job: Job) -> tuple[PostProcess, float]:
     """The post-processing triplet maximising val SIIM Dice with the best weights.
 
@@ -264,7 +258,7 @@ def _choose_postprocess(job: Job) -> tuple[PostProcess, float]:
         model.load_state_dict(ckpts.load_checkpoint(job.cfg.out, "best")["model"])
     broadcast_state(env, model)
     masks = fullres.FullResMasks(job.cfg.dataset, job.val_rows)  # the run's pinned val rows
-    batches = _val_batches(job, env.rank, env.world_size)
+    batches = loop.val_batches(job)  # the run's loader workers, still up
     results = fullres.choose_postprocess(
         model, batches, masks, device=job.device, amp=job.cfg.amp, env=env
     )

@@ -20,12 +20,13 @@ from pneumo.shards import stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import is_s3_url
 from pneumo.training.data import LoaderConfig
-from pneumo.training.runs import Panel
+from pneumo.training.runs import PRECISIONS, Panel
 
 if TYPE_CHECKING:
     from pneumo.training.loop import Job
 
 RESUME_MODES = ("auto", "never", "always")
+IMAGES_PER_READING = 1000  # images trained between two training-loss readings (default)
 
 
 def absolute(url: str) -> str:
@@ -45,12 +46,27 @@ class RunConfig:
         batch_size: images per step per rank.
         epochs: passes of ``steps_per_epoch`` steps.
         steps_per_epoch: None: training rows // (batch_size x world size).
-        workers: loader processes per rank.
+        workers: loader processes per rank; they shape the stream (batch ``j`` comes from
+            worker ``j % workers``). None: the run's own on a resume, and on a fresh start
+            :func:`pneumo.training.runs.default_workers` of the CPUs this process may use
+            (affinity and cgroup quota) shared by the node's processes (rank 0's count).
         seed: seeds model init, sampling and augmentation.
         resume: ``auto`` | ``never`` | ``always`` (see the module doc).
         in_channels: image channels (1: grey; 3: the grey image replicated).
         checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
-        amp: bf16 autocast on GPU (ignored on CPU).
+        precision: ``bf16`` (default) | ``fp16`` | ``fp32``: the autocast dtype of the
+            training step, PreciseBN and validation on GPU; ``fp16`` scales the loss with a
+            ``torch.amp.GradScaler`` (its state is in every resumable checkpoint). On CPU
+            everything runs in float32, whatever is asked. None (not given): ``bf16``, or
+            ``fp32`` for a legacy ``amp=False``. A resume must have the run's precision.
+        amp: derived: whether the precision autocasts (not ``fp32``); what configs and
+            checkpoints written before ``precision`` hold, and what older readers use.
+        compile: ``torch.compile`` the model for the training step (PreciseBN, validation
+            and checkpoints use the plain module: no ``_orig_mod.`` in state-dict keys).
+        log_every: steps between the readings of the training loss that the progress
+            callback gets; each reading waits for the device to finish the steps queued (a
+            host-device sync), so it is not done every step. None:
+            :func:`default_log_every`, about one reading a second at 1,000 images a second.
         allow_overlap: train even when training patients are in the SIIM val/test rows.
         precise_bn: training batches over which BatchNorm statistics are re-estimated
             before each validation (:func:`pneumo.training.loop.precise_bn`); 0: not re-estimated.
@@ -64,17 +80,30 @@ class RunConfig:
     batch_size: int = 8
     epochs: int = 10
     steps_per_epoch: int | None = None
-    workers: int = 2
+    workers: int | None = None
     seed: int = 0
     resume: str = "auto"
     in_channels: int = 1
     checkpoint_every: int = 500
+    precision: str | None = None
     amp: bool = True
+    compile: bool = False
+    log_every: int | None = None
     allow_overlap: bool = False
     precise_bn: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", absolute(self.dataset))
+        # precision wins; a legacy amp alone (configs from before precision) decides it.
+        if self.precision is None:
+            object.__setattr__(self, "precision", "bf16" if self.amp else "fp32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r}: expected one of {PRECISIONS}")
+        object.__setattr__(self, "amp", self.precision != "fp32")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError("--workers must not be negative (0 reads in the main process)")
+        if self.log_every is not None and self.log_every < 1:
+            raise ConfigError(f"--log-every must be at least 1, got {self.log_every}")
         if self.resume not in RESUME_MODES:
             raise ConfigError(f"--resume {self.resume!r}: expected one of {RESUME_MODES}")
         if self.precise_bn < 0:
@@ -85,9 +114,25 @@ class RunConfig:
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"steps_per_epoch must be at least 1, got {self.steps_per_epoch}")
 
+    @property
+    def loader_workers(self) -> int:
+        """``workers``, with 0 standing in until the loop settles an unset one (so a config
+        can run the loader's checks when it is made)."""
+        return 0 if self.workers is None else self.workers
+
     def to_dict(self) -> dict[str, Any]:
         """The config as stored in config.json and checkpoints (JSON types: tuples as lists)."""
         return json.loads(json.dumps(asdict(self)))
+
+
+def default_log_every(batch_size: int, world_size: int) -> int:
+    """Steps between training-loss readings when ``log_every`` is not given: about one a
+    second at 1,000 images a second (``1000 // (batch_size x world_size)``, at least 1):
+    what a reading costs (the device idles while the host catches up, about one step's
+    kernel launches) is lost in a second's work, and the bar still changes every second.
+    Every step is still reported, without its loss: the bar moves and a callback can stop
+    the run at any step."""
+    return max(1, IMAGES_PER_READING // (batch_size * world_size))
 
 
 class Task(ABC):
@@ -110,7 +155,7 @@ class Task(ABC):
             dataset=cfg.dataset,
             size=cfg.size,
             batch_size=cfg.batch_size,
-            workers=cfg.workers,
+            workers=cfg.loader_workers,
             seed=cfg.seed,
             pos_rate=self.pos_rate() if train else None,
             augment=train,

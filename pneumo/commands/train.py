@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from tqdm import tqdm
 
-from pneumo.commands.options import BatchSize, DatasetArg, LoaderWorkers, Size
+from pneumo.commands.options import BatchSize, DatasetArg, Size
 from pneumo.render import ProgressBar, fail_on_errors
 from pneumo.shards.errors import ConfigError
 
@@ -47,6 +47,42 @@ PreciseBN = Annotated[
         help="Re-estimate BatchNorm statistics over this many training batches before each "
         "validation (0: keep the running averages, which lag the weights in short runs).",
         min=0,
+    ),
+]
+TrainWorkers = Annotated[
+    int | None,
+    typer.Option(
+        help="Loader processes per training process; they shape the batches, so a resume "
+        "keeps the run's. Default: the CPUs this process may use (affinity and cgroup quota) "
+        "shared by the node's processes (LOCAL_WORLD_SIZE), less one for the process itself, "
+        "1 to 16.",
+        min=0,
+    ),
+]
+Precision = Annotated[
+    str,
+    typer.Option(
+        help="bf16 | fp16 | fp32: the autocast of the training step, PreciseBN and validation "
+        "on GPU. fp16 scales the loss (its GradScaler is saved in checkpoints; it reads the "
+        "GPU every step). On CPU everything runs in fp32 whatever this says. A resume must "
+        "give the run's.",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the model for the training step (the first steps wait for the "
+        "compiler; checkpoints hold the plain module's weights).",
+    ),
+]
+LogEvery = Annotated[
+    int | None,
+    typer.Option(
+        help="Steps between the training-loss readings of the progress bar (each waits for "
+        "the GPU to finish the steps queued). Default: 1000 // (batch size x processes), "
+        "about one a second at 1,000 images/s.",
+        min=1,
     ),
 ]
 AllowOverlap = Annotated[
@@ -88,7 +124,7 @@ def train_segment_cmd(
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-4,
     epochs: Epochs = 10,
     steps_per_epoch: StepsPerEpoch = None,
-    workers: LoaderWorkers = 2,
+    workers: TrainWorkers = None,
     encoder_init: Annotated[
         str | None,
         typer.Option(
@@ -111,6 +147,9 @@ def train_segment_cmd(
     checkpoint_every: CheckpointEvery = 500,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)] = 100,
     precise_bn: PreciseBN = 0,
+    precision: Precision = "bf16",
+    compile: Compile = False,
+    log_every: LogEvery = None,
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train the U-Net (ResNet-34 encoder) on a dataset's shards; torchrun for several GPUs."""
@@ -135,6 +174,9 @@ def train_segment_cmd(
         checkpoint_every=checkpoint_every,
         warmup_steps=warmup_steps,
         precise_bn=precise_bn,
+        precision=precision,
+        compile=compile,
+        log_every=log_every,
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )
@@ -182,11 +224,14 @@ def train_classify_cmd(
     epochs: Epochs = 10,
     steps_per_epoch: StepsPerEpoch = None,
     in_channels: InChannels = 1,
-    workers: LoaderWorkers = 2,
+    workers: TrainWorkers = None,
     seed: Seed = 0,
     resume: Resume = "auto",
     checkpoint_every: CheckpointEvery = 500,
     precise_bn: PreciseBN = 16,
+    precision: Precision = "bf16",
+    compile: Compile = False,
+    log_every: LogEvery = None,
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a ResNet classifier (pneumothorax, or a label table's classes) for pretraining."""
@@ -213,6 +258,9 @@ def train_classify_cmd(
         resume=resume,
         checkpoint_every=checkpoint_every,
         precise_bn=precise_bn,
+        precision=precision,
+        compile=compile,
+        log_every=log_every,
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )
@@ -244,22 +292,24 @@ def run_training(cfg: Any, train: Any = None) -> dict[str, Any] | None:
 
 class TrainProgress:
     """Renders the loop's progress: the bar (epoch, step, loss, images/s) on a terminal, and
-    one line per epoch with the validation figures (the only output without a terminal)."""
+    one line per epoch with the validation figures (the only output without a terminal).
+
+    The bar moves every step; loss and images/s change at the loop's readings (every
+    ``--log-every`` steps: the mean of the steps since the one before)."""
 
     def __init__(self, bar: ProgressBar) -> None:
         self.bar = bar
+        self.postfix: dict[str, str] = {}
 
     def __call__(self, p: dict[str, Any]) -> None:
         if p.get("event") == "epoch":
             tqdm.write(epoch_line(p), file=sys.stderr)
             return
-        self.bar.update_to(
-            p["step"],
-            p["total"],
-            epoch=f"{p['epoch'] + 1}/{p['epochs']}",
-            loss=f"{p['loss']:.4f}",
-            img_s=f"{p['images_per_s']:.1f}",
-        )
+        self.postfix["epoch"] = f"{p['epoch'] + 1}/{p['epochs']}"
+        if "loss" in p:
+            self.postfix["loss"] = f"{p['loss']:.4f}"
+            self.postfix["img_s"] = f"{p['images_per_s']:.1f}"
+        self.bar.update_to(p["step"], p["total"], **self.postfix)
 
 
 def epoch_line(p: dict[str, Any]) -> str:
