@@ -3,10 +3,12 @@
 Configured only the standard way, through the ``AWS_*`` variables and files that boto3
 reads (an endpoint set only in the AWS config file included). Every request is retried
 with exponential backoff (``RETRY_ATTEMPTS``); reads survive dropped connections (a ranged
-GET from the last byte received) and can be ranged themselves; uploads over 64 MiB are
-multipart. Whatever still fails is one ``StoreError`` line naming the object, the store's
-answer and what to do (renew refused credentials, say): never a botocore traceback. The
-views of deltalake and pyarrow on the same store are in ``pneumo.shards.s3_tables``.
+GET from the last byte received) and can be ranged themselves; reads announced by
+``prefetch`` are opened ahead, a few at a time (``pneumo.shards.cache.ReadAhead``), so their
+time to first byte passes while earlier ones are read; uploads over 64 MiB are multipart.
+Whatever still fails is one ``StoreError`` line naming the object, the store's answer and
+what to do (renew refused credentials, say): never a botocore traceback. The views of
+deltalake and pyarrow on the same store are in ``pneumo.shards.s3_tables``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlsplit
 
+from pneumo.shards.cache import ReadAhead
 from pneumo.shards.errors import StoreError
 from pneumo.shards.store import clean_path
 
@@ -248,6 +252,7 @@ class S3Store:
         self.session = _session(self.settings.credentials_id)
         self.client = _s3_client(self.session, self.settings)
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self._ahead = ReadAhead()  # GETs opened ahead: keyed (key, start, end or None)
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -320,13 +325,41 @@ class S3Store:
 
     def open_read(self, path: str) -> IO[bytes]:
         """A stream of the object that survives dropped connections (see _ResumingReader)."""
-        return _ResumingReader(self, self._k(path))  # type: ignore[return-value]
+        return self._reader(self._k(path), 0, None)  # type: ignore[return-value]
 
     def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
         """Bytes ``[start, end)`` of the object: one ranged GET (resumed like ``open_read``)."""
         if end <= start:
             return io.BytesIO(b"")
-        return _ResumingReader(self, self._k(path), start, end)  # type: ignore[return-value]
+        return self._reader(self._k(path), start, end)  # type: ignore[return-value]
+
+    def prefetch(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> None:
+        """Open the GETs that ``open_range`` of ``ranges`` (None: ``open_read``) of ``path``
+        will make, in a few threads: the answer's headers come now, its bytes stream when
+        read (a held answer costs a connection, not memory). Their errors are raised by
+        the ``open_range`` (``open_read``) that takes them."""
+        key = self._k(path)
+        for start, end in [(0, None)] if ranges is None else ranges:
+            if end is None or start < end:
+                self._ahead.start(
+                    (key, start, end), partial(_ResumingReader, self, key, start, end)
+                )
+
+    def _reader(self, key: str, start: int, end: int | None) -> _ResumingReader:
+        """The GET of ``[start, end)`` of ``key``: the one ``prefetch`` opened, or a new one."""
+        opened = self._ahead.take((key, start, end))
+        if opened is not None:
+            return opened.result()  # type: ignore[no-any-return]
+        return _ResumingReader(self, key, start, end)
+
+    def size(self, path: str) -> int:
+        """Bytes of the object (one HEAD request)."""
+        key = self._k(path)
+        head = self.call(
+            f"cannot look for {self.url_of(path)}",
+            lambda c: c.head_object(Bucket=self.bucket, Key=key),
+        )
+        return int(head["ContentLength"])
 
     def put(self, path: str, data: bytes) -> None:
         if len(data) > MULTIPART_THRESHOLD:

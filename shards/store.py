@@ -11,7 +11,11 @@ S3: a single PUT or a completed multipart upload). Local writes are also durable
 is fsynced before its rename, and its folder (and every folder created for it) after, so a
 manifest part committed after its shards never names a shard lost in a power cut. Local
 files get the mode the umask gives (0644 under the usual 022), as other tools write them.
-Reads can be ranged (``open_range``): one GET with a ``Range`` header on S3.
+Reads can be ranged (``open_range``): one GET with a ``Range`` header on S3. A reader that
+knows what it will read next says so (``prefetch``): S3 then starts those GETs early, in a
+few threads, so their latency overlaps the reading of the current one (a local folder has
+no latency to hide and ignores it). ``pneumo.shards.cache`` keeps shards of a remote store on
+local disk.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import io
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -27,13 +32,21 @@ from pneumo.shards.errors import StoreError
 
 
 class Store(Protocol):
-    """What every store can do. ``url`` is the root it was opened on."""
+    """What every store can do. ``url`` is the root it was opened on.
+
+    ``prefetch(path, ranges)`` says that ``open_range`` (``ranges`` None: ``open_read``)
+    of those byte ranges of ``path`` will come soon; a store may start them early and hand
+    them over then. The error of a read started early is raised where that read is
+    opened, as it would have been. ``size(path)`` is the object's size in bytes.
+    """
 
     url: str
 
     def get(self, path: str) -> bytes: ...
     def open_read(self, path: str) -> IO[bytes]: ...
     def open_range(self, path: str, start: int, end: int) -> IO[bytes]: ...
+    def prefetch(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> None: ...
+    def size(self, path: str) -> int: ...
     def put(self, path: str, data: bytes) -> None: ...
     def put_file(self, path: str, local_path: str | os.PathLike[str]) -> None: ...
     def put_if_absent(self, path: str, data: bytes) -> bool: ...
@@ -176,12 +189,13 @@ def _make_dirs(directory: Path) -> None:
         _fsync_dir(folder.parent)
 
 
-class _FileRange(io.RawIOBase):
-    """Bytes ``[start, end)`` of a local file, read like a whole stream."""
+class FileRange(io.RawIOBase):
+    """Bytes ``[start, end)`` of a local file opened for reading (closed with it), read
+    like a whole stream."""
 
-    def __init__(self, path: Path, start: int, end: int) -> None:
+    def __init__(self, file: IO[bytes], start: int, end: int) -> None:
         super().__init__()
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.file = file
         self.file.seek(start)
         self.left = end - start
 
@@ -250,7 +264,18 @@ class LocalStore:
     def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
         """Bytes ``[start, end)`` of a file, as a stream."""
         try:
-            return _FileRange(self._p(path), start, end)  # type: ignore[return-value]
+            file = open(self._p(path), "rb")  # noqa: SIM115 - closed with the range
+        except FileNotFoundError as e:
+            raise StoreError(f"{self._p(path)} does not exist") from e
+        return FileRange(file, start, end)  # type: ignore[return-value]
+
+    def prefetch(self, path: str, ranges: Sequence[tuple[int, int]] | None) -> None:
+        """Nothing to do: a local read has no latency worth hiding."""
+
+    def size(self, path: str) -> int:
+        """Bytes of the file at ``path``."""
+        try:
+            return self._p(path).stat().st_size
         except FileNotFoundError as e:
             raise StoreError(f"{self._p(path)} does not exist") from e
 
