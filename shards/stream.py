@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from pneumo.shards import slots, tario
+from pneumo.shards.cache import read_ahead
 from pneumo.shards.errors import ConfigError, IntegrityError, ManifestError, StoreError
 from pneumo.shards.slots import Entry, by_shard, place
 from pneumo.shards.store import Store
@@ -256,7 +257,8 @@ def _read_positions(
     """``(i, sample)`` for the positions ``start + i`` (``i < count``, not in ``drawn``) of
     ``pool``'s passes, in sequence order."""
     i = 0
-    for run in slots.positions(pool, seeds, start, start + count, piece=piece):
+    runs = slots.positions(pool, seeds, start, start + count, piece=piece)
+    for run in read_ahead(store, runs):  # a remote store opens the next reads meanwhile
         index = {e.key: i + j for j, e in enumerate(run) if i + j not in drawn}
         i += len(run)
         if not index:
@@ -520,8 +522,8 @@ def eval_stream(
     slot = spec.rank * spec.workers + worker
     share = slots.assign_slots(entries, spec.world_size * spec.workers)[slot]
     batch: list[Sample] = []
-    for shard, run in by_shard(share).items():
-        for sample in read_shard(store, shard, {e.key: e for e in run}):
+    for run in read_ahead(store, by_shard(share).values()):
+        for sample in read_shard(store, run[0].shard, {e.key: e for e in run}):
             batch.append(sample)
             if len(batch) == spec.batch_size:
                 yield batch

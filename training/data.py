@@ -59,6 +59,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pneumo.shards import manifest, selections, slots, stream
+from pneumo.shards.cache import cached
 from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.members import (
     ARRAY_SUFFIX,
@@ -67,7 +68,7 @@ from pneumo.shards.members import (
     jpeg_sof,
     read_bilevel_png,
 )
-from pneumo.shards.store import open_store
+from pneumo.shards.store import Store, is_s3_url, open_store
 from pneumo.training import augment
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,10 @@ class LoaderConfig:
     in_channels: int = 1  # 1, or 3 (the grey image replicated)
     shuffle_buffer: int = stream.DEFAULT_SHUFFLE_BUFFER
     piece: int = slots.PIECE  # samples per ranged read of the training stream
+    # An s3:// dataset's shards kept on local disk (pneumo.shards.cache): None, read each
+    # epoch from the store; cache_limit: bytes the folder may hold.
+    cache_dir: str | None = None
+    cache_limit: int = 50 * 2**30
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -306,7 +311,7 @@ class _TrainBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         loader_worker = _worker_id()
         worker = stream.logical_worker(loader_worker, self.spec.workers, self.spec.start_step)
-        store = open_store(self.cfg.dataset, create=False)
+        store = _shard_store(self.cfg)
         for _, samples in stream.train_stream(store, self.pools, self.spec, worker):
             yield collate(samples, self.cfg, self.cfg.augment)
 
@@ -316,9 +321,18 @@ class _EvalBatches(IterableDataset):
         self.cfg, self.entries, self.spec = cfg, entries, spec
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        store = open_store(self.cfg.dataset, create=False)
+        store = _shard_store(self.cfg)
         for samples in stream.eval_stream(store, self.entries, self.spec, _worker_id()):
             yield collate(samples, self.cfg, False)
+
+
+def _shard_store(cfg: LoaderConfig) -> Store:
+    """The store the stream reads shards from: an S3 dataset's through the node's shard
+    cache when ``cfg.cache_dir`` is set (a local folder is read as it is)."""
+    store = open_store(cfg.dataset, create=False)
+    if cfg.cache_dir and is_s3_url(cfg.dataset):
+        return cached(store, cfg.cache_dir, cfg.cache_limit)  # type: ignore[return-value]
+    return store
 
 
 def _worker_id() -> int:

@@ -144,7 +144,9 @@ Progress = Callable[[dict[str, Any]], None]
 # Settings that change nothing a run computes: a resumed run may differ in them. compile
 # changes how the step's kernels are made, not what they compute (up to float rounding,
 # as another GPU would).
-FREE_ON_RESUME = frozenset({"out", "resume", "checkpoint_every", "log_every", "compile"})
+FREE_ON_RESUME = frozenset(
+    {"out", "resume", "checkpoint_every", "log_every", "compile", "cache_dir", "cache_limit"}
+)
 # Settings that, unset, take the run's own value on a resume.
 RUN_DECIDES = frozenset({"workers"})
 

@@ -91,6 +91,8 @@ class RunConfig:
     log_every: int | None = None
     allow_overlap: bool = False
     precise_bn: int = 0
+    cache_dir: str | None = None
+    cache_limit: int = 50 * 2**30
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", absolute(self.dataset))
@@ -160,6 +162,8 @@ class Task(ABC):
             pos_rate=self.pos_rate() if train else None,
             augment=train,
             in_channels=cfg.in_channels,
+            cache_dir=cfg.cache_dir,
+            cache_limit=cfg.cache_limit,
         )
 
     def pos_rate(self) -> tuple[float, float] | None:

@@ -94,6 +94,34 @@ AllowOverlap = Annotated[
 ]
 
 
+CacheDir = Annotated[
+    str | None,
+    typer.Option(
+        help="Keep an s3:// dataset's shards in this local folder: the first epoch downloads "
+        "each shard once per node, later epochs read the copy (shared by the node's "
+        "processes; least recently used shards go first). Default: read the store every epoch.",
+    ),
+]
+CacheLimit = Annotated[
+    str, typer.Option(help="Most the --cache-dir may hold: bytes, or with K, M, G or T (GiB...).")
+]
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``50G`` -> bytes (K, M, G, T are powers of 1024; a plain number is bytes)."""
+    number, unit = text.strip().upper().rstrip("IB") or "0", ""
+    if number[-1:] in _UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise ConfigError(f"--cache-limit {text!r}: expected a size like 50G or 2000000000")
+    return int(value)
+
+
 def parse_pos_rate(text: str | None) -> tuple[float, float] | None:
     """``0.8:0.4`` (sliding), ``0.5`` (fixed) or ``none`` (the data's own rate)."""
     if text is None or text.lower() == "none":
@@ -150,6 +178,8 @@ def train_segment_cmd(
     precision: Precision = "bf16",
     compile: Compile = False,
     log_every: LogEvery = None,
+    cache_dir: CacheDir = None,
+    cache_limit: CacheLimit = "50G",
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train the U-Net (ResNet-34 encoder) on a dataset's shards; torchrun for several GPUs."""
@@ -175,6 +205,8 @@ def train_segment_cmd(
         warmup_steps=warmup_steps,
         precise_bn=precise_bn,
         precision=precision,
+        cache_dir=cache_dir,
+        cache_limit=parse_size(cache_limit),
         compile=compile,
         log_every=log_every,
         allow_overlap=allow_overlap,
@@ -232,6 +264,8 @@ def train_classify_cmd(
     precision: Precision = "bf16",
     compile: Compile = False,
     log_every: LogEvery = None,
+    cache_dir: CacheDir = None,
+    cache_limit: CacheLimit = "50G",
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a ResNet classifier (pneumothorax, or a label table's classes) for pretraining."""
@@ -259,6 +293,8 @@ def train_classify_cmd(
         checkpoint_every=checkpoint_every,
         precise_bn=precise_bn,
         precision=precision,
+        cache_dir=cache_dir,
+        cache_limit=parse_size(cache_limit),
         compile=compile,
         log_every=log_every,
         allow_overlap=allow_overlap,
