@@ -351,6 +351,10 @@ def _batches(dataset: IterableDataset, cfg: LoaderConfig) -> Iterator[dict[str, 
 
 
 def _loader(dataset: IterableDataset, workers: int, *, persistent: bool) -> DataLoader:
+    """A DataLoader of whole batches. It has its own generator: starting an iterator draws
+    the workers' base seed, which from torch's global RNG would shift every later draw of
+    the training (a VAE's noise) by one, and a resumed run would no longer follow the
+    uninterrupted one. The stream needs no worker seed: every sample carries its own."""
     return DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole batches
@@ -360,6 +364,7 @@ def _loader(dataset: IterableDataset, workers: int, *, persistent: bool) -> Data
         persistent_workers=persistent and workers > 0,
         prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         worker_init_fn=_worker_signals,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
