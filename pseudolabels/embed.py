@@ -7,17 +7,24 @@ The flow of :func:`embed`:
 2. select the rows (``where``; default every row, unlabelled ones included) and stream them
    the way evaluation does: every selected sample exactly once over all ranks and loader
    workers, unaugmented, at the autoencoder's input size;
-3. embed each batch (the VAE's ``mu``, never a sample; bf16 autocast on GPU);
+3. embed each batch (the VAE's ``mu``, never a sample) in ``precision``: fp32 by default,
+   the precision the clustering's tests and radii were checked in; ``bf16`` / ``fp16``
+   autocast on request (on the CPU too), faster on a GPU but not the same codes: bf16
+   moved codes by up to 0.5% of their scale in ``benchmarks/bench_embed_precision.py``
+   (CPU, two seeds), which changed 0.3% and 2.5% of the DBSCAN labels, and up to 23% when
+   the radius found for the fp32 codes was reused;
 4. each rank writes its own part, ``EMBEDDINGS/part-<rank>-of-<world>.parquet``, rows
    sorted by key: ``key``, ``image_id``, ``dataset``, ``split``, ``patient_key``,
    ``embedding`` (fixed-size list of float32); parts of an earlier run with another world
    size are removed;
 5. rank 0 writes ``EMBEDDINGS/_embed.json``: the checkpoint and its hash, the dataset, the
-   selection and its manifest fingerprint, the row count and dimension.
+   selection and its manifest fingerprint, the row count and dimension, and the
+   ``precision`` the codes were computed in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -36,13 +43,19 @@ from pneumo.shards.store import open_store, read_url
 from pneumo.training import checkpoint as ckpts
 from pneumo.training.autoencoders import Autoencoder, build_autoencoder
 from pneumo.training.data import LoaderConfig, eval_batches, select
-from pneumo.training.runs import DistEnv, autocast, gather, images_to, setup_device, teardown
+from pneumo.training.runs import DistEnv, gather, images_to, setup_device, teardown
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
 META_FILE = "_embed.json"
 COLUMNS = ("key", "image_id", "dataset", "split", "patient_key")
+# The dtype the encoder runs in under autocast (None: plain float32).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +70,8 @@ class EmbedConfig:
         batch_size: images per forward pass.
         workers: loader processes per rank.
         checkpoint: ``best``, ``last``, or the URL of a checkpoint file.
-        amp: bf16 autocast on GPU.
+        precision: ``fp32`` (default), ``bf16`` or ``fp16``: the autocast dtype of the
+            encoder, on any device (see the module doc for why fp32 is the default).
     """
 
     run: str
@@ -67,11 +81,15 @@ class EmbedConfig:
     batch_size: int = 64
     workers: int = 2
     checkpoint: str = "best"
-    amp: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}"
+            )
 
 
 def embed(cfg: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -110,6 +128,7 @@ def embed(cfg: EmbedConfig, progress: Progress | None = None) -> dict[str, Any]:
             "embedding": "mu" if model.kind == "vae" else "code",
             "dim": model.latent_dim,
             "size": model.size,
+            "precision": cfg.precision,
             "dataset": open_store(cfg.dataset, create=False).url,
             "where": cfg.where,
             "manifest_fingerprint": manifest.fingerprint(rows),
@@ -182,7 +201,7 @@ def _embed_rank(
     parts: list[np.ndarray] = []
     with torch.no_grad():
         for batch in batches:
-            with autocast(device, cfg.amp):
+            with precision_context(device, cfg.precision):
                 codes = model.embed(images_to(device, batch["image"]))
             parts.append(codes.float().cpu().numpy())
             keys.extend(batch["key"])
@@ -191,6 +210,15 @@ def _embed_rank(
                 progress({"done": done, "total": len(entries)})
     vectors = np.concatenate(parts) if parts else np.zeros((0, model.latent_dim), np.float32)
     return keys, vectors
+
+
+def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to ``precision``'s dtype on ``device`` (the CPU included: asked for, it is
+    honoured, unlike training's GPU-only autocast); nothing for ``fp32``."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _part_table(rows: pa.Table, keys: list[str], vectors: np.ndarray, dim: int) -> pa.Table:

@@ -10,6 +10,8 @@ import typer
 from pneumo.commands.options import BatchSize, DatasetArg, LoaderWorkers, RunArg
 from pneumo.commands.train import (
     AllowOverlap,
+    CacheDir,
+    CacheLimit,
     CheckpointEvery,
     Compile,
     Epochs,
@@ -23,6 +25,7 @@ from pneumo.commands.train import (
     TrainWorkers,
     _fmt,
     _given,
+    parse_size,
     run_training,
 )
 from pneumo.render import ProgressBar, fail_on_errors
@@ -61,6 +64,8 @@ def train_autoencode_cmd(
     precision: Precision = "bf16",
     compile: Compile = False,
     log_every: LogEvery = None,
+    cache_dir: CacheDir = None,
+    cache_limit: CacheLimit = "50G",
     allow_overlap: AllowOverlap = False,
 ) -> None:
     """Train a convolutional autoencoder or β-VAE on a dataset's images (no labels read)."""
@@ -86,6 +91,8 @@ def train_autoencode_cmd(
         precision=precision,
         compile=compile,
         log_every=log_every,
+        cache_dir=cache_dir,
+        cache_limit=parse_size(cache_limit),
         allow_overlap=allow_overlap,
         **_given(where=where, val_where=val_where),
     )
@@ -188,6 +195,13 @@ def embed_cmd(
     checkpoint: Annotated[
         str, typer.Option(help="best | last | URL of an autoencoder checkpoint.")
     ] = "best",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="fp32 | bf16 | fp16: the encoder's autocast dtype. bf16 is faster on a GPU "
+            "but moves the codes enough to change some cluster labels (recorded in _embed.json)."
+        ),
+    ] = "fp32",
 ) -> None:
     """Embed images with an autoencoder run (the VAE's mean); torchrun-able."""
     from pneumo.pseudolabels.embed import EmbedConfig, embed
@@ -201,6 +215,7 @@ def embed_cmd(
         batch_size=batch_size,
         workers=workers,
         checkpoint=checkpoint,
+        precision=precision,
     )
     if DistEnv.from_env().rank != 0:
         embed(cfg)
