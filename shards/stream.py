@@ -290,6 +290,17 @@ class TrainSpec:
     pos_rate: tuple[float, float] | None = None
     shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER
     piece: int = slots.PIECE
+    # The layout the run was planned with, when it now runs on another (an elastic resume,
+    # pneumo.shards.elastic): None, this one.
+    plan_world_size: int | None = None
+    plan_workers: int | None = None
+
+    @property
+    def planned(self) -> bool:
+        """Whether this layout is the run's plan (the plain stream makes its batches)."""
+        return (self.plan_world_size or self.world_size) == self.world_size and (
+            self.plan_workers or self.workers
+        ) == self.workers
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -307,6 +318,15 @@ class TrainSpec:
                 f"start step {self.start_step} is outside the epoch (0..{self.steps_per_epoch})"
             )
         check_pos_rate(self.pos_rate)
+        if (self.plan_world_size or 1) < 1 or (self.plan_workers or 1) < 1:
+            raise ConfigError("the planned world size and workers must be at least 1")
+        samples = (self.plan_world_size or self.world_size) * self.batch_size
+        if samples % self.world_size:
+            raise ConfigError(
+                f"a step of this run trains {self.plan_world_size} processes x "
+                f"{self.batch_size} images: {samples} images cannot be shared evenly by "
+                f"{self.world_size} processes (choose a divisor of {samples})"
+            )
 
 
 def check_pos_rate(pos_rate: tuple[float, float] | None) -> None:

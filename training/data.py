@@ -58,7 +58,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pneumo.shards import manifest, selections, slots, stream
+from pneumo.shards import elastic, manifest, selections, slots, stream
 from pneumo.shards.cache import cached
 from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.members import (
@@ -312,7 +312,7 @@ class _TrainBatches(IterableDataset):
         loader_worker = _worker_id()
         worker = stream.logical_worker(loader_worker, self.spec.workers, self.spec.start_step)
         store = _shard_store(self.cfg)
-        for _, samples in stream.train_stream(store, self.pools, self.spec, worker):
+        for _, samples in elastic.train_stream(store, self.pools, self.spec, worker):
             yield collate(samples, self.cfg, self.cfg.augment)
 
 
@@ -516,6 +516,7 @@ class RunLoader:
         total_steps: int,
         pools: dict[str, list[stream.Entry]],
         val_entries: list[stream.Entry],
+        planned: tuple[int, int] | None = None,
     ) -> None:
         if (train.dataset, train.workers) != (val.dataset, val.workers):
             raise ConfigError(
@@ -523,9 +524,10 @@ class RunLoader:
             )
         self.spe = steps_per_epoch
         self._plan = torch.zeros(3, dtype=torch.int64).share_memory_()  # kind, epoch, start
+        plan_world, plan_workers = planned or (None, None)  # an elastic resume's plan
         spec = _train_spec(
             train, rank=rank, world_size=world_size, epoch=0, steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps,
+            total_steps=total_steps, plan_world_size=plan_world, plan_workers=plan_workers,
         )  # fmt: skip
         eval_spec = stream.EvalSpec(
             rank=rank, world_size=world_size, workers=val.stream_workers, batch_size=val.batch_size

@@ -147,7 +147,9 @@ Progress = Callable[[dict[str, Any]], None]
 FREE_ON_RESUME = frozenset(
     {"out", "resume", "checkpoint_every", "log_every", "compile", "cache_dir", "cache_limit"}
 )
-# Settings that, unset, take the run's own value on a resume.
+# Settings that, unset, take the run's own value on a resume. The loader workers (and the
+# number of processes) may also change: the resumed run trains the planned steps on its
+# layout (pneumo.shards.elastic).
 RUN_DECIDES = frozenset({"workers"})
 
 
@@ -183,6 +185,13 @@ class Job:
     loader: RunLoader | None = None  # None: a Job made by hand (tests)
     scaler: torch.amp.GradScaler = field(default_factory=_no_scaling)
     log_every: int = 1  # steps between the training-loss readings of ``progress``
+
+    @property
+    def step_images(self) -> int:
+        """Images a step trains, over all processes: the plan's, whatever the layout."""
+        plan = self.meta.get("plan") or {"world_size": self.env.world_size}
+        return plan["world_size"] * self.cfg.batch_size
+
     step: int = 0
     saved_step: int = -1  # the step last.pt holds
     best_score: float | None = None
@@ -241,7 +250,11 @@ def _start(
     task.cfg = cfg = _settled(task.cfg, env, ckpt)
     train_rows, val_rows, pinned = on_main(env, lambda: pin_rows(task, run_dir, ckpt))
     task.use_rows(train_rows, val_rows)
-    spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * env.world_size)
+    plan = _plan_of(ckpt) if ckpt else {"world_size": env.world_size, "workers": cfg.workers}
+    plan["workers"] = max(plan["workers"], 1)
+    spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * plan["world_size"])
+    if ckpt is not None:
+        spe = int(ckpt["steps_per_epoch"])  # the plan's, whatever the layout now
     if spe < 1:
         raise ConfigError(
             f"{train_rows.num_rows} training rows give no full batch of {cfg.batch_size} on "
@@ -265,6 +278,8 @@ def _start(
         "steps_per_epoch": spe,
         "total_steps": cfg.epochs * spe,
         "world_size": env.world_size,
+        "plan": plan,  # the layout that decides each step's samples
+        "layouts": _layouts(ckpt, env, cfg.workers),
         "init": chain,
         "best_metric": task.best[0],
         "train_rows": train_rows.num_rows,
@@ -298,6 +313,7 @@ def _start(
             world_size=env.world_size,
             steps_per_epoch=spe,
             total_steps=meta["total_steps"],
+            planned=(plan["world_size"], plan["workers"]),
             pools=pools,
             val_entries=val_entries,
         ),
@@ -358,18 +374,50 @@ def _check_settings(task: Task, env: DistEnv, ckpt: dict[str, Any], url: str) ->
     old, new = _comparable(ckpt.get("config", {})), _comparable(task.cfg.to_dict())
     problems = [] if ckpt.get("task") == task.name else [f"task {ckpt.get('task')}"]
     for key in sorted(set(old) | set(new)):
-        if key in FREE_ON_RESUME or (key in RUN_DECIDES and new.get(key) is None):
+        if key in FREE_ON_RESUME or key in RUN_DECIDES:
             continue
         if old.get(key) != new.get(key):
             option = "--" + key.replace("_", "-")
             problems.append(f"{option} {old.get(key)!r} (now {new.get(key)!r})")
-    if ckpt.get("world_size") != env.world_size:
-        problems.append(f"{ckpt.get('world_size')} processes (now {env.world_size})")
+    plan = _plan_of(ckpt)
+    step_images = plan["world_size"] * task.cfg.batch_size
+    if step_images % env.world_size:
+        problems.append(
+            f"{plan['world_size']} processes x {task.cfg.batch_size} images a step, which "
+            f"{env.world_size} processes cannot share evenly (a divisor of {step_images})"
+        )
     if problems:
         raise ConfigError(
             f"cannot resume {url}: it was trained with " + "; ".join(problems)
             + ". Rerun with the run's settings, or choose another --out"
         )  # fmt: skip
+
+
+def _plan_of(ckpt: dict[str, Any]) -> dict[str, int]:
+    """The layout a run was planned with: processes and stream workers (runs from before
+    elastic resumes have only ``world_size`` and their config's workers)."""
+    if "plan" in ckpt:
+        return dict(ckpt["plan"])
+    return {"world_size": int(ckpt["world_size"]),
+            "workers": max(int(ckpt["config"]["workers"]), 1)}  # fmt: skip
+
+
+def _layouts(ckpt: dict[str, Any] | None, env: DistEnv, workers: int) -> list[dict[str, int]]:
+    """Each layout the run has trained on, from the step it began: the run's list, with
+    this one added when it differs from the last."""
+    now = {"world_size": env.world_size, "workers": max(workers, 1)}
+    if ckpt is None:
+        return [{"step": 0, **now}]
+    layouts = list(ckpt.get("layouts") or [{"step": 0, **_plan_of(ckpt)}])
+    last = layouts[-1]
+    if (last["world_size"], last["workers"]) != (now["world_size"], now["workers"]):
+        layouts.append({"step": int(ckpt["step"]), **now})
+        log.warning(
+            "resuming on %d process(es) x %d loader worker(s), planned on %d x %d: each step "
+            "trains the planned samples, split over this layout",
+            now["world_size"], now["workers"], layouts[0]["world_size"], layouts[0]["workers"],
+        )  # fmt: skip
+    return layouts
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -464,7 +512,7 @@ class _StepReport:
         if job.step % job.log_every == 0 or job.step == (self.epoch + 1) * job.spe:
             event["loss"] = float(self.loss_sum) / self.steps  # the reading: one sync
             now = time.perf_counter()  # after it: the steps are done, not just queued
-            images = self.steps * job.cfg.batch_size * job.env.world_size
+            images = self.steps * job.step_images
             event["loss_steps"] = self.steps
             event["images_per_s"] = images / max(now - self.since, 1e-9)
             self.loss_sum.zero_()
@@ -571,7 +619,7 @@ def _end_epoch(job: Job, epoch: int, stats: dict[str, Any]) -> None:
         "lr": lr,
         "lr_per_rank": gather(env, lr),
         "train_loss": float(sums[0] / sums[1]) if sums[1] else float("nan"),
-        "images_per_s": stats["batches"] * cfg.batch_size * env.world_size / stats["seconds"],
+        "images_per_s": stats["batches"] * job.step_images / stats["seconds"],
         "batches_per_rank": gather(env, stats["batches"]),
         "time_s": stats["seconds"],
         **{f"val_{k}": v for k, v in val.items()},

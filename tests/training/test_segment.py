@@ -240,7 +240,6 @@ def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
     changes = {
         "--where": dict(where="split == 'train' and has_ptx"),
         "--seed": dict(seed=1),
-        "--workers": dict(workers=1),
         "--pos-rate": dict(pos_rate=(0.5, 0.5)),
         "--size": dict(size=96),
         "--batch-size": dict(batch_size=2),
@@ -252,8 +251,10 @@ def test_resume_modes_and_refusals(demo: str, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=f"cannot resume .*{option} ") as err:
             train_segment(replace(cfg, **change))
         assert "\n" not in str(err.value) and str(err.value).count("(now") == 1, option
-    # Settings that change nothing computed may differ.
+    # Settings that change nothing computed may differ, and so may the loader workers (an
+    # elastic resume: tests/training/test_elastic_resume.py).
     assert train_segment(replace(cfg, checkpoint_every=7))["step"] == 1
+    assert train_segment(replace(cfg, workers=1))["step"] == 1
 
 
 def test_a_relative_dataset_is_recorded_absolute(
