@@ -255,6 +255,13 @@ def _start(
     spe = cfg.steps_per_epoch or train_rows.num_rows // (cfg.batch_size * plan["world_size"])
     if ckpt is not None:
         spe = int(ckpt["steps_per_epoch"])  # the plan's, whatever the layout now
+        if "plan" not in ckpt and int(ckpt["step"]) % spe:
+            log.warning(
+                "%s was saved mid-epoch by a pneumo whose stream read whole shards; the rest "
+                "of epoch %d is drawn in pieces (pneumo.shards.slots), so it may repeat or "
+                "miss a few of that epoch's samples; later epochs are whole passes",
+                run_dir.store.url_of(ckpts.LAST), int(ckpt["step"]) // spe,
+            )  # fmt: skip
     if spe < 1:
         raise ConfigError(
             f"{train_rows.num_rows} training rows give no full batch of {cfg.batch_size} on "
