@@ -108,14 +108,15 @@ GROUPS: dict[str, Group] = {
         "manifest reads, committed-batch filters and relabel resolution",
     ),
     "stream": Group(
-        ("shards/stream.py", "shards/slots.py"),
+        ("shards/stream.py", "shards/slots.py", "shards/elastic.py"),
         (
             "tests/shards/test_stream.py",
             "tests/shards/test_sampling.py",
             "tests/shards/test_slot_properties.py",
             "tests/shards/test_stream_integrity.py",
+            "tests/shards/test_elastic.py",
         ),
-        "stream planning and sampling: each sample once per pass, on every rank and resume",
+        "stream planning and sampling: each sample once per pass, on every rank, resume and layout",
     ),
     "siim": Group(
         ("metrics/siim.py",),

@@ -101,6 +101,7 @@ Optional hooks: ``Task.use_rows`` (every rank, with the pinned rows: labels by k
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -141,6 +142,9 @@ from pneumo.training.task import Task, default_log_every
 log = logging.getLogger(__name__)
 
 Progress = Callable[[dict[str, Any]], None]
+# The training-loss readings (every log_every steps, rank 0, when progress is reported):
+# rewritten with each last.pt (stores have no append), so a resume keeps those of its steps.
+STEPS_FILE = "steps.jsonl"
 # Settings that change nothing a run computes: a resumed run may differ in them. compile
 # changes how the step's kernels are made, not what they compute (up to float rounding,
 # as another GPU would).
@@ -185,6 +189,7 @@ class Job:
     loader: RunLoader | None = None  # None: a Job made by hand (tests)
     scaler: torch.amp.GradScaler = field(default_factory=_no_scaling)
     log_every: int = 1  # steps between the training-loss readings of ``progress``
+    readings: list[dict[str, Any]] = field(default_factory=list)  # RUN/steps.jsonl's rows
 
     @property
     def step_images(self) -> int:
@@ -450,6 +455,9 @@ def _restore(job: Job, ckpt: dict[str, Any]) -> None:
             job.scaler.load_state_dict(ckpt["scaler"])
         ckpts.set_rng_state(ckpt["rng"])
     job.best_score = ckpt.get("best_score")
+    if job.run.store.exists(STEPS_FILE):  # the readings of the steps kept
+        lines = job.run.store.get(STEPS_FILE).decode().splitlines()
+        job.readings = [r for r in map(json.loads, lines) if r["step"] <= job.step]
     # Epochs after the checkpoint's are redone: drop their lines, keep the earlier ones.
     job.history = [r for r in job.run.metrics() if r["epoch"] < job.step // job.spe]
     log.info("resuming %s at step %d (epoch %d)", job.run.url, job.step, job.step // job.spe)
@@ -522,6 +530,11 @@ class _StepReport:
             images = self.steps * job.step_images
             event["loss_steps"] = self.steps
             event["images_per_s"] = images / max(now - self.since, 1e-9)
+            job.readings.append({
+                "step": job.step, "epoch": self.epoch, "loss": event["loss"],
+                "loss_steps": self.steps, "images_per_s": event["images_per_s"],
+                "lr": job.optimizer.param_groups[0]["lr"],
+            })  # fmt: skip
             self.loss_sum.zero_()
             self.steps, self.since = 0, now
         self.progress(event)
@@ -531,6 +544,9 @@ def _save_last(job: Job, val: dict[str, Any] | None = None, *, resumable: bool =
     """``last.pt`` at the current step (rank 0 writes; the other ranks note the step)."""
     if job.env.is_main:
         job.run.put(ckpts.LAST, _checkpoint(job, val or {}, resumable=resumable))
+        if job.readings:  # the readings up to this step: what a resume starts from
+            rows = "".join(json.dumps(r, sort_keys=True) + "\n" for r in job.readings)
+            job.run.put(STEPS_FILE, rows.encode())
     job.saved_step = job.step
 
 

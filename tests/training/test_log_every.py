@@ -214,3 +214,33 @@ def test_log_every_reaches_the_config_from_the_command_line(
     assert [cfg.log_every for cfg in seen] == [7, None]
     assert "--log-every" in CliRunner().invoke(app, ["train", "classify", "--help"]).output
     assert "--log-every" in CliRunner().invoke(app, ["train", "autoencode", "--help"]).output
+
+
+def test_the_readings_go_to_steps_jsonl_and_a_resume_keeps_its_own(dataset, tmp_path: Path) -> None:
+    """RUN/steps.jsonl: every reading (step, epoch, mean loss, steps, images/s, lr), written
+    with each last.pt. A run stopped at step 10 and resumed keeps the readings up to its
+    step and adds the rest: no reading twice, none lost."""
+    events: list[dict[str, Any]] = []
+    cfg = tiny(dataset.url, tmp_path / "run", epochs=2, log_every=3)
+
+    def stop_at_10(report: dict[str, Any]) -> None:
+        events.append(report)
+        if report["event"] == "step" and report["step"] == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.run(TinyTask(cfg), progress=stop_at_10)
+    rows = steps_rows(cfg.out)
+    readings = [e for e in events if "loss" in e and e["event"] == "step"]
+    assert [r["step"] for r in rows] == [e["step"] for e in readings] == [3, 6, 7, 9]
+    for r, e in zip(rows, readings, strict=True):
+        assert (r["loss"], r["loss_steps"], r["epoch"]) == (e["loss"], e["loss_steps"], e["epoch"])
+        assert r["lr"] == pytest.approx(0.05)  # TinyTask's SGD rate
+    loop.run(TinyTask(cfg), progress=events.append)
+    rows = steps_rows(cfg.out)
+    assert [r["step"] for r in rows] == [3, 6, 7, 9, 12, 14]
+    assert [r["loss_steps"] for r in rows][-2:] == [2, 2]  # 11-12 after the resume, 13-14
+
+
+def steps_rows(run: Path | str) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (Path(run) / "steps.jsonl").read_text().splitlines()]
