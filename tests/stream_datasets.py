@@ -148,6 +148,24 @@ def _s3_copy(dataset: Dataset, s3_endpoint: str, s3_buckets) -> str:
     return f"s3://{bucket}/many"
 
 
+def small_s3_dataset(
+    root: Path, write_shards, bucket_url: str, *, shards: int, per_shard: int, seed: int,
+    image_bytes: int,
+) -> tuple[Path, str]:  # fmt: skip
+    """``shards`` shards of ``per_shard`` samples of random bytes, written to ``root`` and
+    uploaded under ``BUCKET_URL/ds``: (folder, s3 URL). For the store's tests."""
+    rng = np.random.default_rng(seed)
+    rows = [{"key": f"k{i:02d}", "image_id": f"k{i:02d}", "split": "train", "has_ptx": False,
+             "dataset": "siim"} for i in range(shards * per_shard)]  # fmt: skip
+    images = {r["key"]: rng.bytes(image_bytes) for r in rows}
+    write_shards(root, rows, lambda r: {"jpg": images[r["key"]], "json": b"{}"},
+                 per_shard=per_shard, one_shard=False)  # fmt: skip
+    client = boto3.client("s3")
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket_url[5:], f"ds/{path.relative_to(root).as_posix()}")
+    return root, f"{bucket_url}/ds"
+
+
 @pytest.fixture
 def s3_dataset(_s3_copy: str, dataset: Dataset) -> Dataset:
     """``dataset`` in ``s3://BUCKET/many`` (the AWS_* variables point at its server)."""

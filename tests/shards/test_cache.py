@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stream_datasets import small_s3_dataset
 
 from pneumo.shards import manifest, stream
 from pneumo.shards.cache import CachedStore, cached
@@ -309,17 +309,8 @@ def test_an_unusable_cache_folder_is_one_clear_error(remote: Counting, tmp_path:
 @pytest.fixture
 def s3_dataset(tmp_path: Path, write_shards, s3_bucket: str) -> tuple[Path, str]:
     """A dataset of 3 shards of 6 samples, written locally and uploaded: (folder, s3 URL)."""
-    rng = np.random.default_rng(1)
-    rows = [{"key": f"k{i:02d}", "image_id": f"k{i:02d}", "split": "train", "has_ptx": False,
-             "dataset": "siim"} for i in range(18)]  # fmt: skip
-    images = {r["key"]: rng.bytes(3000) for r in rows}
-    root = tmp_path / "ds"
-    write_shards(root, rows, lambda r: {"jpg": images[r["key"]], "json": b"{}"}, per_shard=6,
-                 one_shard=False)  # fmt: skip
-    client = boto3.client("s3")
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        client.upload_file(str(path), s3_bucket[5:], f"ds/{path.relative_to(root).as_posix()}")
-    return root, f"{s3_bucket}/ds"
+    return small_s3_dataset(tmp_path / "ds", write_shards, s3_bucket, shards=3,
+                            per_shard=6, seed=1, image_bytes=3000)  # fmt: skip
 
 
 @pytest.mark.integration

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
+from stream_datasets import small_s3_dataset
 
 from pneumo.shards import cache, manifest, s3, stream
 from pneumo.shards.cache import ReadAhead, read_ahead
@@ -27,17 +27,8 @@ from pneumo.shards.store import open_store
 @pytest.fixture
 def s3_dataset(tmp_path: Path, write_shards, s3_bucket: str) -> tuple[Path, str]:
     """3 shards of 8 samples, written locally and uploaded: (folder, s3 URL)."""
-    rng = np.random.default_rng(2)
-    rows = [{"key": f"k{i:02d}", "image_id": f"k{i:02d}", "split": "train", "has_ptx": False,
-             "dataset": "siim"} for i in range(24)]  # fmt: skip
-    images = {r["key"]: rng.bytes(2000) for r in rows}
-    root = tmp_path / "ds"
-    write_shards(root, rows, lambda r: {"jpg": images[r["key"]], "json": b"{}"}, per_shard=8,
-                 one_shard=False)  # fmt: skip
-    client = boto3.client("s3")
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        client.upload_file(str(path), s3_bucket[5:], f"ds/{path.relative_to(root).as_posix()}")
-    return root, f"{s3_bucket}/ds"
+    return small_s3_dataset(tmp_path / "ds", write_shards, s3_bucket, shards=3,
+                            per_shard=8, seed=2, image_bytes=2000)  # fmt: skip
 
 
 def _runs(root: Path) -> list[list[stream.Entry]]:

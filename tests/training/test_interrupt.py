@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import children
 
 from pneumo.render import Terminated
 from pneumo.shards import selections
@@ -112,17 +113,6 @@ def test_sigterm_during_a_step_finishes_it_then_saves_it(
         assert row[key] == pytest.approx(whole["metrics"][0][key]), key
 
 
-def _children() -> set[int]:
-    me, out = os.getpid(), set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
-                out.add(int(stat.parent.name))
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-    return out
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_loader_worker_leaves_quietly_on_a_sigterm_from_anyone(dataset) -> None:
     """A SIGTERM to the whole group (timeout, systemd, Slurm) reaches the loader workers
@@ -130,11 +120,11 @@ def test_a_loader_worker_leaves_quietly_on_a_sigterm_from_anyone(dataset) -> Non
     of its workers takes for a clean exit; killed by the signal, it would make torch raise
     "worker killed by signal" in the training process, maybe while it saves its place."""
     cfg = LoaderConfig(dataset=dataset.url, size=64, batch_size=2, workers=1)
-    before = _children()
+    before = children()
     batches = train_batches(cfg, rank=0, world_size=1, epoch=0, steps_per_epoch=4, total_steps=4)
     try:
         next(batches)  # the worker is up
-        (worker,) = _children() - before
+        (worker,) = children() - before
         subprocess.run(["kill", "-TERM", str(worker)], check=True)  # not from its parent
         ended = os.waitid(os.P_PID, worker, os.WEXITED | os.WNOWAIT)  # leaves it to torch
         assert (ended.si_code, ended.si_status) == (os.CLD_EXITED, 0)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from processes import children
 from test_log_every import TinyTask, tiny
 
 from pneumo.shards import stream
@@ -107,17 +108,6 @@ def test_the_local_world_size_is_read_from_torchrun(monkeypatch: pytest.MonkeyPa
 # ---------------------------------------------------------------- one set of workers
 
 
-def _children() -> set[int]:
-    me, out = os.getpid(), set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
-                out.add(int(stat.parent.name))
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-    return out
-
-
 def _same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
     assert [b["key"] for b in got] == [b["key"] for b in want]
     for a, b in zip(got, want, strict=True):  # the same augmentation too
@@ -140,7 +130,7 @@ def test_one_run_loader_gives_every_pass_the_batches_of_a_fresh_loader(dataset) 
         return list(train_batches(train, epoch=epoch, start_step=start_step, pools=pools, **where))
 
     fresh_val = list(eval_batches(val, rank=0, world_size=1, entries=entries))
-    before = _children()
+    before = children()
     workers: set[frozenset[int]] = set()
     with RunLoader(train, val, pools=pools, val_entries=entries, **where) as loader:
         passes = [(list(loader.train(0)), fresh(0))]
@@ -148,10 +138,10 @@ def test_one_run_loader_gives_every_pass_the_batches_of_a_fresh_loader(dataset) 
         passes.append(([next(precise_bn), next(precise_bn)], fresh(0)[:2]))
         passes.append((list(loader.val()), fresh_val))
         passes.append((list(loader.train(1, start_step=3)), fresh(1, start_step=3)))
-        workers.add(frozenset(_children() - before))
+        workers.add(frozenset(children() - before))
         passes.append((list(loader.train(1)), fresh(1)))
         passes.append((list(loader.val()), fresh_val))
-        workers.add(frozenset(_children() - before))
+        workers.add(frozenset(children() - before))
     for got, want in passes:
         _same(got, want)
     assert (
@@ -159,7 +149,7 @@ def test_one_run_loader_gives_every_pass_the_batches_of_a_fresh_loader(dataset) 
     )  # 8 val images, 2 workers
     (same,) = workers
     assert len(same) == 2  # one set of workers, never restarted
-    assert not _children() - before  # closed: they are gone
+    assert not children() - before  # closed: they are gone
 
 
 def test_a_run_loader_in_process_and_its_checks(dataset) -> None:
@@ -194,7 +184,7 @@ def test_a_run_trains_validates_and_resumes_on_one_set_of_workers(
 
     def recorded_loss(self: TinyTask, job: Any, batch: dict[str, Any]) -> torch.Tensor:
         kind = "train" if torch.is_grad_enabled() else "precise_bn"
-        seen.append((kind, list(batch["key"]), frozenset(_children())))
+        seen.append((kind, list(batch["key"]), frozenset(children())))
         return loss(self, job, batch)
 
     def recorded_validate(self: TinyTask, job: Any, batches: Any) -> Any:
@@ -206,7 +196,7 @@ def test_a_run_trains_validates_and_resumes_on_one_set_of_workers(
                 yield b
 
         part = validate(self, job, tap())
-        seen.append(("val", keys, frozenset(_children())))
+        seen.append(("val", keys, frozenset(children())))
         return part
 
     monkeypatch.setattr(TinyTask, "loss", recorded_loss)
