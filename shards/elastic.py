@@ -48,9 +48,9 @@ def train_stream(
     if not 0 <= worker < spec.workers:
         raise ConfigError(f"worker {worker} is not within {spec.workers} workers")
     part = _Part(spec, pools, worker)
+    plan = part.planned(0)  # a window is the slot's: the rank is not read
     streams = {
-        key: _read_draws(store, pools, part.planned(key[0] // part.plan_workers), key, draws)
-        for key, draws in part.wanted().items()
+        key: _read_draws(store, pools, plan, key, draws) for key, draws in part.wanted().items()
     }
     for j in part.steps:
         samples = []
@@ -76,10 +76,9 @@ class _Part:
         ]
 
     def planned(self, rank: int) -> TrainSpec:
-        """The spec of planned rank ``rank``."""
-        return replace(self.spec, rank=rank, world_size=self.plan_world,
-                       workers=self.plan_workers, start_step=0, plan_world_size=None,
-                       plan_workers=None)  # fmt: skip
+        """The spec of planned rank ``rank``, as far as the plan's draws and windows read it
+        (``batch_draws`` and ``slot_window`` read neither the start step nor the plan)."""
+        return replace(self.spec, rank=rank, world_size=self.plan_world, workers=self.plan_workers)
 
     def _mine(self, g: int) -> bool:
         return self.first <= g < self.first + self.size

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pneumo.shards import elastic, slots, stream
+from pneumo.shards import elastic, manifest, slots, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.slots import Entry
+from pneumo.shards.store import open_store
 
 pytestmark = pytest.mark.timeout(120)
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
@@ -39,9 +40,14 @@ def entries(n: int, per_shard: int, labelled: bool) -> list[Entry]:
 
 @st.composite
 def layouts(draw: st.DrawFn):
-    pos_rate = draw(st.sampled_from([None, (0.6, 0.2)]))
+    """Pools (all, positives and negatives with a pos_rate, or N classes drawn in turn), a
+    plan, a new layout whose ranks can share a step, and a resume step."""
+    kind = draw(st.sampled_from(["all", "pos_rate", "classes"]))
+    pos_rate = (0.6, 0.2) if kind == "pos_rate" else None
     pool = entries(draw(st.integers(3, 30)), draw(st.integers(1, 7)), pos_rate is not None)
     pools = stream.class_pools(pool, pos_rate)
+    if kind == "classes":
+        pools = {f"c{i}": pool[i::3] for i in range(3)}
     if stream.ALL in pools:
         pos_rate = None
     plan_world, batch = draw(st.integers(1, 3)), draw(st.integers(1, 4))
@@ -107,3 +113,37 @@ def test_a_step_that_cannot_be_shared_evenly_is_refused() -> None:
     with pytest.raises(ConfigError, match="16 images cannot be shared evenly by 3"):
         stream.TrainSpec(epoch=0, world_size=3, batch_size=8, steps_per_epoch=2,
                          total_steps=2, plan_world_size=2)  # fmt: skip
+
+
+def test_a_worker_outside_the_layout_is_refused() -> None:
+    spec = stream.TrainSpec(epoch=0, world_size=2, workers=2, batch_size=2, steps_per_epoch=2,
+                            total_steps=2, plan_world_size=1)  # fmt: skip
+    with pytest.raises(ConfigError, match="worker 2 is not within 2 workers"):
+        next(elastic.train_stream(None, {stream.ALL: entries(4, 2, False)}, spec, 2))
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (2, 2)], ids=["planned", "elastic"])
+def test_real_shards_give_the_planned_samples(tmp_path, write_shards, layout) -> None:
+    """Through a real store (bytes read, hashes checked): 2 ranks of 1 worker planned, read
+    as planned or on 1 rank of 2 workers, give the same keys per step."""
+    rows = [{"key": f"k{i:02d}", "image_id": f"k{i:02d}", "split": "train", "has_ptx": False,
+             "dataset": "siim"} for i in range(12)]  # fmt: skip
+    write_shards(tmp_path, rows, lambda r: {"jpg": r["key"].encode() * 50, "json": b"{}"},
+                 per_shard=5, one_shard=False)  # fmt: skip
+    store = open_store(str(tmp_path), create=False)
+    pools = {stream.ALL: stream.entries_from_table(manifest.read(store, None))}
+    plan = stream.TrainSpec(epoch=1, world_size=2, batch_size=2, steps_per_epoch=3,
+                            total_steps=6)  # fmt: skip
+    want: dict[int, list] = {}
+    for rank in range(2):
+        for j, b in stream.rank_stream(store, pools, replace(plan, rank=rank)):
+            want.setdefault(j, []).extend(s["__key__"] for s in b)
+    world, workers = (2, 1) if layout == (1, 1) else (1, 2)
+    got: dict[int, list] = {}
+    for rank in range(world):
+        now = replace(plan, rank=rank, world_size=world, workers=workers, plan_world_size=2,
+                      plan_workers=1)  # fmt: skip
+        for j, b in elastic.rank_stream(store, pools, now):
+            assert all(s["jpg"] == s["__key__"].encode() * 50 for s in b)  # the real bytes
+            got.setdefault(j, []).extend(s["__key__"] for s in b)
+    assert got == want
