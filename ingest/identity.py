@@ -53,11 +53,13 @@ def open_batch(
     inputs: Iterable[Path | None],
     lists: SplitLists,
     patients: str | None = None,
+    labels_digest: str | None = None,
 ) -> BatchRun | BatchSummary:
     """Start (or resume) the batch these inputs make; its summary if already committed.
 
     ``patients`` names how the batch finds patients beyond its input files (the DICOM
-    attributes of ``--patient-attribute``): part of the identity when given.
+    attributes of ``--patient-attribute``): part of the identity when given, as is
+    ``labels_digest``, the hash of labels that come from no single file (DICOM SEGs).
 
     Raises:
         ConfigError: another secret or other split fractions than the dataset's; a batch
@@ -74,7 +76,12 @@ def open_batch(
     )
     policy = batch_policy(store, wanted, cfg.split_fractions is not None)
     identity = batch_identity(
-        files, inputs, policy.effective, relabel=cfg.relabel, patients=patients
+        files,
+        inputs,
+        policy.effective,
+        relabel=cfg.relabel,
+        patients=patients,
+        labels_digest=labels_digest,
     )
     batch = cfg.batch or f"b{identity[:12]}"
     if cfg.batch and cfg.part is not None:  # one batch per part of the Indexed Job
@@ -141,6 +148,7 @@ def batch_identity(
     *,
     relabel: bool,
     patients: str | None = None,
+    labels_digest: str | None = None,
 ) -> str:
     """A hash of everything that changes a batch's rows: the source files (names, sizes),
     the label, xref and list files (contents), the split policy, the patient rule (when
@@ -156,6 +164,8 @@ def batch_identity(
     h.update(f"policy:{policy.fingerprint()}\nrelabel:{relabel}\n".encode())
     if patients is not None:  # absent for NIH: its batches keep the names they had
         h.update(f"patients:{patients}\n".encode())
+    if labels_digest is not None:  # absent without SEG labels: batch names stay as they were
+        h.update(f"labels:{labels_digest}\n".encode())
     return h.hexdigest()
 
 

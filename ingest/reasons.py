@@ -21,6 +21,8 @@ CODES: dict[str, str] = {
     "no-labels": "an NIH image without its Data_Entry row",
     "bad-label": "a label row that cannot be used (malformed RLE or row, mask off the image)",
     "key-clash": "its sample key is already used by another image",
+    "bad-seg": "a DICOM SEG label that cannot be used (unreadable, no pneumothorax segment)",
+    "seg-no-image": "a DICOM SEG label that references no image of the batch or the dataset",
     "other": "none of the above",
 }
 
@@ -28,6 +30,9 @@ _PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     (code, re.compile(pattern))
     for code, pattern in [
         ("empty-file", r"^file is empty"),
+        # Anywhere: an image quarantined for its SEG says "bad label (x.dcm): bad SEG: ...".
+        ("bad-seg", r"bad SEG"),
+        ("seg-no-image", r"^SEG references no image"),
         ("no-pixels", r"^no pixel data|^bad image size|^unsupported Bits"),
         ("truncated", r"^truncated|cut off"),
         ("not-dicom", r"^not a DICOM file|^no transfer syntax"),

@@ -41,6 +41,7 @@ from pneumo.ingest.labels import (
 )
 from pneumo.ingest.patients import BASIS_NIH_XREF, DicomPatientRule, Patient, nih_patient
 from pneumo.ingest.rle import RLEError, combine_masks
+from pneumo.ingest.seg import SegLabels, read_seg_labels
 from pneumo.ingest.sources import SourceFile, list_sources, read_input, run_ordered, take_part
 from pneumo.ingest.units import Rejected, Sample
 from pneumo.shards import layout
@@ -56,6 +57,7 @@ DATASET = "siim"
 class SiimConfig:
     dicom_root: str  # folder or s3:// prefix, searched recursively for *.dcm
     labels: Path | None = None  # any SIIM label CSV variant (.csv or .csv.gz)
+    labels_seg: str | None = None  # folder or s3:// prefix of DICOM SEG labels (ingest.seg)
     nih_xref: Path | None = None  # SIIM ImageId -> NIH image: the patient becomes the NIH one
     test_list: Path | None = None  # SIIM ImageIds whose patients are forced into test
     # NIH's train_val_list.txt, test_list.txt, matched through nih_xref: the official lists
@@ -66,6 +68,8 @@ class SiimConfig:
     batch: BatchConfig
 
     def __post_init__(self) -> None:
+        if self.labels is not None and self.labels_seg is not None:
+            raise ConfigError("give --labels or --labels-seg, not both: one source of masks")
         if self.split_lists is not None and self.nih_xref is None:
             raise ConfigError(
                 "--split-lists names NIH images: give --nih-xref too, so SIIM images are "
@@ -81,6 +85,7 @@ class _Context:
     bad_labels: dict[str, LabelProblem]
     xref: dict[str, str]  # SIIM ImageId -> NIH patient id
     patients: DicomPatientRule
+    seg: SegLabels | None = None  # labels from DICOM SEGs: their frame sizes and files
 
 
 def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSummary:
@@ -91,9 +96,12 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
     labels, problems = read_siim_labels(cfg.labels) if cfg.labels else ({}, [])
     if cfg.labels:
         check_siim_labels(cfg.labels, labels, problems)
+    seg = read_seg_labels(cfg.labels_seg, cfg.batch.workers) if cfg.labels_seg else None
+    if seg is not None:
+        labels, problems = seg.labels, seg.problems
     xref = read_nih_xref(cfg.nih_xref) if cfg.nih_xref else {}
     bad = {p.image_id: p for p in problems if p.image_id}
-    ctx = _Context(labels, bad, xref, cfg.patients)
+    ctx = _Context(labels, bad, xref, cfg.patients, seg)
     train_val, test = cfg.split_lists or (None, None)
     store = open_store(cfg.batch.out)
     opened = open_batch(
@@ -104,6 +112,7 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
         inputs=[cfg.labels, cfg.nih_xref, cfg.test_list, train_val, test],
         lists=_split_lists(cfg, ctx, files + others),
         patients=cfg.patients.spec,
+        labels_digest=None if seg is None else seg.digest,
     )
     if isinstance(opened, BatchSummary):
         return opened
@@ -116,7 +125,10 @@ def ingest_siim(cfg: SiimConfig, progress: Progress | None = None) -> BatchSumma
         # With --part, part 0 alone reports label rows whose image is in no part's files
         # (the file name is the image id in the SIIM archive).
         in_other_parts = {Path(f.rel).stem for f in others}
-        _unmatched_labels(run, labels, ctx.bad_labels, came | in_other_parts)
+        # A SEG of an image in no part is quarantined; with --part, where file names may
+        # not be image ids (no SIIM layout), it is only counted, as a label row is.
+        quarantine_segs = seg if cfg.batch.part is None else None
+        _unmatched_labels(run, labels, ctx.bad_labels, came | in_other_parts, quarantine_segs)
     return run.commit()
 
 
@@ -194,12 +206,24 @@ def _process(ctx: _Context, src: SourceFile) -> Sample | Rejected:
     if bad is not None:
         return Rejected(src.name, f"bad label ({bad.source}): {bad.reason}", img.image_id)
     label = ctx.labels.get(img.image_id)
+    wrong_size = _seg_size_problem(ctx.seg, img)
+    if wrong_size is not None:
+        return Rejected(src.name, wrong_size, img.image_id)
     try:
         mask_png, area = _mask(label, img)
     except RLEError as e:
         rows = ",".join(map(str, label.rows)) if label else "?"
         return Rejected(src.name, f"bad label (rows {rows}): {e}", img.image_id)
     return _sample(ctx, img, label, mask_png, area)
+
+
+def _seg_size_problem(seg: SegLabels | None, img: DicomImage) -> str | None:
+    """Why the image's SEG frame does not fit it (its rows x cols), if it does not."""
+    size = None if seg is None else seg.shapes.get(img.image_id)
+    if seg is None or size is None or size == (img.rows, img.cols):
+        return None
+    source = seg.sources[img.image_id]
+    return f"bad label ({source}): bad SEG: frame {size[0]}x{size[1]}, image {img.rows}x{img.cols}"
 
 
 def _sample(
@@ -286,15 +310,24 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _unmatched_labels(
-    run: BatchRun, labels: dict[str, SiimLabel], bad: dict[str, LabelProblem], seen: set[str]
+    run: BatchRun,
+    labels: dict[str, SiimLabel],
+    bad: dict[str, LabelProblem],
+    seen: set[str],
+    seg: SegLabels | None = None,
 ) -> None:
     """Label rows whose image is neither in this batch nor stored: a malformed one is
     quarantined (the label file has a problem), a good one only counted. A batch is often a
-    part of an archive whose label file covers all of it (the 12,047 rows of stage 2)."""
+    part of an archive whose label file covers all of it (the 12,047 rows of stage 2).
+    A SEG is quarantined: it was made for one image, which is not there."""
     for image_id in sorted(set(labels) | set(bad)):
         if image_id in seen or image_id in run.stored:
             continue
         if image_id in bad:
             run.reject(bad[image_id].source, bad[image_id].reason)
+            continue
+        if seg is not None:
+            reason = f"SEG references no image of this batch or the dataset: {image_id}"
+            run.reject(seg.sources[image_id], reason)
             continue
         run.summary.orphan_labels += 1

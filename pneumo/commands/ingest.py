@@ -218,6 +218,16 @@ def _dicom_command(name: str, doc: str) -> Any:
             Path | None,
             typer.Option(help="SIIM RLE label CSV (any stage).", exists=True, dir_okay=False),
         ] = None,
+        labels_seg: Annotated[
+            str | None,
+            typer.Option(
+                "--labels-seg",
+                help="Folder or s3:// prefix of DICOM SEG objects: the masks of the images "
+                "they reference by SOPInstanceUID (pneumothorax segments OR-ed; FRACTIONAL "
+                "ones at >= 0.5). A SEG that names no image here or in the dataset is "
+                "quarantined. Instead of --labels.",
+            ),
+        ] = None,
         batch: Batch = None,
         workers: Workers = 1,
         nih_xref: Annotated[
@@ -254,6 +264,7 @@ def _dicom_command(name: str, doc: str) -> Any:
         cfg = SiimConfig(
             dicom_root=dicom_root,
             labels=labels,
+            labels_seg=labels_seg,
             nih_xref=nih_xref,
             test_list=test_list,
             split_lists=split_lists,

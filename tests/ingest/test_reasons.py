@@ -33,6 +33,9 @@ CASES = [
         "bad-label",
     ),
     ("its sample key 1_2_3 is already used by image 1.2.3", "key-clash"),
+    ("bad SEG: not a DICOM Segmentation (SOP Class 1.2.840.10008.5.1.4.1.1.7)", "bad-seg"),
+    ("bad label (/segs/a.dcm): bad SEG: frame 512x512, image 1024x1024", "bad-seg"),
+    ("SEG references no image of this batch or the dataset: 1.2.3", "seg-no-image"),
     ("something nobody foresaw", "other"),
 ]
 
