@@ -56,11 +56,30 @@ app.command("vacuum")(vacuum.vacuum_cmd)
 app.command("verify")(verify.verify_cmd)
 
 
+# The commands that log MLflow runs when tracking is on (the others ignore --tracking-uri).
+TRACKED_COMMANDS = ("train", "evaluate", "experiment", "demo")
+TrackingUri = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        show_default=False,
+        help="MLflow tracking URI (e.g. sqlite:///mlflow.db, http://host:5000): every "
+        "training, evaluation and experiment (its stages nested) becomes an MLflow run; "
+        "MLFLOW_EXPERIMENT_NAME names the experiment (default pneumo). Give it before the "
+        "command: pneumo --tracking-uri URI train segment ... Needs pip install "
+        "'pneumo[tracking]'.",
+    ),
+]
+
+
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log details, tracebacks.")
     ] = False,
+    tracking_uri: TrackingUri = None,
 ) -> None:
     # albumentations asks the package index for a newer version at import unless told not to:
     # pneumo runs offline (clusters, CI) and never phones home.
@@ -72,6 +91,16 @@ def main_options(
     # pydicom logs a decoder's traceback at ERROR for a file we quarantine anyway.
     logging.getLogger("pydicom").setLevel(logging.INFO if verbose else logging.CRITICAL)
     fail_on_errors.verbose = verbose
+    if ctx.invoked_subcommand in TRACKED_COMMANDS:
+        fail_on_errors(_track)(tracking_uri)
+
+
+def _track(uri: str | None) -> None:
+    """Tracking for this command: the option or MLFLOW_TRACKING_URI (none: mlflow is not
+    imported); MLflow missing is one line and exit 1."""
+    from pneumo.training import tracking
+
+    tracking.configure(tracking.TrackingConfig.from_env(uri))
 
 
 def main() -> None:

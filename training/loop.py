@@ -35,6 +35,9 @@ owns everything else, the same way for every task:
    when ``Task.best`` improved;
 7. ``Task.finish`` (segment: the post-processing search), then the summary.
 
+With MLflow tracking on (:mod:`pneumo.training.tracking`), rank 0 logs the run there: its
+config at the start, each epoch's metrics line and curves, the RUN's files at the end.
+
 On GPU: autocast to ``cfg.precision`` (bf16 by default; fp16 with a gradient scaler, whose
 state every resumable checkpoint holds; fp32: none) around the step, PreciseBN and the
 validation, channels-last images (:func:`pneumo.training.runs.images_to`), pinned memory,
@@ -120,6 +123,7 @@ from pneumo.shards import manifest, stream
 from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.store import open_store
 from pneumo.training import checkpoint as ckpts
+from pneumo.training import tracking
 from pneumo.training.data import RunLoader
 from pneumo.training.rows import pin_rows
 from pneumo.training.runs import (
@@ -155,6 +159,9 @@ FREE_ON_RESUME = frozenset(
 # number of processes) may also change: the resumed run trains the planned steps on its
 # layout (pneumo.shards.elastic).
 RUN_DECIDES = frozenset({"workers"})
+# Settings added after runs were written, with the value those runs had: a run from before
+# resumes without naming them.
+ADDED_SETTINGS = {"train_fraction": 1.0}
 
 
 class TrainingError(PneumoError):
@@ -225,11 +232,14 @@ def run(task: Task, progress: Progress | None = None) -> dict[str, Any]:
         log.info(
             "training %d steps (%d x %d) from step %d", job.total, cfg.epochs, job.spe, job.step
         )
-        with closing(job.loader):  # its workers stop here, also on an error or Ctrl-C
+        # The MLflow run (rank 0, with tracking on) ends FINISHED, FAILED or KILLED here too.
+        with closing(job.loader), tracking.training_run(job) as tracked:
             for epoch in range(job.step // job.spe, cfg.epochs):
                 stats = _train_epoch(job, epoch)
                 _end_epoch(job, epoch, stats)
+                tracked.epoch(job.history[-1])
             extra = task.finish(job)
+            tracked.finish({f"best_{task.best[0]}": job.best_score, **extra})
         last = job.history[-1] if job.history else {}
         return {
             "run": job.run.url,
@@ -435,7 +445,7 @@ def _layouts(ckpt: dict[str, Any] | None, env: DistEnv, workers: int) -> list[di
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """A config as today's say it: one written before ``precision`` has ``amp`` alone
     (bf16 when true); ``amp`` follows precision, so it is not compared itself."""
-    config = dict(config)
+    config = {**ADDED_SETTINGS, **config}
     amp = config.pop("amp", True)
     if config.get("precision") is None:
         config["precision"] = "bf16" if amp else "fp32"
