@@ -11,7 +11,12 @@ augmentation); write into the RUN:
 * ``eval/<split>.json``: the summary, also returned: ``auroc``, ``accuracy``,
   ``balanced_accuracy``, ``majority_rate`` (the accuracy of always guessing the most
   frequent class: judge ``accuracy`` against it), ``n_images``, ``n_classes``,
-  ``class_counts``, ``loss``, and where it came from.
+  ``class_counts``, ``loss``, and where it came from; the calibration (see
+  :mod:`pneumo.evaluation.calibration`): ``ece`` (15 equal-width bins, of the probability
+  of class 1 for two classes, of the top class else), ``ece_calibrated`` and
+  ``temperature`` when the run holds a temperature for this checkpoint (``--calibrate``
+  fits one on the run's val split first), ``calibration_split``; the JSON adds the bins;
+* ``eval/<split>-reliability.png``: the reliability diagram, before and after.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -30,12 +35,22 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from pneumo.evaluation.calibration import (
+    FIT_SPLIT,
+    calibration_summary,
+    fit_and_store,
+    load_temperature,
+    reliability_png,
+    reliability_record,
+)
 from pneumo.evaluation.config import EvaluationConfig
+from pneumo.metrics.calibration import scaled_probabilities, top_label
 from pneumo.metrics.classification import classification_summary
 from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 from pneumo.shards.verify import check_delivered
+from pneumo.training import tracking
 from pneumo.training.checkpoint import (
     CheckpointError,
     init_line,
@@ -55,9 +70,15 @@ Progress = Callable[[dict[str, Any]], None]
 @dataclass(frozen=True, kw_only=True)
 class EvaluateClassifyConfig(EvaluationConfig):
     """What to evaluate (see :class:`pneumo.evaluation.config.EvaluationConfig`): a
-    ``train classify`` run; ``where`` replaces the split of the run's datasets."""
+    ``train classify`` run; ``where`` replaces the split of the run's datasets.
+
+    Attributes:
+        calibrate: first fit a temperature on the run's val split (never ``split``'s rows)
+            and store it in ``RUN/calibration.json``.
+    """
 
     batch_size: int = 32
+    calibrate: bool = False
 
 
 def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = None) -> dict:
@@ -79,30 +100,11 @@ def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = N
     task = ClassifyTask(ClassifyConfig(**ckpt["config"]))
     dataset = cfg.dataset or task.cfg.dataset
     where = cfg.where or _default_where(cfg)
-    rows = task.prepare_rows(select(dataset, where), train=False)
-    if rows.num_rows == 0:
-        raise ConfigError(f"--where {where!r} selects no labelled image in {dataset}")
-    task.use_rows(rows, rows)
-    loader = LoaderConfig(
-        dataset=dataset,
-        size=task.cfg.size,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        augment=False,
-        in_channels=task.cfg.in_channels,
-    )
-    entries = stream.entries_from_table(rows)
-    columns: dict[str, list[Any]] = {"key": [], "image_id": [], "label": [], "probs": []}
-    with torch.no_grad(), autocast(device, bool(task.cfg.amp)):
-        for batch in eval_batches(loader, rank=0, world_size=1, entries=entries):
-            logits = model(images_to(device, batch["image"])).float()
-            columns["probs"].append(torch.softmax(logits, dim=1).cpu().numpy())
-            columns["key"] += batch["key"]
-            columns["image_id"] += batch["image_id"]
-            columns["label"] += [task.label_of[k] for k in batch["key"]]
-            if progress is not None:
-                progress({"images": len(columns["key"])})
-    check_delivered(entries, columns["key"], f"the evaluation of {cfg.run} on {cfg.split}")
+    rows, columns = _infer(cfg, model, task, dataset, where, device, progress)
+    check_delivered(
+        stream.entries_from_table(rows), columns["key"],
+        f"the evaluation of {cfg.run} on {cfg.split}",
+    )  # fmt: skip
     labels, probs = np.asarray(columns["label"], np.int64), np.concatenate(columns["probs"])
     summary = {
         **classification_summary(labels, probs),
@@ -116,12 +118,95 @@ def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = N
         "step": ckpt["step"],
         "init": init_line(ckpt.get("init", [])),
     }  # fmt: skip
+    record = _temperature(cfg, model, task, dataset, device, ckpt["step"])
+    logits = np.concatenate(columns["logits"])
+    calibrated = _view(logits, labels, record["temperature"]) if record else None
+    fields, bins, bins_after = calibration_summary(top_label(probs, labels), calibrated, record)
+    summary.update(fields)
     summary = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
     dataset_of = dict(zip(rows["key"].to_pylist(), rows["dataset"].to_pylist(), strict=True))
     table = _per_image(columns, labels, probs, dataset_of)
-    _write(cfg, table, summary, _roc_png(labels, probs, f"{_name(cfg.run)}: {cfg.split}"))
+    title = f"{_name(cfg.run)}: {cfg.split}"
+    figures = {
+        "roc": _roc_png(labels, probs, title),
+        "reliability": reliability_png(bins, bins_after, title),
+    }
+    _write(cfg, table, {**summary, "reliability": reliability_record(bins, bins_after)}, figures)
     log.info("%s on %s: AUROC %s (%d images)", cfg.run, cfg.split, summary["auroc"], len(labels))
+    tracking.record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
     return summary
+
+
+def _infer(
+    cfg: EvaluateClassifyConfig,
+    model: torch.nn.Module,
+    task: ClassifyTask,
+    dataset: str,
+    where: str,
+    device: torch.device,
+    progress: Progress | None,
+) -> tuple[pa.Table, dict[str, list[Any]]]:
+    """The labelled rows of ``where`` and, per image: key, image id, label, logits, probs."""
+    rows = task.prepare_rows(select(dataset, where), train=False)
+    if rows.num_rows == 0:
+        raise ConfigError(f"--where {where!r} selects no labelled image in {dataset}")
+    task.use_rows(rows, rows)
+    loader = LoaderConfig(
+        dataset=dataset,
+        size=task.cfg.size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        augment=False,
+        in_channels=task.cfg.in_channels,
+    )
+    entries = stream.entries_from_table(rows)
+    columns: dict[str, list[Any]] = {
+        "key": [], "image_id": [], "label": [], "probs": [], "logits": [],
+    }  # fmt: skip
+    with torch.no_grad(), autocast(device, bool(task.cfg.amp)):
+        for batch in eval_batches(loader, rank=0, world_size=1, entries=entries):
+            logits = model(images_to(device, batch["image"])).float()
+            columns["logits"].append(logits.cpu().numpy())
+            columns["probs"].append(torch.softmax(logits, dim=1).cpu().numpy())
+            columns["key"] += batch["key"]
+            columns["image_id"] += batch["image_id"]
+            columns["label"] += [task.label_of[k] for k in batch["key"]]
+            if progress is not None:
+                progress({"images": len(columns["key"])})
+    return rows, columns
+
+
+def _view(logits: np.ndarray, labels: np.ndarray, temperature: float) -> tuple:
+    """``(probability, event)`` whose calibration is measured, under ``temperature``."""
+    return top_label(scaled_probabilities(logits, temperature), labels)
+
+
+def _temperature(
+    cfg: EvaluateClassifyConfig,
+    model: torch.nn.Module,
+    task: ClassifyTask,
+    dataset: str,
+    device: torch.device,
+    step: int,
+) -> dict[str, Any] | None:
+    """With ``cfg.calibrate``: fit the temperature on the run's val split and store it;
+    else the stored one, if it was fitted for this checkpoint's step."""
+    model_info = {"checkpoint": cfg.checkpoint, "step": step}
+    if not cfg.calibrate:
+        return load_temperature(cfg.run, model_info)
+    where = _default_where(replace(cfg, split=FIT_SPLIT))
+    rows, columns = _infer(cfg, model, task, dataset, where, device, None)
+    check_delivered(
+        stream.entries_from_table(rows), columns["key"], f"the calibration of {cfg.run}"
+    )
+    return fit_and_store(
+        cfg.run,
+        np.concatenate(columns["logits"]),
+        np.asarray(columns["label"], np.int64),
+        probabilities=lambda z, t: _view(z, np.asarray(columns["label"]), t),
+        fitted_on={"where": where, "dataset": dataset},
+        model=model_info,
+    )
 
 
 def _default_where(cfg: EvaluateClassifyConfig) -> str:
@@ -186,11 +271,14 @@ def _name(run: str) -> str:
     return run.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _write(cfg: EvaluateClassifyConfig, table: pa.Table, summary: dict, roc: bytes) -> None:
+def _write(
+    cfg: EvaluateClassifyConfig, table: pa.Table, summary: dict, figures: dict[str, bytes]
+) -> None:
     store = open_store(cfg.run)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     store.put(f"eval/{cfg.split}.parquet", buf.getvalue())
-    store.put(f"eval/{cfg.split}-roc.png", roc)
+    for name, png in figures.items():
+        store.put(f"eval/{cfg.split}-{name}.png", png)
     record = {**summary, "config": asdict(cfg)}
     store.put(f"eval/{cfg.split}.json", (json.dumps(record, indent=2) + "\n").encode())

@@ -22,7 +22,12 @@ The summary:
 * the classification view (an image is called positive when its mask is non-empty):
   ``accuracy``, ``sensitivity``, ``specificity``, and ``auc`` of the maximum probability;
 * what was scored: ``split``, ``where``, ``dataset``, ``checkpoint``, ``step``, ``size``
-  (the model's input side), ``resolution``, ``tta``, ``postprocess``.
+  (the model's input side), ``resolution``, ``tta``, ``postprocess``;
+* the calibration of the image-level probability ``max_prob`` against ``has_ptx`` (see
+  :mod:`pneumo.evaluation.calibration`): ``ece`` (15 equal-width bins), ``ece_calibrated``
+  and ``temperature`` when the run holds a temperature for this checkpoint and TTA setting
+  (``calibrate`` fits one on the SIIM val split first), ``calibration_split``; the JSON adds
+  the bins, and ``RUN/eval/<split>-reliability.png`` draws them.
 """
 
 from __future__ import annotations
@@ -35,16 +40,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pneumo.evaluation.calibration import (
+    FIT_SPLIT,
+    calibration_summary,
+    fit_and_store,
+    load_temperature,
+    reliability_png,
+    reliability_record,
+)
 from pneumo.evaluation.config import EvaluationConfig
 from pneumo.evaluation.inference import Predictor
+from pneumo.metrics.calibration import logit, scale_probability, sigmoid
 from pneumo.metrics.siim import dice_from_counts, siim_summary
 from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 from pneumo.shards.verify import check_delivered
+from pneumo.training import tracking
 from pneumo.training.data import LoaderConfig, eval_batches, select
 from pneumo.training.fullres import FullResMasks, score_batch
 
@@ -73,9 +89,12 @@ class EvaluateConfig(EvaluationConfig):
     Attributes:
         tta: horizontal-flip test-time augmentation; None: as the run's post-processing
             was chosen (each setting is applied with the triplet searched under it).
+        calibrate: first fit a temperature on the SIIM val split of the dataset (never
+            ``split``'s rows) and store it in ``RUN/calibration.json``.
     """
 
     tta: bool | None = None
+    calibrate: bool = False
 
     @property
     def selection(self) -> str:
@@ -98,27 +117,7 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
     """
     predictor = Predictor.load(cfg.run, cfg.checkpoint, tta=cfg.tta)
     dataset = cfg.dataset or predictor.checkpoint["config"]["dataset"]
-    rows = select(dataset, cfg.selection)
-    if rows.num_rows == 0:
-        raise ConfigError(f"--where {cfg.selection!r} selects no labelled image in {dataset}")
-    masks = FullResMasks(dataset, rows)
-    loader = LoaderConfig(
-        dataset=dataset,
-        where=cfg.selection,
-        size=predictor.size,
-        batch_size=cfg.batch_size,
-        workers=cfg.workers,
-        augment=False,
-        in_channels=predictor.in_channels,
-    )
-    entries = stream.entries_from_table(rows)  # the rows selected above, read once
-    columns: dict[str, list[Any]] = {name: [] for name in RESULTS_SCHEMA.names}
-    for batch in eval_batches(loader, rank=0, world_size=1, entries=entries):
-        _score_batch(predictor, batch, masks, columns)
-        if progress is not None:
-            progress({"images": len(columns["key"])})
-    check_delivered(entries, columns["key"], f"the evaluation of {cfg.run} on {cfg.split}")
-    table = pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA).sort_by("key")
+    table = _score_rows(cfg, predictor, dataset, cfg.selection, progress)
     summary = {
         **_summarise(table),
         "split": cfg.split,
@@ -131,9 +130,70 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
         "tta": predictor.tta,
         "postprocess": predictor.post.to_dict(),
     }
-    _write(cfg, table, summary)
+    record = _temperature(cfg, predictor, dataset)
+    max_prob = table["max_prob"].to_numpy().astype(np.float64)
+    has_ptx = table["has_ptx"].to_numpy(zero_copy_only=False)
+    after = (scale_probability(max_prob, record["temperature"]), has_ptx) if record else None
+    fields, bins, bins_after = calibration_summary((max_prob, has_ptx), after, record)
+    summary.update(fields)
+    png = reliability_png(bins, bins_after, f"{cfg.run.rstrip('/').rsplit('/', 1)[-1]}: "
+                          f"{cfg.split}, image-level max probability")  # fmt: skip
+    _write(cfg, table, {**summary, "reliability": reliability_record(bins, bins_after)}, png)
     log.info("%s on %s: dice %.4f (%d images)", cfg.run, cfg.split, summary["dice"], len(table))
+    tracking.record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
     return summary
+
+
+def _score_rows(
+    cfg: EvaluateConfig,
+    predictor: Predictor,
+    dataset: str,
+    selection: str,
+    progress: Progress | None,
+) -> pa.Table:
+    """Predict and score every row of ``selection``: one row of RESULTS_SCHEMA per image."""
+    rows = select(dataset, selection)
+    if rows.num_rows == 0:
+        raise ConfigError(f"--where {selection!r} selects no labelled image in {dataset}")
+    masks = FullResMasks(dataset, rows)
+    loader = LoaderConfig(
+        dataset=dataset,
+        where=selection,
+        size=predictor.size,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        augment=False,
+        in_channels=predictor.in_channels,
+    )
+    entries = stream.entries_from_table(rows)  # the rows selected above, read once
+    columns: dict[str, list[Any]] = {name: [] for name in RESULTS_SCHEMA.names}
+    for batch in eval_batches(loader, rank=0, world_size=1, entries=entries):
+        _score_batch(predictor, batch, masks, columns)
+        if progress is not None:
+            progress({"images": len(columns["key"])})
+    check_delivered(entries, columns["key"], f"the evaluation of {cfg.run} on {selection}")
+    return pa.Table.from_pydict(columns, schema=RESULTS_SCHEMA).sort_by("key")
+
+
+def _temperature(cfg: EvaluateConfig, predictor: Predictor, dataset: str) -> dict | None:
+    """With ``cfg.calibrate``: fit the temperature of the image-level probability on the
+    SIIM val split and store it; else the stored one, if fitted for this step and TTA."""
+    model = {"checkpoint": cfg.checkpoint, "step": predictor.checkpoint["step"]}
+    model["tta"] = predictor.tta
+    if not cfg.calibrate:
+        return load_temperature(cfg.run, model)
+    where = selections.siim(FIT_SPLIT)
+    val = _score_rows(cfg, predictor, dataset, where, None)
+    max_prob = val["max_prob"].to_numpy().astype(np.float64)
+    has_ptx = val["has_ptx"].to_numpy(zero_copy_only=False)
+    return fit_and_store(
+        cfg.run,
+        logit(max_prob),
+        has_ptx.astype(np.int64),
+        probabilities=lambda z, t: (sigmoid(z / t), has_ptx),
+        fitted_on={"where": where, "dataset": dataset},
+        model=model,
+    )
 
 
 def _score_batch(
@@ -173,10 +233,11 @@ def _summarise(table: pa.Table) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
-def _write(cfg: EvaluateConfig, table: pa.Table, summary: dict[str, Any]) -> None:
+def _write(cfg: EvaluateConfig, table: pa.Table, summary: dict[str, Any], png: bytes) -> None:
     store = open_store(cfg.run)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     store.put(f"eval/{cfg.split}.parquet", buf.getvalue())
+    store.put(f"eval/{cfg.split}-reliability.png", png)
     record = {**summary, "config": asdict(cfg)}
     store.put(f"eval/{cfg.split}.json", (json.dumps(record, indent=2) + "\n").encode())

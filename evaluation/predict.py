@@ -9,6 +9,15 @@ image's own rows x cols (bilinear), apply the run's post-processing triplet, and
 ``ImageId,EncodedPixels`` rows: ImageId = SOPInstanceUID (the file stem when missing),
 EncodedPixels = the relative, column-major SIIM RLE (``-1`` when empty).
 
+SEGs (optional, ``seg_dir``): one DICOM Segmentation per image, its frame the CSV row's mask
+(see :mod:`pneumo.evaluation.dicom_seg`).
+
+Beside the CSV, ``<out>.details.csv`` (:func:`details_csv`) holds per image the image-level
+probability, the same under the run's temperature (``calibration.json``, written by
+``pneumo evaluate segment --calibrate``) and the flip uncertainty (both defined in
+:mod:`pneumo.evaluation.calibration`; computing the latter costs a mirrored forward pass
+when TTA is off).
+
 Overlays (optional) show the mask on the image at its full resolution, with the image id
 and the image's highest pixel probability (its score as a positive) written on it.
 
@@ -22,7 +31,7 @@ import csv
 import io
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +39,13 @@ import cv2
 import numpy as np
 import torch
 
+from pneumo.evaluation.calibration import flip_probabilities, load_temperature
+from pneumo.evaluation.dicom_seg import SegAlgorithm, SegError, SegWriter
 from pneumo.evaluation.inference import Predictor
 from pneumo.ingest.dicom import BadInput, read_dicom
 from pneumo.ingest.rle import rle_encode
 from pneumo.ingest.sources import SourceFile, list_sources, read_source
+from pneumo.metrics.calibration import scale_probability
 from pneumo.shards.errors import ConfigError, StoreError
 from pneumo.shards.members import SUFFIX_OF_FORMAT
 from pneumo.shards.store import is_s3_url, open_store, write_url
@@ -56,6 +68,7 @@ class PredictConfig:
         input: a ``.dcm`` file, a folder (searched recursively) or an ``s3://`` prefix.
         out_csv: the submission CSV (local path or ``s3://`` object).
         overlays_dir: folder or ``s3://`` prefix for one PNG per image; None: no overlays.
+        seg_dir: folder or ``s3://`` prefix for one DICOM SEG per image; None: no SEGs.
         tta: horizontal-flip test-time augmentation; None: as the run's post-processing
             was chosen (each setting is applied with the triplet searched under it).
         checkpoint: ``best``, ``last``, or a checkpoint URL.
@@ -66,6 +79,7 @@ class PredictConfig:
     input: str
     out_csv: str
     overlays_dir: str | None = None
+    seg_dir: str | None = None
     tta: bool | None = None
     checkpoint: str = "best"
     batch_size: int = 8
@@ -86,6 +100,7 @@ class _Image:
     pixels: np.ndarray  # float32 [size, size] in [0, 1]
     data: bytes  # the stored image (JPEG frame or PNG), for full-resolution overlays
     suffix: str  # jpg | png
+    file: bytes = field(repr=False)  # the DICOM file as read, for its SEG's header
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,13 +109,19 @@ class _Prediction:
 
     mask: np.ndarray  # bool [rows, cols]
     max_prob: float
+    calibrated_prob: float | None = None  # max_prob under the run's temperature, if any
+    uncertainty: float = 0.0  # flip disagreement (pneumo.evaluation.calibration)
 
 
 def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Predict every DICOM of ``cfg.input``; returns a summary.
 
     The summary: ``n_images`` (rows written), ``n_positive``, ``n_failed``, ``failed``
-    (``[{"source", "reason"}]``), ``out_csv``, ``overlays_dir``, ``tta``, ``postprocess``.
+    (``[{"source", "reason"}]``), ``out_csv``, ``overlays_dir``, ``tta``, ``postprocess``,
+    ``details_csv`` (:func:`details_csv`, beside ``out_csv``) and ``temperature`` (the run's,
+    from ``calibration.json``, when fitted for this checkpoint step and TTA setting; else
+    None); with ``seg_dir``, ``n_seg`` (SEGs written) and ``seg_failed`` (``[{"source",
+    "reason"}]``: images whose CSV row was written but that a SEG cannot reference).
     ``progress`` gets ``{"done", "total"}`` after each batch.
 
     Raises:
@@ -110,20 +131,29 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, A
     sources = _inputs(cfg.input)
     predictor = Predictor.load(cfg.run, cfg.checkpoint, tta=cfg.tta)
     overlays = open_store(cfg.overlays_dir) if cfg.overlays_dir else None
+    segs = _seg_writer(cfg, predictor)
+    seg_failed: list[dict[str, str]] = []
     rows: list[tuple[str, str]] = []
+    details: list[tuple[str, _Prediction]] = []  # the per-image columns of details_csv
+    record = load_temperature(cfg.run, {"step": predictor.checkpoint["step"], "tta": predictor.tta})
+    temperature = None if record is None else float(record["temperature"])
     failed: list[dict[str, str]] = []
     done = 0
     for chunk in _chunks(sources, cfg.batch_size):
         images = [_read(src, predictor.size, failed) for src in chunk]
         images = [im for im in images if im is not None]
-        for image, pred in zip(images, _predictions(predictor, images), strict=True):
+        for image, pred in zip(images, _predictions(predictor, images, temperature), strict=True):
             rows.append((image.image_id, rle_encode(pred.mask)))
+            details.append((image.image_id, pred))
             if overlays is not None:
                 overlays.put(f"{_safe_name(image.image_id)}.png", overlay_png(image, pred))
+            if segs is not None:
+                _write_seg(segs, image, pred, seg_failed)
         done += len(chunk)
         if progress is not None:
             progress({"done": done, "total": len(sources)})
     write_url(cfg.out_csv, submission_csv(rows))
+    write_url(details_url(cfg.out_csv), details_csv(details))
     n_positive = sum(rle != "-1" for _, rle in rows)
     log.info("%d images predicted (%d positive), %d failed", len(rows), n_positive, len(failed))
     return {
@@ -133,7 +163,12 @@ def predict(cfg: PredictConfig, progress: Progress | None = None) -> dict[str, A
         "failed": failed,
         "out_csv": cfg.out_csv,
         "overlays_dir": cfg.overlays_dir,
+        "seg_dir": cfg.seg_dir,
+        "n_seg": 0 if segs is None else segs.written,
+        "seg_failed": seg_failed,
         "tta": predictor.tta,
+        "details_csv": details_url(cfg.out_csv),
+        "temperature": temperature,
         "postprocess": predictor.post.to_dict(),
     }
 
@@ -157,7 +192,8 @@ def _chunks(items: list[SourceFile], n: int) -> Iterator[list[SourceFile]]:
 def _read(src: SourceFile, size: int, failed: list[dict[str, str]]) -> _Image | None:
     """Read and decode one file as training saw its images; None (and a report) on failure."""
     try:
-        dicom = read_dicom(read_source(src), src.name)
+        data = read_source(src)
+        dicom = read_dicom(data, src.name)
         suffix = SUFFIX_OF_FORMAT[dicom.image_format]
         pixels, _ = decode_image(dicom.image_bytes, suffix, size)
     except (BadInput, StoreError, OSError, ValueError, cv2.error) as e:
@@ -174,23 +210,72 @@ def _read(src: SourceFile, size: int, failed: list[dict[str, str]]) -> _Image | 
         pixels=pixels,
         data=dicom.image_bytes,
         suffix=suffix,
+        file=data,
     )
 
 
-def _predictions(predictor: Predictor, images: list[_Image]) -> list[_Prediction]:
-    """Post-processed bool masks at each image's original size, and the highest probability."""
+def _seg_writer(cfg: PredictConfig, predictor: Predictor) -> SegWriter | None:
+    if cfg.seg_dir is None:
+        return None
+    step = int(predictor.checkpoint.get("step", 0))
+    return SegWriter(cfg.seg_dir, SegAlgorithm.of(cfg.run, cfg.checkpoint, step))
+
+
+def _write_seg(
+    segs: SegWriter, image: _Image, pred: _Prediction, failed: list[dict[str, str]]
+) -> None:
+    """The image's SEG; a source that cannot have one is reported, its CSV row stays."""
+    try:
+        segs.write(image.file, pred.mask)
+    except SegError as e:
+        log.warning("%s: no SEG: %s", image.source, e)
+        failed.append({"source": image.source, "reason": str(e)})
+
+
+def _predictions(
+    predictor: Predictor, images: list[_Image], temperature: float | None = None
+) -> list[_Prediction]:
+    """Post-processed bool masks at each image's original size, the highest probability
+    (also under ``temperature``) and the flip uncertainty."""
     if not images:
         return []
     batch = torch.from_numpy(np.stack([im.pixels for im in images])[:, None])
     if predictor.in_channels > 1:
         batch = batch.repeat(1, predictor.in_channels, 1, 1)
-    probs = predictor.probabilities(batch)
+    probs, uncertainty = flip_probabilities(predictor, batch)
     out = []
-    for image, prob in zip(images, probs, strict=True):
+    for image, prob, spread in zip(images, probs, uncertainty, strict=True):
         full = upsample(prob, (image.rows, image.cols))
         mask = predictor.post.apply(full).cpu().numpy()
-        out.append(_Prediction(mask=mask, max_prob=float(full.max())))
+        max_prob = float(full.max())
+        # The calibrated map sigmoid(logit(p) / T) is monotone in p: its largest pixel is
+        # the largest pixel's, and the triplet's masks (searched on p) are the same.
+        calibrated = (
+            None if temperature is None else float(scale_probability(max_prob, temperature))
+        )
+        out.append(_Prediction(mask=mask, max_prob=max_prob, calibrated_prob=calibrated,
+                               uncertainty=float(spread)))  # fmt: skip
     return out
+
+
+def details_url(out_csv: str) -> str:
+    """Where the per-image details go: beside the submission, ``sub.csv`` -> ``sub.details.csv``."""
+    stem = out_csv[: -len(".csv")] if out_csv.lower().endswith(".csv") else out_csv
+    return f"{stem}.details.csv"
+
+
+def details_csv(details: list[tuple[str, _Prediction]]) -> bytes:
+    """``ImageId,probability,calibrated_probability,uncertainty``: the image-level probability
+    (largest pixel probability at full size, before the triplet), the same under the run's
+    temperature (empty without one), and the flip uncertainty. The submission CSV stays
+    ``ImageId,EncodedPixels``."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["ImageId", "probability", "calibrated_probability", "uncertainty"])
+    for image_id, pred in details:
+        calibrated = "" if pred.calibrated_prob is None else f"{pred.calibrated_prob:.6f}"
+        writer.writerow([image_id, f"{pred.max_prob:.6f}", calibrated, f"{pred.uncertainty:.6f}"])
+    return out.getvalue().encode()
 
 
 def submission_csv(rows: list[tuple[str, str]]) -> bytes:

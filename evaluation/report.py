@@ -98,6 +98,17 @@ def summary_text(name: str, summary: Mapping[str, Any]) -> str:
         f"accuracy {_plain(summary.get('accuracy'))}, "
         f"dice_neg {_plain(summary.get('dice_neg'))} (healthy images left empty)",
     ]
+    if summary.get("ece") is not None:
+        after = (
+            f", {_plain(summary.get('ece_calibrated'))} after temperature "
+            f"{_plain(summary.get('temperature'))} (fitted on {summary.get('calibration_split')})"
+            if summary.get("temperature") is not None
+            else " (no temperature: --calibrate fits one on val)"
+        )
+        details.append(
+            f"calibration: ECE {_plain(summary['ece'])} of the max probability against "
+            f"pneumothorax ({summary.get('ece_bins')} equal-width bins){after}"
+        )
     return dice_table([(name, summary)]) + "\n\n" + "\n".join(details)
 
 

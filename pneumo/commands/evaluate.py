@@ -34,6 +34,14 @@ TtaChoice = Annotated[
         show_default=False,
     ),
 ]
+Calibrate = Annotated[
+    bool,
+    typer.Option(
+        "--calibrate",
+        help="First fit a temperature on the run's val split (never the scored split), store "
+        "it in RUN/calibration.json (pneumo predict applies it), and report the ECE after it.",
+    ),
+]
 
 
 @app.command("segment")
@@ -53,6 +61,7 @@ def evaluate_segment_cmd(
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     where: Annotated[str | None, typer.Option(help="Rows to score instead of --split.")] = None,
     tta: TtaChoice = None,
+    calibrate: Calibrate = False,
     checkpoint: Checkpoint = "best",
     workers: ReadWorkers = 2,
     batch_size: InferBatchSize = 8,
@@ -73,6 +82,7 @@ def evaluate_segment_cmd(
         split=split,
         where=where,
         tta=tta,
+        calibrate=calibrate,
         checkpoint=checkpoint,
         workers=workers,
         batch_size=batch_size,
@@ -101,6 +111,7 @@ def evaluate_classify_cmd(
     dataset: Annotated[str | None, typer.Argument(help="Dataset (default: the run's).")] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     where: Annotated[str | None, typer.Option(help="Rows to score instead of --split.")] = None,
+    calibrate: Calibrate = False,
     checkpoint: Checkpoint = "best",
     workers: ReadWorkers = 2,
     batch_size: InferBatchSize = 32,
@@ -116,6 +127,7 @@ def evaluate_classify_cmd(
         dataset=dataset,
         split=split,
         where=where,
+        calibrate=calibrate,
         checkpoint=checkpoint,
         workers=workers,
         batch_size=batch_size,
@@ -150,6 +162,14 @@ def predict_cmd(
         str | None,
         typer.Option(help="Folder for full-resolution mask-over-image PNGs, captioned."),
     ] = None,
+    seg_out: Annotated[
+        str | None,
+        typer.Option(
+            "--seg-out",
+            help="Folder or s3:// prefix for one DICOM Segmentation per input "
+            "(<SOPInstanceUID>.dcm), its frame the CSV row's mask, referencing its source.",
+        ),
+    ] = None,
     tta: TtaChoice = None,
     checkpoint: Checkpoint = "best",
     batch_size: InferBatchSize = 8,
@@ -163,6 +183,7 @@ def predict_cmd(
         input=input,
         out_csv=out,
         overlays_dir=overlays,
+        seg_dir=seg_out,
         tta=tta,
         checkpoint=checkpoint,
         batch_size=batch_size,
@@ -170,5 +191,12 @@ def predict_cmd(
     with ProgressBar("predict", unit="img") as bar:
         summary = predict(cfg, progress=lambda p: bar.update_to(p["done"], p["total"]))
     typer.echo(f"{summary['n_images']} images, {summary['n_positive']} with pneumothorax -> {out}")
+    scaled = f"temperature {summary['temperature']:.3f}" if summary["temperature"] else "none"
+    typer.echo(f"per-image probability, calibrated ({scaled}), uncertainty -> "
+               f"{summary['details_csv']}")  # fmt: skip
     for failure in summary["failed"]:
         typer.echo(f"skipped {failure['source']}: {failure['reason']}", err=True)
+    if seg_out is not None:
+        typer.echo(f"{summary['n_seg']} DICOM SEGs -> {seg_out}")
+    for failure in summary["seg_failed"]:
+        typer.echo(f"no SEG for {failure['source']}: {failure['reason']}", err=True)
