@@ -1,10 +1,12 @@
-"""Properties of the paired per-image bootstrap on random differences (hypothesis).
+"""Properties of Table 1's two-level bootstrap on random data (hypothesis).
 
-Derived from what a percentile bootstrap of a mean is, not from the code: the resampled
-means of values that all lie in ``[lo, hi]`` lie there too; the observed mean is inside the
-interval; an affine map of the differences maps the interval the same way (same seed, same
-resamples), so a wider spread gives a proportionally wider interval; a higher level nests
-the lower one; seeds are averaged per image before images are resampled.
+Derived from what the bootstrap is, not from the code: the draws depend on which images
+belong together, not on how patients are named or runs list their images; an arm's
+resampled means are weighted means of its Dice values, so they lie within their range and
+the interval holds the observed mean; constant data gives a point; adding the same amount
+to both arms' Dice of an image (any amount per image) leaves a paired difference as it
+was; an affine map of the Dice maps a mean's interval the same way; a higher level nests
+the lower one.
 """
 
 from __future__ import annotations
@@ -14,116 +16,125 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pneumo.experiment.stats import bootstrap_interval
+from pneumo.experiment.stats import difference_interval, mean_interval
 
-PROPERTY = settings(max_examples=100, deadline=None, derandomize=True)
-RESAMPLES = 400
+PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
+RESAMPLES = 300
+EPS = 1e-9
 
-diffs = st.floats(-1, 1, allow_nan=False).map(lambda x: round(x, 3))  # Dice differences
+dice = st.floats(0, 1, allow_nan=False).map(lambda x: round(x, 3))
 
 
 @st.composite
-def differences(draw: st.DrawFn) -> np.ndarray:
-    """``(seeds, images)`` differences; images often share one value, one an outlier."""
-    seeds, images = draw(st.integers(1, 3)), draw(st.integers(1, 30))
-    values = draw(st.lists(diffs, min_size=seeds * images, max_size=seeds * images))
-    out = np.array(values).reshape(seeds, images)
-    if draw(st.booleans()):  # mostly ties: [0, 0, 0, 1]-like
-        out[:] = 0.0
-        out[:, draw(st.integers(0, images - 1))] = draw(diffs)
-    return out
+def experiments(draw: st.DrawFn) -> dict:
+    """Two arms (1-3 seeds each) on 1-20 images of 1-8 patients; often mostly ties."""
+    n = draw(st.integers(1, 20))
+    ids = [f"1.2.{i}" for i in range(n)]
+    groups = draw(st.lists(st.integers(0, 7), min_size=n, max_size=n))
+    patients = {i: f"patient-{g}" for i, g in zip(ids, groups, strict=True)}
+
+    def runs() -> list[dict[str, float]]:
+        seeds = draw(st.integers(1, 3))
+        values = draw(st.lists(dice, min_size=seeds * n, max_size=seeds * n))
+        out = np.array(values).reshape(seeds, n)
+        if draw(st.booleans()):  # mostly ties: one image stands out
+            out[:] = 0.5
+            out[:, draw(st.integers(0, n - 1))] = draw(dice)
+        return [dict(zip(ids, row.tolist(), strict=True)) for row in out]
+
+    return {"arm": runs(), "base": runs(), "patients": patients}
 
 
-def interval(d: np.ndarray, seed: int, level: float = 0.95) -> tuple[float, float, float]:
-    return bootstrap_interval(d, resamples=RESAMPLES, seed=seed, level=level)
+def _options(seed: int, level: float = 0.95) -> dict:
+    return {"resamples": RESAMPLES, "seed": seed, "level": level}
 
 
 @PROPERTY
-@given(differences(), st.integers(0, 2**32 - 1))
-def test_the_interval_holds_the_mean_and_lies_within_the_values(d: np.ndarray, seed: int) -> None:
-    mean, low, high = interval(d, seed)
-    per_image = d.mean(axis=0)
-    assert mean == pytest.approx(float(per_image.sum() / per_image.size), abs=1e-12)
-    eps = 1e-9
-    assert per_image.min() - eps <= low <= mean + eps
-    assert mean - eps <= high <= per_image.max() + eps
+@given(experiments(), st.integers(0, 2**32 - 1), st.randoms(use_true_random=False))
+def test_patient_names_and_image_order_do_not_change_the_draws(e: dict, seed: int, r) -> None:
+    names = sorted(set(e["patients"].values()))
+    renamed = dict(zip(names, r.sample([f"h{k:x}" for k in range(100)], len(names)), strict=True))
+    patients = {i: renamed[p] for i, p in e["patients"].items()}
+
+    def shuffled(runs: list[dict[str, float]]) -> list[dict[str, float]]:
+        out = []
+        for run in runs:
+            items = list(run.items())
+            r.shuffle(items)
+            out.append(dict(items))
+        return out
+
+    got = difference_interval(shuffled(e["arm"]), shuffled(e["base"]), patients, **_options(seed))
+    assert got == difference_interval(e["arm"], e["base"], e["patients"], **_options(seed))
 
 
-def test_the_last_image_is_resampled_too() -> None:
-    """The issue's example: ``[0, 0, 0, 1]`` has mean 0.25 and an interval around it."""
-    mean, low, high = bootstrap_interval(np.array([[0.0, 0.0, 0.0, 1.0]]), seed=0)
-    assert mean == 0.25
-    assert low == 0.0
-    assert high == pytest.approx(0.75)  # the 1 drawn 3 times of 4: P = 4.7%, 4 times: 0.4%
+@PROPERTY
+@given(experiments(), st.integers(0, 2**32 - 1))
+def test_a_mean_interval_holds_the_mean_and_lies_within_the_values(e: dict, seed: int) -> None:
+    m = mean_interval(e["arm"], e["patients"], **_options(seed))
+    values = np.array([list(run.values()) for run in e["arm"]])
+    assert m.estimate == pytest.approx(values.mean(axis=1).mean(), abs=1e-12)
+    assert values.min() - EPS <= m.low <= m.estimate + EPS
+    assert m.estimate - EPS <= m.high <= values.max() + EPS
+
+
+@PROPERTY
+@given(experiments(), st.integers(0, 2**32 - 1))
+def test_a_difference_interval_holds_the_difference(e: dict, seed: int) -> None:
+    d = difference_interval(e["arm"], e["base"], e["patients"], **_options(seed))
+    arm = mean_interval(e["arm"], e["patients"], **_options(seed)).estimate
+    base = mean_interval(e["base"], e["patients"], **_options(seed)).estimate
+    assert d.estimate == pytest.approx(arm - base, abs=1e-12)
+    assert d.low - EPS <= d.estimate <= d.high + EPS
+
+
+@PROPERTY
+@given(experiments(), dice, st.integers(0, 2**32 - 1))
+def test_constant_dice_gives_a_point(e: dict, value: float, seed: int) -> None:
+    flat = [{i: value for i in run} for run in e["arm"]]
+    m = mean_interval(flat, e["patients"], **_options(seed))
+    assert (m.estimate, m.low, m.high) == pytest.approx((value, value, value), abs=1e-12)
+    d = difference_interval(
+        flat, [{i: value for i in run} for run in e["base"]], e["patients"], **_options(seed)
+    )
+    assert (d.estimate, d.low, d.high) == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+
+
+@PROPERTY
+@given(experiments(), st.integers(0, 2**32 - 1), st.randoms(use_true_random=False))
+def test_what_both_arms_share_on_an_image_cancels_in_a_difference(e: dict, seed: int, r) -> None:
+    """Pairing by image: the same patients for both arms in every resample."""
+    shift = {i: r.uniform(-0.5, 0.5) for i in e["patients"]}
+    moved = [
+        [{i: v + shift[i] for i, v in run.items()} for run in e[arm]] for arm in ("arm", "base")
+    ]
+    got = difference_interval(*moved, e["patients"], **_options(seed))
+    want = difference_interval(e["arm"], e["base"], e["patients"], **_options(seed))
+    assert (got.estimate, got.low, got.high) == pytest.approx(
+        (want.estimate, want.low, want.high), abs=EPS
+    )
 
 
 @PROPERTY
 @given(
-    differences(),
+    experiments(),
     st.integers(0, 2**32 - 1),
-    st.sampled_from([1.5, 2.0, 4.0]),
+    st.sampled_from([0.5, 2.0, 4.0]),
     st.sampled_from([-0.5, 0.0, 0.25]),
 )
-def test_a_wider_spread_gives_a_proportionally_wider_interval(
-    d: np.ndarray, seed: int, scale: float, shift: float
+def test_an_affine_map_of_the_dice_maps_a_mean_interval(
+    e: dict, seed: int, scale: float, shift: float
 ) -> None:
-    """``scale * (d - mean) + mean + shift``: same resamples, interval scaled about the mean
-    and shifted; its width is ``scale`` times the width."""
-    mean, low, high = interval(d, seed)
-    per_image_mean = d.mean()
-    spread = scale * (d - per_image_mean) + per_image_mean + shift
-    mean2, low2, high2 = interval(spread, seed)
-    assert mean2 == pytest.approx(mean + shift, abs=1e-9)
-    assert low2 == pytest.approx(scale * (low - mean) + mean + shift, abs=1e-9)
-    assert high2 == pytest.approx(scale * (high - mean) + mean + shift, abs=1e-9)
-    assert high2 - low2 == pytest.approx(scale * (high - low), abs=1e-9)
-    assert high2 - low2 >= high - low - 1e-12
+    mapped = [{i: scale * v + shift for i, v in run.items()} for run in e["arm"]]
+    m = mean_interval(e["arm"], e["patients"], **_options(seed))
+    got = mean_interval(mapped, e["patients"], **_options(seed))
+    want = (scale * m.estimate + shift, scale * m.low + shift, scale * m.high + shift)
+    assert (got.estimate, got.low, got.high) == pytest.approx(want, abs=EPS)
 
 
 @PROPERTY
-@given(differences(), st.integers(0, 2**32 - 1))
-def test_a_higher_level_nests_the_lower_one(d: np.ndarray, seed: int) -> None:
-    _, low90, high90 = interval(d, seed, 0.90)
-    _, low99, high99 = interval(d, seed, 0.99)
-    assert low99 <= low90 <= high90 <= high99
-
-
-@PROPERTY
-@given(differences(), st.integers(0, 2**32 - 1))
-def test_seeds_are_averaged_per_image_before_resampling(d: np.ndarray, seed: int) -> None:
-    assert interval(d, seed) == pytest.approx(interval(d.mean(axis=0, keepdims=True), seed))
-
-
-@PROPERTY
-@given(st.integers(2, 40), st.integers(0, 2**32 - 1))
-def test_every_image_is_resampled_at_the_same_rate(n: int, seed: int) -> None:
-    """An image alone at 1 among 0s: its share of the resampled means is 1/n. Summed over the
-    images, a one-hot difference's mean interval holds 1/n for each one, the last too."""
-    for image in (0, n - 1):
-        d = np.zeros((1, n))
-        d[0, image] = 1.0
-        mean, low, high = interval(d, seed, 0.99)
-        assert mean == pytest.approx(1 / n)
-        assert low <= 1 / n <= high
-        assert high > 0  # drawn in some resample: P(never, in 400) is below 1e-70
-
-
-@PROPERTY
-@given(
-    st.lists(diffs, min_size=2, max_size=30, unique=True),
-    st.integers(0, 2**32 - 1),
-    st.sampled_from([0.8, 0.9, 0.95]),
-)
-def test_the_interval_cuts_alpha_of_the_resampled_means_from_each_side(
-    values: list[float], seed: int, level: float
-) -> None:
-    """Percentile interval: with the resamples given, at most ``(1 - level) / 2`` of their
-    means (one more for interpolation) fall below it, and at most that many above."""
-    n, resamples = len(values), 200
-    indices = np.random.default_rng(seed).integers(0, n, (resamples, n))
-    means = np.array(values)[indices].mean(axis=1)
-    _, low, high = bootstrap_interval(np.array([values]), indices=indices, level=level)
-    tail = (1 - level) / 2 * resamples + 1
-    assert (means < low - 1e-12).sum() <= tail
-    assert (means > high + 1e-12).sum() <= tail
-    assert ((means >= low - 1e-12) & (means <= high + 1e-12)).sum() >= level * resamples - 2
+@given(experiments(), st.integers(0, 2**32 - 1))
+def test_a_higher_level_nests_the_lower_one(e: dict, seed: int) -> None:
+    d90 = difference_interval(e["arm"], e["base"], e["patients"], **_options(seed, 0.90))
+    d99 = difference_interval(e["arm"], e["base"], e["patients"], **_options(seed, 0.99))
+    assert d99.low <= d90.low <= d90.high <= d99.high
