@@ -2,10 +2,12 @@
 
 A run *pins* its data: on a fresh start rank 0 selects ``cfg.where`` and ``cfg.val_where``
 once, the task filters them (:meth:`pneumo.training.task.Task.prepare_rows`: labelled rows, a
-``label`` column...), and they are stored as ``RUN/rows/train.parquet`` and
-``RUN/rows/val.parquet``, their fingerprints (:func:`pneumo.shards.manifest.fingerprint`) going
-into every checkpoint. A resumed run reads them back and checks the fingerprints, so a
-batch committed to the dataset while a run trains changes nothing in that run.
+``label`` column...), ``cfg.train_fraction`` < 1 keeps that share of the training patients
+(:func:`pneumo.shards.selections.patient_subset`), and they are stored as
+``RUN/rows/train.parquet`` and ``RUN/rows/val.parquet``, their fingerprints
+(:func:`pneumo.shards.manifest.fingerprint`) going into every checkpoint. A resumed run reads
+them back and checks the fingerprints, so a batch committed to the dataset while a run
+trains changes nothing in that run.
 
 The leakage guard runs on a fresh start: no ``patient_key`` of the training rows may be in
 the SIIM val/test rows (:data:`pneumo.shards.selections.HELD_OUT`) unless ``allow_overlap``.
@@ -21,7 +23,7 @@ import pyarrow as pa
 from pneumo.shards import manifest
 from pneumo.shards.audit import held_out_overlap
 from pneumo.shards.errors import ConfigError
-from pneumo.shards.selections import HELD_OUT
+from pneumo.shards.selections import HELD_OUT, patient_subset
 from pneumo.shards.store import open_store
 from pneumo.training.data import select
 from pneumo.training.runs import RunDir
@@ -50,6 +52,7 @@ def pin_rows(
             )
         return train, val, {"fingerprints": want, "leakage": ckpt["leakage"]}
     train = task.prepare_rows(_select(cfg.dataset, cfg.where, "--where"), train=True)
+    train = _fraction_of(train, cfg.train_fraction)
     val = task.prepare_rows(_select(cfg.dataset, cfg.val_where, "--val-where"), train=False)
     for rows, option, where in ((train, "--where", cfg.where), (val, "--val-where", cfg.val_where)):
         if rows.num_rows == 0:
@@ -63,6 +66,22 @@ def pin_rows(
         **task.fingerprints(),
     }
     return train, val, {"fingerprints": fingerprints, "leakage": leakage}
+
+
+def _fraction_of(train: pa.Table, fraction: float) -> pa.Table:
+    """``fraction`` of the training patients (all of them at 1)."""
+    if fraction == 1:
+        return train
+    kept = patient_subset(train, fraction)
+    log.info(
+        "train_fraction %g: %d of %d training patients, %d of %d rows",
+        fraction,
+        len(set(kept.column("patient_key").to_pylist())),
+        len(set(train.column("patient_key").to_pylist())),
+        kept.num_rows,
+        train.num_rows,
+    )
+    return kept
 
 
 def _select(dataset: str, where: str, option: str) -> pa.Table:

@@ -68,6 +68,9 @@ class RunConfig:
             host-device sync), so it is not done every step. None:
             :func:`default_log_every`, about one reading a second at 1,000 images a second.
         allow_overlap: train even when training patients are in the SIIM val/test rows.
+        train_fraction: the share of the training patients that trains (whole patients,
+            after the task's row filter; :func:`pneumo.shards.selections.patient_subset`:
+            the patients of a smaller fraction are among those of a larger); 1: all.
         precise_bn: training batches over which BatchNorm statistics are re-estimated
             before each validation (:func:`pneumo.training.loop.precise_bn`); 0: not re-estimated.
     """
@@ -90,6 +93,7 @@ class RunConfig:
     compile: bool = False
     log_every: int | None = None
     allow_overlap: bool = False
+    train_fraction: float = 1.0
     precise_bn: int = 0
     cache_dir: str | None = None
     cache_limit: int = 50 * 2**30
@@ -108,6 +112,8 @@ class RunConfig:
             raise ConfigError(f"--log-every must be at least 1, got {self.log_every}")
         if self.resume not in RESUME_MODES:
             raise ConfigError(f"--resume {self.resume!r}: expected one of {RESUME_MODES}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.precise_bn < 0:
             raise ConfigError(f"--precise-bn must not be negative, got {self.precise_bn}")
         for name in ("epochs", "checkpoint_every"):
