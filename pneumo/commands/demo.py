@@ -9,8 +9,12 @@ import typer
 
 from pneumo.commands.experiment import (
     ArmsOption,
+    DevicesOption,
+    ExecutorOption,
+    ParallelOption,
     ResumeOption,
     SeedsOption,
+    executor_config,
     parse_arms,
     print_result,
     run_with_progress,
@@ -30,6 +34,9 @@ def demo_cmd(
     size: Annotated[int, typer.Option(help="Stored image side in pixels.", min=64)] = 256,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic data.")] = 0,
     resume: ResumeOption = "auto",
+    executor: ExecutorOption = "local",
+    parallel: ParallelOption = 1,
+    devices: DevicesOption = None,
 ) -> None:
     """The report in miniature: synthetic NIH and SIIM data (SIIM images are NIH images, as
     in the real data sets) -> one dataset split by patient -> `pneumo experiment` with the
@@ -84,6 +91,7 @@ def demo_cmd(
         arms=parse_arms(arms),
         resume=resume,
         command="pneumo " + shlex.join(sys.argv[1:]),
+        executor=executor_config(executor, parallel, devices),
     )
     print_result(run_with_progress(cfg))
 
