@@ -15,9 +15,12 @@ does not need its code.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,9 +29,9 @@ import numpy as np
 from pneumo.experiment.stages import StageContext, StageFunction
 from pneumo.shards import manifest
 from pneumo.shards.audit import audit, held_out_overlap
-from pneumo.shards.errors import ConfigError
+from pneumo.shards.errors import ConfigError, PneumoError
 from pneumo.shards.selections import HELD_OUT
-from pneumo.shards.store import open_store
+from pneumo.shards.store import open_store, read_url
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +129,14 @@ def segment_config(ctx: StageContext) -> Any:
 
     s = dict(ctx.stage.settings)
     s["pos_rate"] = tuple(s["pos_rate"]) if s["pos_rate"] is not None else None
+    encoder = ctx.input_urls.get("encoder")  # a classify RUN: its best checkpoint
+    if encoder is not None and ctx.inputs["encoder"].get("file"):  # a weights stage
+        encoder = f"{encoder}/{ctx.inputs['encoder']['file']}"
     return library_config(
         SegmentConfig,
         dataset=ctx.dataset,
         out=ctx.url,
-        encoder_init=ctx.input_urls.get("encoder"),  # a classify RUN: its best checkpoint
+        encoder_init=encoder,
         resume="auto",
         **s,
     )
@@ -163,6 +169,63 @@ def run_evaluate(ctx: StageContext) -> dict[str, Any]:
     run, here = open_store(cfg.run), open_store(ctx.url)
     here.put(PER_IMAGE, run.get(f"eval/{cfg.split}.parquet"))
     return _clean({**summary, "per_image": PER_IMAGE})
+
+
+# ---------------------------------------------------------------- ImageNet weights
+
+
+def check_imagenet_weights(source: str, in_channels: int) -> str:
+    """The SHA-256 of ``source``'s bytes (what ``sha256sum`` prints), after checking that
+    it is a ResNet-34 state dict that fills a U-Net's ResNet-34 encoder.
+
+    Raises:
+        ConfigError: unreadable, not a state dict, or not a ResNet-34's (names the keys).
+    """
+    from pneumo.training.model import build_unet, load_encoder_state, strip_state_dict
+    from pneumo.training.transfer import read_weights
+
+    option = f"--imagenet-weights {source}"
+    try:
+        data = read_url(source)
+    except PneumoError as e:
+        raise ConfigError(f"{option}: {e}") from e
+    try:
+        weights = read_weights(source)
+        encoder = build_unet(in_channels, "resnet34").encoder
+        load_encoder_state(encoder, strip_state_dict(weights.state, source), source)
+    except PneumoError as e:
+        raise ConfigError(
+            f"{option}: not a usable ResNet-34 state dict ({e}); give torchvision's "
+            "resnet34-b627a593.pth or timm's resnet34 weights"
+        ) from e
+    sha256 = hashlib.sha256(data).hexdigest()
+    # torch.hub's convention: a file named NAME-<first 8 hex digits of its SHA-256>.pth
+    named = re.search(r"-([0-9a-f]{8})\.pth$", source)
+    if named and not sha256.startswith(named.group(1)):
+        raise ConfigError(
+            f"{option}: its name says its SHA-256 starts with {named.group(1)}, but it is "
+            f"{sha256}: a damaged or partial download? Download it again"
+        )
+    log.info("ImageNet weights %s: sha256 %s", source, sha256)
+    return sha256
+
+
+def run_weights(ctx: StageContext, *, source: str | None) -> dict[str, Any]:
+    """Copy the user's weights file into this stage's folder, checking its SHA-256 (the
+    stage's name) against the file now: a file changed since planning is refused."""
+    s = ctx.stage.settings
+    if source is None:
+        raise ConfigError("the imagenet arm needs --imagenet-weights FILE")
+    data = read_url(source)
+    found = hashlib.sha256(data).hexdigest()
+    if found != s["sha256"]:
+        raise ConfigError(
+            f"--imagenet-weights {source} changed since this experiment was planned "
+            f"(sha256 {found}, planned {s['sha256']}): run the command again"
+        )
+    open_store(ctx.url).put(s["file"], data)
+    log.info("ImageNet weights %s: sha256 %s", source, found)
+    return {"sha256": found, "source": source, "file": s["file"], "bytes": len(data)}
 
 
 # ---------------------------------------------------------------- pretraining
@@ -265,6 +328,11 @@ def reconstructions(
     return images[:, 0].numpy(), out
 
 
+def stage_functions(imagenet_weights: str | None = None) -> dict[str, StageFunction]:
+    """The stage functions, the ``weights`` stage reading ``imagenet_weights``."""
+    return {**STAGE_FUNCTIONS, "weights": functools.partial(run_weights, source=imagenet_weights)}
+
+
 STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "audit": run_audit,
     "classify": run_classify,
@@ -274,4 +342,5 @@ STAGE_FUNCTIONS: dict[str, StageFunction] = {
     "cluster": run_cluster,
     "segment": run_segment,
     "evaluate": run_evaluate,
+    "weights": functools.partial(run_weights, source=None),  # stage_functions names the file
 }

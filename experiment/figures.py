@@ -2,7 +2,7 @@
 
 - Figure 1: chest X-rays and their reconstructions by the AE and the VAE (same images).
 - Figure 2: validation Dice per epoch of each arm: the mean over seeds and the band
-  between the lowest and highest seed.
+  between the lowest and highest seed, a panel per label fraction.
 - Pretraining: the classifiers against their majority share, and the cluster sizes.
 """
 
@@ -19,7 +19,13 @@ from pneumo.experiment.tables import ARM_TITLES, PretrainRow
 # The name of the per-epoch validation Dice in a run's metrics.jsonl (newest first): the
 # evaluation-resolution change may rename it to say it is at training resolution.
 VAL_DICE_FIELDS = ("val_dice_trainres", "val_dice")
-_COLOURS = {"none": "tab:grey", "labels": "tab:blue", "pseudo": "tab:orange", "leaky": "tab:red"}
+_COLOURS = {
+    "none": "tab:grey",
+    "labels": "tab:blue",
+    "pseudo": "tab:orange",
+    "leaky": "tab:red",
+    "imagenet": "tab:green",
+}
 
 
 def _pyplot() -> Any:
@@ -52,14 +58,27 @@ def val_dice_curve(rows: Sequence[Mapping[str, Any]]) -> list[float]:
     return [float("nan") if values.get(e) is None else float(values[e]) for e in range(len(values))]
 
 
-def dice_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]]) -> bytes:
-    """Figure 2: per arm, validation Dice per epoch over seeds (mean line, min-max band).
+def dice_curves_figure(curves: Mapping[float, Mapping[str, Sequence[Sequence[float]]]]) -> bytes:
+    """Figure 2: a panel per label fraction; per arm, validation Dice per epoch over seeds
+    (mean line, min-max band).
 
     Args:
-        curves: arm -> one curve per seed (Dice per epoch, fractions).
+        curves: label fraction -> arm -> one curve per seed (Dice per epoch, fractions).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(7 * n, 4.2), squeeze=False, sharey=True)
+    for ax, (fraction, arms) in zip(axes[0], sorted(curves.items()), strict=True):
+        _dice_panel(ax, arms)
+        ax.set_title(f"{100 * fraction:g}% of training patients", fontsize=10)
+    axes[0][0].set_ylabel("validation Dice (%)")
+    fig.suptitle("Figure 2: validation Dice per epoch (mean over seeds; band: min-max)")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _dice_panel(ax: Any, curves: Mapping[str, Sequence[Sequence[float]]]) -> None:
+    """One panel of Figure 2: arm -> one curve per seed."""
     for arm, seeds in curves.items():
         length = max(len(c) for c in seeds)
         grid = np.full((len(seeds), length), np.nan)
@@ -74,12 +93,8 @@ def dice_curves_figure(curves: Mapping[str, Sequence[Sequence[float]]]) -> bytes
             ax.fill_between(epochs, low, high, color=colour, alpha=0.2, linewidth=0)
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("validation Dice (%)")
-    ax.set_title("Figure 2: validation Dice per epoch (mean over seeds; band: min-max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
 
 
 def reconstructions_figure(originals: np.ndarray, rows: Mapping[str, np.ndarray]) -> bytes:

@@ -10,12 +10,19 @@ Arms (the report's Table 1 rows, plus one):
   DBSCAN, 14 clusters) and the clusters are the classes;
 - ``leaky`` (opt-in): as ``labels``, but NIH pretraining also sees the NIH images of the
   SIIM val/test patients — what a pipeline that ignores that SIIM images are NIH images
-  does. Its Dice minus the ``labels`` arm's is the measured effect of the leak.
+  does. Its Dice minus the ``labels`` arm's is the measured effect of the leak;
+- ``imagenet`` (opt-in): the encoder starts from a torchvision or timm ResNet-34 ImageNet
+  state dict the user names (``--imagenet-weights``). A ``weights`` stage, named by the
+  file's SHA-256, copies it into the experiment; nothing is fetched.
 
 Every arm and seed then trains the same segmentation (same settings, same budget; only the
-encoder's initial weights differ) and is scored on the SIIM test split. One pretraining per
-arm is shared by the segmentation seeds. Every stage reads the ``audit`` stage, whose hash
-covers the dataset's content: new data means new stages.
+encoder's initial weights differ) and is scored on the SIIM test split, once per label
+fraction: a share of the SIIM training patients (``[experiment] label_fractions``; nested
+subsets, :func:`pneumo.shards.selections.patient_subset`); validation and test rows are the
+same at every fraction. At fraction 1 a segment stage's settings are those of an experiment
+without a sweep, so its hash (and folder) are too. One pretraining per arm is shared by the
+segmentation seeds and fractions. Every stage reads the ``audit`` stage, whose hash covers
+the dataset's content: new data means new stages.
 """
 
 from __future__ import annotations
@@ -29,22 +36,43 @@ from pneumo.shards import selections
 from pneumo.shards.errors import ConfigError
 
 EMBED_WHERE = "dataset == 'nih'"  # every NIH image gets a code; PCA/DBSCAN fit on train only
+IMAGENET_ARCH = "resnet34"  # the imagenet arm's weights: a ResNet-34 state dict
+IMAGENET_FILE = "resnet34.pth"  # the weights stage's copy, inside its folder
+
+
+@dataclass(kw_only=True)
+class FractionRuns:
+    """The segmentation runs and their evaluations at one label fraction."""
+
+    segments: dict[tuple[str, int], Stage] = field(default_factory=dict)  # (arm, seed) ->
+    evaluations: dict[tuple[str, int], Stage] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
 class Plan:
-    """The stages of one experiment, by role, and all of them in a runnable order."""
+    """The stages of one experiment, by role, and all of them in a runnable order.
+
+    ``segments`` and ``evaluations`` are those of the largest label fraction (Table 1's
+    main columns); ``sweep`` holds every fraction's, the largest included.
+    """
 
     arms: tuple[str, ...]
     seeds: tuple[int, ...]
     audit: Stage
+    fractions: tuple[float, ...] = (1.0,)  # ascending
+    weights: Stage | None = None  # the imagenet arm's weights file
     encoders: dict[str, Stage] = field(default_factory=dict)  # arm -> its pretraining
     classifier_evals: dict[str, Stage] = field(default_factory=dict)  # arm -> its evaluation
     autoencoders: dict[str, Stage] = field(default_factory=dict)  # "ae"/"vae" -> its run
     cluster: Stage | None = None
     segments: dict[tuple[str, int], Stage] = field(default_factory=dict)
     evaluations: dict[tuple[str, int], Stage] = field(default_factory=dict)
+    sweep: dict[float, FractionRuns] = field(default_factory=dict)
     stages: list[Stage] = field(default_factory=list)
+
+    @property
+    def main_fraction(self) -> float:
+        return self.fractions[-1]
 
 
 def build_plan(
@@ -54,8 +82,10 @@ def build_plan(
     seeds: int,
     dataset_fingerprint: str,
     held_out_patients: list[str],
+    fractions: tuple[float, ...] | None = None,
+    imagenet_sha256: str | None = None,
 ) -> Plan:
-    """The stages for ``arms`` x ``seeds`` under ``recipe``.
+    """The stages for ``arms`` x ``seeds`` x ``fractions`` under ``recipe``.
 
     Args:
         recipe: the validated recipe.
@@ -64,6 +94,9 @@ def build_plan(
         dataset_fingerprint: names the dataset's content (``pneumo.shards.manifest.fingerprint``).
         held_out_patients: patient keys of the SIIM val/test rows (the ``leaky`` arm adds
             their NIH images to pretraining).
+        fractions: label fractions (shares of the SIIM training patients); None: the
+            recipe's ``label_fractions``.
+        imagenet_sha256: SHA-256 of the ``imagenet`` arm's weights file (required by it).
     """
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: at least one seed")
@@ -74,7 +107,10 @@ def build_plan(
         label="audit splits",
         settings={"dataset_fingerprint": dataset_fingerprint, "trained_on": _trained_on(recipe)},
     )
-    plan = Plan(arms=arms, seeds=tuple(range(seeds)), audit=audit)
+    chosen = recipe.experiment.label_fractions if fractions is None else fractions
+    plan = Plan(
+        arms=arms, seeds=tuple(range(seeds)), audit=audit, fractions=checked_fractions(chosen)
+    )
     if "labels" in arms:
         _classifier(plan, recipe, "labels", data.nih_train, data.nih_val, allow_overlap=False)
     if "leaky" in arms:
@@ -85,11 +121,34 @@ def build_plan(
         _classifier(plan, recipe, "leaky", leaky_where, data.nih_val, allow_overlap=True)
     if "pseudo" in arms:
         _pseudo(plan, recipe)
-    for arm in arms:
-        for seed in plan.seeds:
-            _segment(plan, recipe, arm, seed)
+    if "imagenet" in arms:
+        _imagenet(plan, recipe, imagenet_sha256)
+    for fraction in plan.fractions:
+        plan.sweep[fraction] = FractionRuns()
+        for arm in arms:
+            for seed in plan.seeds:
+                _segment(plan, recipe, arm, seed, fraction)
+    plan.segments = plan.sweep[plan.main_fraction].segments
+    plan.evaluations = plan.sweep[plan.main_fraction].evaluations
     plan.stages[:] = _ordered(plan)
     return plan
+
+
+def checked_fractions(fractions: tuple[float, ...]) -> tuple[float, ...]:
+    """The label fractions, ascending, each in (0, 1] and named once."""
+    values = tuple(float(f) for f in fractions)
+    bad = [f for f in values if not 0 < f <= 1]
+    if not values or bad or len(set(values)) != len(values):
+        raise ConfigError(
+            f"--label-fractions {','.join(map(str, fractions))}: give distinct fractions of "
+            "the training patients in (0, 1], like 0.01,0.1,1.0"
+        )
+    return tuple(sorted(values))
+
+
+def fraction_text(fraction: float) -> str:
+    """``0.1`` -> ``10%`` (the percentage of training patients)."""
+    return f"{100 * fraction:g}%"
 
 
 def _trained_on(recipe: Recipe) -> dict[str, str]:
@@ -201,39 +260,61 @@ def _pseudo(plan: Plan, recipe: Recipe) -> None:
     )
 
 
-def _segment(plan: Plan, recipe: Recipe, arm: str, seed: int) -> None:
-    """The segmentation run of ``arm`` x ``seed`` and its evaluation on SIIM test."""
+def _imagenet(plan: Plan, recipe: Recipe, sha256: str | None) -> None:
+    """The ``weights`` stage: the user's ImageNet ResNet-34 file, named by its SHA-256."""
+    if sha256 is None:
+        raise ConfigError("the imagenet arm needs --imagenet-weights FILE (a ResNet-34 state dict)")
+    if recipe.segment.encoder != IMAGENET_ARCH:
+        raise ConfigError(
+            f"{recipe.source}: the imagenet arm loads ResNet-34 weights, but [segment] "
+            f"encoder = {recipe.segment.encoder!r}: set it to {IMAGENET_ARCH!r}"
+        )
+    plan.weights = Stage(
+        kind="weights",
+        label="ImageNet weights",
+        settings={"sha256": sha256, "arch": IMAGENET_ARCH, "file": IMAGENET_FILE},
+    )
+    plan.encoders["imagenet"] = plan.weights
+
+
+def _segment(plan: Plan, recipe: Recipe, arm: str, seed: int, fraction: float) -> None:
+    """The segmentation run of ``arm`` x ``seed`` on ``fraction`` of the training patients,
+    and its evaluation on SIIM test (the same test rows at every fraction)."""
     inputs: tuple[tuple[str, Stage], ...] = (("data", plan.audit),)
     if arm != "none":
         inputs += (("encoder", plan.encoders[arm]),)
+    settings = {
+        **_settings(recipe.segment),
+        "where": recipe.data.siim_train,
+        "val_where": recipe.data.siim_val,
+        "seed": seed,
+    }
+    at = ""
+    if fraction != 1:  # at 1 the settings (and so the hash) of an experiment without a sweep
+        settings["train_fraction"] = fraction
+        at = f", {fraction_text(fraction)} of patients"
     run = Stage(
-        kind="segment",
-        label=f"segment {arm} seed {seed}",
-        settings={
-            **_settings(recipe.segment),
-            "where": recipe.data.siim_train,
-            "val_where": recipe.data.siim_val,
-            "seed": seed,
-        },
-        inputs=inputs,
+        kind="segment", label=f"segment {arm} seed {seed}{at}", settings=settings, inputs=inputs
     )
     evaluation = Stage(
         kind="evaluate",
-        label=f"evaluate {arm} seed {seed}",
+        label=f"evaluate {arm} seed {seed}{at}",
         settings={**_settings(recipe.evaluate), "split": "test", "where": recipe.data.siim_test},
         inputs=(("run", run),),
     )
-    plan.segments[(arm, seed)] = run
-    plan.evaluations[(arm, seed)] = evaluation
+    plan.sweep[fraction].segments[(arm, seed)] = run
+    plan.sweep[fraction].evaluations[(arm, seed)] = evaluation
 
 
 def _ordered(plan: Plan) -> list[Stage]:
     """Every stage after its inputs: pretraining first, then the arms seed by seed (so a
-    first full row of Table 1 exists early), each segmentation followed by its evaluation."""
+    first full row of Table 1 exists early), each segmentation followed by its evaluation;
+    the largest label fraction first (Table 1's main columns), then the smaller ones."""
     roots = [*plan.classifier_evals.values()]
-    for seed in plan.seeds:
-        for arm in plan.arms:
-            roots.append(plan.evaluations[(arm, seed)])
+    for fraction in sorted(plan.sweep, reverse=True):
+        for seed in plan.seeds:
+            for arm in plan.arms:
+                roots.append(plan.sweep[fraction].evaluations[(arm, seed)])
     out: list[Stage] = []
     seen: set[str] = set()
 

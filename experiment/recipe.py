@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: tomli is the same parser, published before it joined the stdlib
     import tomli as tomllib
 
-ARMS = ("none", "labels", "pseudo", "leaky")
+ARMS = ("none", "labels", "pseudo", "leaky", "imagenet")
 SHIPPED = ("demo", "report")
 
 
@@ -73,6 +73,14 @@ def _arms(v: Any) -> str | None:
         return f"must be a non-empty list of {', '.join(ARMS)}"
     if len(set(v)) != len(v):
         return "names an arm twice"
+    return None
+
+
+def _fractions(v: Any) -> str | None:
+    if not v or any(not 0 < f <= 1 for f in v):
+        return "must be a non-empty list of fractions in (0, 1], like [0.01, 0.1, 1.0]"
+    if len(set(v)) != len(v):
+        return "names a fraction twice"
     return None
 
 
@@ -124,6 +132,8 @@ class ExperimentSettings(_Section):
     seeds: int = _check(_at_least(1), 3)  # segmentation seeds 0..seeds-1 per arm
     arms: tuple[str, ...] = _check(_arms, ("none", "labels", "pseudo"))
     pretrain_seed: int = _check(_at_least(0), 0)  # one pretraining per arm, shared by seeds
+    # Shares of the SIIM training patients every arm and seed segments with (nested subsets).
+    label_fractions: tuple[float, ...] = _check(_fractions, (1.0,))
     bootstrap_resamples: int = _check(_at_least(100), 10_000)
     bootstrap_seed: int = _check(_at_least(0), 0)
     confidence: float = _check(_probability, 0.95)

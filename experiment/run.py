@@ -8,7 +8,8 @@ The flow of :func:`run_experiment`:
    something, before any training starts;
 3. run them in order under ``EXP/stages/`` (``pneumo.experiment.stages``): done stages are skipped,
    an interrupted one resumes;
-4. from the evaluations: Table 1 with paired bootstrap intervals, the pretraining table,
+4. from the evaluations: Table 1 with bootstrap intervals over test patients (joined from
+   the manifest's ``patient_key``) and seeds (``pneumo.experiment.stats``), the pretraining table,
    Figures 1 and 2 and the pretraining figure, and ``report.md`` tying them together.
 
 Every output is written through the store, so ``EXP`` may be a folder or ``s3://`` prefix.
@@ -27,13 +28,15 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pneumo.experiment import adapters, figures, report, tables
-from pneumo.experiment.plan import Plan, build_plan
+from pneumo.experiment.executors import ExecutorConfig, run_stages
+from pneumo.experiment.plan import Plan, build_plan, checked_fractions
 from pneumo.experiment.recipe import ARMS, Recipe
 from pneumo.experiment.stages import RESUME_MODES, StageRunner
 from pneumo.shards import manifest
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.selections import HELD_OUT
 from pneumo.shards.store import Store, open_store
+from pneumo.training import tracking
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +62,14 @@ class ExperimentConfig:
         recipe: the stages' settings.
         seeds: segmentation seeds per arm; None: the recipe's.
         arms: the arms to compare; None: the recipe's (``none`` is always included).
+        label_fractions: shares of the SIIM training patients each arm and seed trains on;
+            None: the recipe's ``label_fractions``.
+        imagenet_weights: the ``imagenet`` arm's torchvision/timm ResNet-34 state dict.
         resume: ``auto`` continues an interrupted stage from its checkpoint; ``never``
             restarts it from scratch. Finished stages are reused either way.
         command: the command line that started this, for the report.
+        executor: where the stages run: one after another here (the default), several at
+            once on this machine's devices or CPUs, or on a Ray cluster.
     """
 
     dataset: str
@@ -69,8 +77,11 @@ class ExperimentConfig:
     recipe: Recipe
     seeds: int | None = None
     arms: tuple[str, ...] | None = None
+    label_fractions: tuple[float, ...] | None = None
+    imagenet_weights: str | None = None
     resume: str = "auto"
     command: str = ""
+    executor: ExecutorConfig = ExecutorConfig()
 
     def __post_init__(self) -> None:
         if self.seeds is not None and self.seeds < 1:
@@ -80,6 +91,18 @@ class ExperimentConfig:
             raise ConfigError(f"--arms: unknown {', '.join(bad)} (known: {', '.join(ARMS)})")
         if self.resume not in RESUME_MODES:
             raise ConfigError(f"--resume {self.resume!r}: use one of {', '.join(RESUME_MODES)}")
+        if self.label_fractions is not None:
+            object.__setattr__(self, "label_fractions", checked_fractions(self.label_fractions))
+        if "imagenet" in self.arm_list and self.imagenet_weights is None:
+            raise ConfigError(
+                "the imagenet arm needs --imagenet-weights FILE: a torchvision or timm "
+                "ResNet-34 state dict (see the README for where to get it)"
+            )
+        if self.imagenet_weights is not None and "imagenet" not in self.arm_list:
+            raise ConfigError(
+                f"--imagenet-weights {self.imagenet_weights} is only read by the imagenet "
+                "arm: add imagenet to --arms"
+            )
 
     @property
     def arm_list(self) -> tuple[str, ...]:
@@ -104,17 +127,36 @@ def run_experiment(cfg: ExperimentConfig, progress: Progress | None = None) -> d
     plan = make_plan(cfg)
     exp = open_store(cfg.out)
     commands = _record_start(exp, cfg, plan)
-    runner = StageRunner(
-        exp=cfg.out,
-        dataset=cfg.dataset,
-        functions=adapters.STAGE_FUNCTIONS,
-        resume=cfg.resume,
-        progress=progress,
-    )
-    runner.run_all(plan.stages)
-    outputs = write_outputs(exp, cfg, plan, runner, commands)
+    # With MLflow tracking on: the experiment's run, each stage's nested under it.
+    with _tracked(exp, cfg, plan) as tracked, tracking.parent(tracked):
+        runner = StageRunner(
+            exp=cfg.out,
+            dataset=cfg.dataset,
+            functions=adapters.stage_functions(cfg.imagenet_weights),
+            resume=cfg.resume,
+            progress=progress,
+        )
+        run_stages(runner, plan.stages, cfg.executor)
+        outputs = write_outputs(exp, cfg, plan, runner, commands)
+        tracked.log_files(exp, [url.rsplit("/", 1)[-1] for url in outputs["files"]])
+        for row in outputs["rows"]:
+            tracked.log_metrics({f"table1.{row['arm']}.{k}": v for k, v in row.items()})
     log.info("experiment done in %.0f s: %s", time.time() - started, exp.url_of(REPORT))
     return outputs
+
+
+def _tracked(exp: Store, cfg: ExperimentConfig, plan: Plan) -> tracking.Tracked:
+    """The experiment's MLflow run (``EXP/tracking.json``: a rerun continues it); a no-op
+    without tracking."""
+    name = cfg.out.rstrip("/").rsplit("/", 1)[-1]
+    fingerprint = plan.audit.settings.get("dataset_fingerprint")
+    run = tracking.open_run(name=name, record=exp, tags={
+        "pneumo.kind": "experiment", "pneumo.dataset": cfg.dataset,
+        "pneumo.fingerprint.dataset": fingerprint, "pneumo.recipe": cfg.recipe.source,
+    })  # fmt: skip
+    recipe = {k: v for k, v in asdict(cfg.recipe).items() if k not in ("text", "source")}
+    run.log_params({**recipe, "arms": plan.arms, "seeds": plan.seeds, "resume": cfg.resume})
+    return run
 
 
 def make_plan(cfg: ExperimentConfig) -> Plan:
@@ -125,12 +167,19 @@ def make_plan(cfg: ExperimentConfig) -> Plan:
     if rows.num_rows == 0:
         raise ConfigError(f"{cfg.dataset} holds no images")
     held = select(cfg.dataset, HELD_OUT)
+    weights = cfg.imagenet_weights
     plan = build_plan(
         cfg.recipe,
         arms=cfg.arm_list,
         seeds=cfg.seed_count,
         dataset_fingerprint=manifest.fingerprint(rows),
         held_out_patients=sorted(set(held.column("patient_key").to_pylist()) - {None}),
+        fractions=cfg.label_fractions,
+        imagenet_sha256=(
+            adapters.check_imagenet_weights(weights, cfg.recipe.segment.in_channels)
+            if weights is not None
+            else None
+        ),
     )
     data = cfg.recipe.data
     needed = {"siim_train": data.siim_train, "siim_val": data.siim_val}
@@ -201,31 +250,57 @@ def write_outputs(
 def _segmentation_outputs(
     exp: Store, cfg: ExperimentConfig, plan: Plan, runner: StageRunner
 ) -> tuple[list[tables.ArmRow], tables.Comparison | None, str]:
-    """Table 1 (Markdown and CSV) with its intervals, and Figure 2."""
+    """Table 1 (Markdown and CSV) with its intervals and a column per label fraction, and
+    Figure 2 (a panel per fraction)."""
     settings = cfg.recipe.experiment
     stats = {
         "resamples": settings.bootstrap_resamples,
         "seed": settings.bootstrap_seed,
         "level": settings.confidence,
     }
-    summaries = {key: runner.results[s.name] for key, s in plan.evaluations.items()}
-    per_image = {
-        key: tables.per_image_dice(_parquet(exp, f"{s.path}/{adapters.PER_IMAGE}"))
-        for key, s in plan.evaluations.items()
+    by_fraction = {
+        fraction: _fraction_rows(exp, cfg, plan, runner, runs.evaluations, dict(stats))
+        for fraction, runs in plan.sweep.items()
     }
-    rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
+    rows, per_image, stats = by_fraction[plan.main_fraction]
     leakage = None
     if "leaky" in plan.arms and "labels" in plan.arms:
         leakage = tables.compare(per_image, "leaky", "labels", plan.seeds, **stats)
-    table1 = tables.table1_markdown(rows, settings.confidence, leakage)
+    sweep = None
+    if len(plan.fractions) > 1:
+        sweep = tables.fraction_cells({f: r for f, (r, _, _) in by_fraction.items()})
+    table1 = tables.table1_markdown(rows, settings.confidence, leakage, sweep)
     exp.put(TABLE1_MD, table1.encode())
-    exp.put(TABLE1_CSV, tables.to_csv(rows).encode())
+    exp.put(TABLE1_CSV, tables.table1_csv(rows, sweep).encode())
     curves = {
-        arm: [_val_curve(exp, plan.segments[(arm, s)].path) for s in plan.seeds]
-        for arm in plan.arms
+        fraction: {
+            arm: [_val_curve(exp, runs.segments[(arm, s)].path) for s in plan.seeds]
+            for arm in plan.arms
+        }
+        for fraction, runs in sorted(plan.sweep.items())
     }
     exp.put(FIGURE2, figures.dice_curves_figure(curves))
     return rows, leakage, table1
+
+
+def _fraction_rows(
+    exp: Store,
+    cfg: ExperimentConfig,
+    plan: Plan,
+    runner: StageRunner,
+    evaluations: dict[tuple[str, int], Any],
+    stats: dict[str, Any],
+) -> tuple[list[tables.ArmRow], dict[tuple[str, int], dict[str, float]], dict[str, Any]]:
+    """Table 1's rows from one label fraction's evaluations; their per-image Dice and the
+    statistics' settings (with the scored images' patients)."""
+    summaries = {key: runner.results[s.name] for key, s in evaluations.items()}
+    results = {
+        key: _parquet(exp, f"{s.path}/{adapters.PER_IMAGE}") for key, s in evaluations.items()
+    }
+    per_image = {key: tables.per_image_dice(t) for key, t in results.items()}
+    stats["patients"] = _patients_of(cfg.dataset, results.values())
+    rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
+    return rows, per_image, stats
 
 
 def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
@@ -242,6 +317,23 @@ def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
     noise = cluster.get("noise_share") if cluster else None
     exp.put(FIGURE_PRETRAIN, figures.pretraining_figure(pre_rows, sizes, noise))
     return pretrain_md
+
+
+def _patients_of(dataset: str, results: Any) -> dict[str, str]:
+    """Image id -> the manifest's patient key (a keyed hash) of every scored image, joined
+    on the sample key: the intervals resample patients."""
+    rows = manifest.read(open_store(dataset, create=False), None, ["key", "patient_key"])
+    patient_of = dict(zip(rows["key"].to_pylist(), rows["patient_key"].to_pylist(), strict=True))
+    out: dict[str, str] = {}
+    for table in results:
+        for key, image in zip(table["key"].to_pylist(), table["image_id"].to_pylist(), strict=True):
+            if patient_of.get(key) is None:
+                raise ConfigError(
+                    f"{dataset}: scored image {key} has no patient_key in the manifest; "
+                    "the intervals resample patients"
+                )
+            out[image] = patient_of[key]
+    return out
 
 
 def _parquet(store: Store, path: str) -> Any:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pneumo.experiment.stats import bootstrap_interval, mean_sd, paired_differences
+from pneumo.experiment.stats import RESAMPLED, difference_interval, mean_interval, mean_sd
 
 # The report's Table 1 (Dice, percent).
 REPORT_DICE = {"none": 71.6, "labels": 76.4, "pseudo": 75.8}
@@ -21,6 +21,7 @@ ARM_TITLES = {
     "labels": "Pretrain with labels",
     "pseudo": "Pretrain with pseudo-labels",
     "leaky": "Pretrain with labels + SIIM val/test patients (leaky)",
+    "imagenet": "Pretrain on ImageNet (ResNet-34 weights file)",
 }
 
 
@@ -42,6 +43,12 @@ class ArmRow:
     diff_to_none: float | None  # mean paired difference to the none arm
     ci_low: float | None
     ci_high: float | None
+    # The interval of dice_mean and what went into every interval of the row (patients and
+    # each arm's seeds resampled, see pneumo.experiment.stats).
+    dice_low: float | None = None
+    dice_high: float | None = None
+    n_patients: int | None = None
+    resamples: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +60,10 @@ class Comparison:
     mean: float
     low: float
     high: float
+    n_patients: int | None = None
+    n_images: int | None = None
+    seeds: int | None = None
+    base_seeds: int | None = None
 
 
 def per_image_dice(table: Any) -> dict[str, float]:
@@ -67,16 +78,24 @@ def compare(
     base: str,
     seeds: Sequence[int],
     *,
+    patients: Mapping[str, str],
     resamples: int,
     seed: int,
     level: float,
 ) -> Comparison:
-    """``arm - base``, paired by seed and image id, with its bootstrap interval."""
-    diffs = paired_differences(
-        [per_image[(arm, s)] for s in seeds], [per_image[(base, s)] for s in seeds]
+    """``arm - base`` with its interval: paired by image, patients and seeds resampled."""
+    d = difference_interval(
+        [per_image[(arm, s)] for s in seeds],
+        [per_image[(base, s)] for s in seeds],
+        patients,
+        resamples=resamples,
+        seed=seed,
+        level=level,
     )
-    mean, low, high = bootstrap_interval(diffs, resamples=resamples, seed=seed, level=level)
-    return Comparison(arm=arm, base=base, mean=mean, low=low, high=high)
+    return Comparison(
+        arm=arm, base=base, mean=d.estimate, low=d.low, high=d.high, n_patients=d.n_patients,
+        n_images=d.n_images, seeds=d.seeds, base_seeds=d.base_seeds,
+    )  # fmt: skip
 
 
 def table1_rows(
@@ -85,27 +104,28 @@ def table1_rows(
     arms: Sequence[str],
     seeds: Sequence[int],
     *,
+    patients: Mapping[str, str],
     resamples: int = 10_000,
     seed: int = 0,
     level: float = 0.95,
 ) -> list[ArmRow]:
-    """Per arm: Dice mean and sd over seeds, Dice on positives, the difference to ``none``.
+    """Per arm: Dice mean and sd over seeds with its interval, Dice on positives, the
+    difference to ``none`` with its interval.
 
     Args:
         summaries: ``(arm, seed)`` -> evaluation summary (``dice``, ``dice_pos``, ...).
         per_image: ``(arm, seed)`` -> image id -> Dice.
+        patients: image id -> patient key, for every scored image.
     """
+    stats = {"patients": patients, "resamples": resamples, "seed": seed, "level": level}
     rows = []
     for arm in arms:
         runs = [summaries[(arm, s)] for s in seeds]
         dice, dice_sd = mean_sd([r["dice"] for r in runs])
         pos = [r["dice_pos"] for r in runs if r.get("dice_pos") is not None]
         pos_mean, pos_sd = mean_sd(pos) if pos else (None, None)
-        diff = None
-        if arm != "none":
-            diff = compare(
-                per_image, arm, "none", seeds, resamples=resamples, seed=seed, level=level
-            )
+        own = mean_interval([per_image[(arm, s)] for s in seeds], **stats)
+        diff = compare(per_image, arm, "none", seeds, **stats) if arm != "none" else None
         empty = runs[0].get("empty_baseline_dice", runs[0].get("empty_dice"))
         rows.append(
             ArmRow(
@@ -123,6 +143,10 @@ def table1_rows(
                 diff_to_none=diff.mean if diff else None,
                 ci_low=diff.low if diff else None,
                 ci_high=diff.high if diff else None,
+                dice_low=own.low,
+                dice_high=own.high,
+                n_patients=own.n_patients,
+                resamples=own.resamples,
             )
         )
     return rows
@@ -136,25 +160,33 @@ def _pct(value: float | None, sd: float | None = None, *, sign: bool = False) ->
 
 
 def table1_markdown(
-    rows: Sequence[ArmRow], level: float = 0.95, leakage: Comparison | None = None
+    rows: Sequence[ArmRow],
+    level: float = 0.95,
+    leakage: Comparison | None = None,
+    sweep: Mapping[str, Sequence[FractionCell]] | None = None,
 ) -> str:
-    """Table 1 as Markdown: the report's number beside ours, and what stands behind it."""
+    """Table 1 as Markdown: the report's number beside ours, and what stands behind it;
+    with ``sweep`` (arm -> :func:`fraction_cells`), a column per label fraction."""
     ci = f"{round(100 * level)}% CI"
     head = (
-        f"| Model | Report | Dice (ours) | Dice on positives | Δ vs none [{ci}] | seeds "
+        f"| Model | Report | Dice (ours) [{ci}] | Dice on positives | Δ vs none [{ci}] | seeds "
         f"| test images (positive) |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
+    head += _sweep_head(sweep, ci)
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(_fractions(sweep))]
     for r in rows:
         report = "—" if r.report_dice is None else f"{r.report_dice:.1f}"
         delta = "—"
         if r.diff_to_none is not None:
             delta = f"{_pct(r.diff_to_none, sign=True)} [{_pct(r.ci_low, sign=True)}, "
             delta += f"{_pct(r.ci_high, sign=True)}]"
+        dice = _pct(r.dice_mean, r.dice_sd)
+        if r.dice_low is not None and r.dice_high is not None:
+            dice += f" [{_pct(r.dice_low)}, {_pct(r.dice_high)}]"
         lines.append(
-            f"| {r.title} | {report} | {_pct(r.dice_mean, r.dice_sd)} "
+            f"| {r.title} | {report} | {dice} "
             f"| {_pct(r.dice_pos_mean, r.dice_pos_sd)} | {delta} | {r.seeds} "
-            f"| {r.n_images} ({r.n_positive}) |"
+            f"| {r.n_images} ({r.n_positive}) |" + _sweep_row(sweep, r.arm)
         )
     notes = [
         "",
@@ -166,16 +198,111 @@ def table1_markdown(
             f"Predicting no pneumothorax at all scores {_pct(rows[0].empty_dice)} on these "
             "images; Dice on positives is the informative part."
         )
-    notes.append(
-        f"Δ: paired per-image difference to the none arm (same images, same seeds), "
-        f"{ci} from a bootstrap over test images."
-    )
+    notes.append("Δ: difference to the none arm, paired by image (the same test images).")
+    notes += _interval_note(rows, ci)
+    notes += _sweep_note(sweep)
     if leakage is not None:
         notes.append(
             f"Leakage effect (leaky − labels): {_pct(leakage.mean, sign=True)} "
             f"[{_pct(leakage.low, sign=True)}, {_pct(leakage.high, sign=True)}]."
         )
     return "\n".join(lines + notes) + "\n"
+
+
+def _interval_note(rows: Sequence[ArmRow], ci: str) -> list[str]:
+    """What the intervals resampled, and how many patients, images and seeds went in."""
+    if not rows or rows[0].n_patients is None:
+        return []
+    r = rows[0]
+    seeds = sorted({row.seeds for row in rows})
+    per_arm = f"{seeds[0]} seeds" if len(seeds) == 1 else "the seeds listed"
+    return [
+        f"{ci}: percentile bootstrap ({r.resamples:,} resamples) of {RESAMPLED}; the same "
+        f"patients for both arms of a Δ: {r.n_patients} patients, {r.n_images} images, "
+        f"{per_arm} per arm."
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FractionCell:
+    """An arm at one label fraction: its Table 1 numbers from that fraction's runs."""
+
+    fraction: float  # of the SIIM training patients
+    dice_mean: float
+    dice_sd: float | None
+    diff_to_none: float | None
+    ci_low: float | None
+    ci_high: float | None
+
+
+_CELL_VALUES = ("dice_mean", "dice_sd", "diff_to_none", "ci_low", "ci_high")
+
+
+def fraction_cells(
+    rows_by_fraction: Mapping[float, Sequence[ArmRow]],
+) -> dict[str, list[FractionCell]]:
+    """Arm -> its cells, fraction ascending, from each fraction's :func:`table1_rows`."""
+    cells: dict[str, list[FractionCell]] = {}
+    for fraction in sorted(rows_by_fraction):
+        for r in rows_by_fraction[fraction]:
+            values = {name: getattr(r, name) for name in _CELL_VALUES}
+            cells.setdefault(r.arm, []).append(FractionCell(fraction=fraction, **values))
+    return cells
+
+
+def _fractions(sweep: Mapping[str, Sequence[FractionCell]] | None) -> list[float]:
+    return [c.fraction for c in next(iter(sweep.values()))] if sweep else []
+
+
+def _share(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def _sweep_head(sweep: Mapping[str, Sequence[FractionCell]] | None, ci: str) -> str:
+    return "".join(f" Dice, {_share(f)} of patients (Δ [{ci}]) |" for f in _fractions(sweep))
+
+
+def _sweep_row(sweep: Mapping[str, Sequence[FractionCell]] | None, arm: str) -> str:
+    out = ""
+    for c in sweep[arm] if sweep else ():
+        delta = ""
+        if c.diff_to_none is not None:
+            delta = f" ({_pct(c.diff_to_none, sign=True)} [{_pct(c.ci_low, sign=True)}, "
+            delta += f"{_pct(c.ci_high, sign=True)}])"
+        out += f" {_pct(c.dice_mean, c.dice_sd)}{delta} |"
+    return out
+
+
+def _sweep_note(sweep: Mapping[str, Sequence[FractionCell]] | None) -> list[str]:
+    fractions = _fractions(sweep)
+    if not fractions:
+        return []
+    return [
+        f"Label fractions: every arm and seed also trained on {', '.join(map(_share, fractions))}"
+        " of the SIIM training patients (whole patients, nested subsets; the same validation "
+        f"and test images); the other columns are at {_share(fractions[-1])}."
+    ]
+
+
+def table1_csv(
+    rows: Sequence[ArmRow], sweep: Mapping[str, Sequence[FractionCell]] | None = None
+) -> str:
+    """Table 1's rows as CSV; with ``sweep``, ``<value>_at_<fraction>`` columns per fraction
+    (``dice_mean_at_0.01``...)."""
+    if not sweep:
+        return to_csv(rows)
+    table = []
+    for r in rows:
+        row = asdict(r)
+        for c in sweep[r.arm]:
+            row |= {f"{name}_at_{c.fraction:g}": getattr(c, name) for name in _CELL_VALUES}
+        table.append(row)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(table[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue()
 
 
 def to_csv(rows: Sequence[Any]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pneumo.experiment.stats import bootstrap_interval, paired_differences
+from pneumo.experiment.stats import difference_interval
 from pneumo.experiment.tables import (
     ArmRow,
     Comparison,
@@ -52,14 +52,14 @@ OTHER = ArmRow(
 )
 
 TABLE_1 = """\
-| Model | Report | Dice (ours) | Dice on positives | Δ vs none [90% CI] | seeds | test images (positive) |
+| Model | Report | Dice (ours) [90% CI] | Dice on positives | Δ vs none [90% CI] | seeds | test images (positive) |
 |---|---:|---:|---:|---:|---:|---:|
 | No additional pretrain | 71.6 | 80.0 ± 1.0 | 25.0 | — | 2 | 120 (30) |
 | T | — | 81.2 | — | +1.2 [-0.5, +3.0] | 2 | 120 (30) |
 
 Dice: the SIIM metric (mean over test images of per-image Dice, an empty truth predicted empty scoring 1), in percent, mean ± sd over seeds.
 Predicting no pneumothorax at all scores 74.2 on these images; Dice on positives is the informative part.
-Δ: paired per-image difference to the none arm (same images, same seeds), 90% CI from a bootstrap over test images.
+Δ: difference to the none arm, paired by image (the same test images).
 Leakage effect (leaky − labels): +2.1 [+0.0, +4.0].
 """  # noqa: E501
 
@@ -72,7 +72,7 @@ def test_table_1_reads_exactly_as_written_by_hand():
 def test_table_1_defaults_to_a_95_percent_interval_and_no_leakage_line():
     text = table1_markdown([NONE])
     assert "| Δ vs none [95% CI] |" in text.splitlines()[0]
-    assert "95% CI from a bootstrap" in text and "Leakage" not in text
+    assert "Leakage" not in text
 
 
 def test_the_empty_prediction_line_follows_the_first_row_only():
@@ -146,16 +146,26 @@ SUMMARIES = {
     },
 }
 PER_IMAGE = {("none", 3): _per_image(0), ("labels", 3): _per_image(1)}
+PATIENTS = {f"img{i}": f"p{i // 2}" for i in range(40)}
 
 
 def _interval(**options) -> tuple[float, float, float]:
-    diffs = paired_differences([PER_IMAGE[("labels", 3)]], [PER_IMAGE[("none", 3)]])
-    return bootstrap_interval(diffs, **options)
+    d = difference_interval(
+        [PER_IMAGE[("labels", 3)]], [PER_IMAGE[("none", 3)]], PATIENTS, **options
+    )
+    return d.estimate, d.low, d.high
 
 
 def test_rows_of_one_seed_pass_every_option_to_the_interval():
     rows = table1_rows(
-        SUMMARIES, PER_IMAGE, ["none", "labels"], [3], resamples=300, seed=5, level=0.8
+        SUMMARIES,
+        PER_IMAGE,
+        ["none", "labels"],
+        [3],
+        patients=PATIENTS,
+        resamples=300,
+        seed=5,
+        level=0.8,
     )
     none, labels = rows
     assert (none.seeds, none.dice_mean, none.dice_sd, none.dice_pos_mean) == (1, 0.8, None, None)
@@ -170,7 +180,7 @@ def test_rows_of_one_seed_pass_every_option_to_the_interval():
 
 
 def test_rows_default_to_ten_thousand_resamples_seed_zero_and_95_percent():
-    labels = table1_rows(SUMMARIES, PER_IMAGE, ["labels"], [3])[0]
+    labels = table1_rows(SUMMARIES, PER_IMAGE, ["none", "labels"], [3], patients=PATIENTS)[1]
     assert (labels.diff_to_none, labels.ci_low, labels.ci_high) == _interval(
         resamples=10_000, seed=0, level=0.95
     )
@@ -185,6 +195,7 @@ def test_rows_take_counts_from_the_first_seed(n_seeds):
         for arm in ("none",)
         for s in seeds
     }
-    row = table1_rows(summaries, {}, ["none"], seeds)[0]
+    per_image = {("none", s): _per_image(s) for s in seeds}
+    row = table1_rows(summaries, per_image, ["none"], seeds, patients=PATIENTS)[0]
     assert (row.n_images, row.n_positive, row.seeds) == (6, 2, n_seeds)
     assert row.dice_sd == pytest.approx(float(np.std([0.5 + s / 10 for s in seeds], ddof=1)))

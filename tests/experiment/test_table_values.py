@@ -3,21 +3,27 @@ the numbers of the runs: every printed figure is compared with one computed here
 from small per-run JSON files and per-image results with known values.
 
 Table 1 is built the way ``pneumo experiment`` builds it (``run._segmentation_outputs``
-over a real plan's stage folders), so a wrong pairing between the runs and the table, or
-the leakage difference taken the wrong way round, shows as a wrong number.
+over a real plan's stage folders and a real dataset's manifest, which holds the patient
+keys), so a wrong pairing between the runs and the table, or the leakage difference taken
+the wrong way round, shows as a wrong number. The intervals are checked against the exact
+bootstrap distribution, enumerated here over every draw of patients and seeds.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import cv2
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -31,9 +37,11 @@ from pneumo.shards.store import open_store
 ARMS = ("none", "labels", "pseudo", "leaky")
 SEEDS = (0, 1)
 IDS = ("i1", "i2", "i3", "i4")
+# i1 and i2 are two images of one patient: the intervals resample 3 patients.
+PATIENTS = {"i1": "pa", "i2": "pa", "i3": "pb", "i4": "pc"}
 # Per-image Dice of each arm and seed. labels: none + 0.10 everywhere; leaky: labels + 0.04
-# everywhere (so the leak is +4.0 points, and its interval is [+4.0, +4.0]); pseudo: none +
-# 0.2 on two images and + 0 on two (a mean of +10.0; resampled means from 0 to 0.2).
+# everywhere (so the leak is +4.0 points); pseudo: none + 0.2 on patient pa's two images
+# and + 0 on the others (a mean of +10.0). Seed 1 is 10 points below seed 0 in every arm.
 NONE = {0: (0.50, 0.50, 0.50, 0.50), 1: (0.40, 0.40, 0.40, 0.40)}
 PER_IMAGE = {
     ("none", s): NONE[s] for s in SEEDS
@@ -64,10 +72,26 @@ def _numbers(text: str) -> list[float]:
     return [float(x) for x in NUMBER.findall(text)]
 
 
+def _dataset(root: Path, write_shards: Any) -> str:
+    """A dataset whose manifest holds the four test images and their patient keys."""
+    png = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    rows = [
+        {"key": f"k{i}", "image_id": image, "dataset": "siim", "split": "test",
+         "has_ptx": False, "rows": 8, "cols": 8, "image_format": "png", "bit_depth": 8,
+         "patient_key": f"hash-{PATIENTS[image]}", "patient_basis": "nih-xref"}
+        for i, image in enumerate(IDS)
+    ]  # fmt: skip
+    write_shards(root, rows, lambda row: {"png": png}, per_shard=4, one_shard=True)
+    return str(root)
+
+
 @pytest.fixture
-def experiment(tmp_path: Path) -> dict[str, Any]:
-    """A plan's stage folders holding hand-made evaluations, and the per-run JSON files."""
-    recipe = parse_recipe("[experiment]\nbootstrap_resamples = 2000\nconfidence = 0.9\n")
+def experiment(tmp_path: Path, write_shards: Any) -> dict[str, Any]:
+    """A plan's stage folders holding hand-made evaluations, and the per-run JSON files.
+
+    20,000 resamples: every interval below ends at least 1% of the exact distribution (200
+    resamples, against a binomial sd of at most 35) away from a boundary between values."""
+    recipe = parse_recipe("[experiment]\nbootstrap_resamples = 20000\nconfidence = 0.9\n")
     plan = build_plan(
         recipe, arms=ARMS, seeds=len(SEEDS), dataset_fingerprint="f", held_out_patients=["p"]
     )
@@ -87,18 +111,50 @@ def experiment(tmp_path: Path) -> dict[str, Any]:
         (runs / f"{arm}-{seed}.json").write_text(json.dumps(summary))
         results[stage.name] = json.loads((runs / f"{arm}-{seed}.json").read_text())
         buf = io.BytesIO()
-        pq.write_table(pa.table({"image_id": list(IDS), "dice": list(dice)}), buf)
+        keys = [f"k{i}" for i in range(len(IDS))]
+        pq.write_table(pa.table({"image_id": list(IDS), "key": keys, "dice": list(dice)}), buf)
         exp.put(f"{stage.path}/per_image.parquet", buf.getvalue())
     for stage in plan.segments.values():
         rows = [{"epoch": e, "val_dice": 0.1 * (e + 1)} for e in range(2)]
         exp.put(f"{stage.path}/metrics.jsonl", "\n".join(map(json.dumps, rows)).encode())
     return {
         "plan": plan,
-        "cfg": SimpleNamespace(recipe=recipe),
+        "cfg": SimpleNamespace(recipe=recipe, dataset=_dataset(tmp_path / "data", write_shards)),
         "exp": exp,
         "runner": SimpleNamespace(results=results),
         "runs": runs,
     }
+
+
+def _exact(arm: list[dict], base: list[dict] | None, level: float) -> tuple[float, float]:
+    """The percentile interval of the exact two-level bootstrap distribution: every ordered
+    draw of the patients (all images of a drawn patient, the mean over the drawn images),
+    times every ordered draw of each arm's seeds, equally likely. Checks that neither end
+    lies within 1% of a boundary between values (where a Monte Carlo quantile may fall
+    on either side)."""
+    patients = sorted(set(PATIENTS.values()))
+
+    def values(runs: list[dict], images: list[str]) -> list[float]:
+        means = [statistics.mean(run[i] for i in images) for run in runs]
+        draws = itertools.product(means, repeat=len(means))
+        return [statistics.mean(d) for d in draws]
+
+    outcomes: Counter[float] = Counter()
+    for drawn in itertools.product(patients, repeat=len(patients)):
+        images = [i for p in drawn for i in IDS if PATIENTS[i] == p]
+        base_values = values(base, images) if base else [0.0]
+        for a in values(arm, images):
+            outcomes.update(round(a - b, 9) for b in base_values)
+    total, alpha, cumulative = sum(outcomes.values()), (1 - level) / 2, 0.0
+    ends = []
+    for value in sorted(outcomes):
+        before, cumulative = cumulative, cumulative + outcomes[value] / total
+        for tail in (alpha, 1 - alpha):
+            if before < tail < cumulative:
+                assert min(tail - before, cumulative - tail) > 0.01, (value, tail)
+                ends.append(value)
+    assert len(ends) == 2
+    return ends[0], ends[1]
 
 
 def _expected(runs: Path) -> dict[str, dict[str, Any]]:
@@ -118,11 +174,14 @@ def _expected(runs: Path) -> dict[str, dict[str, Any]]:
             "dice_pos_mean": statistics.mean(pos),
             "dice_pos_sd": statistics.stdev(pos),
             "diff": statistics.mean(per_image_diff),
-            # resampled means of the per-image differences lie between their extremes, and
-            # with 2,000 resamples of 4 images both extremes are drawn well over 5% of times
-            "ci": (min(per_image_diff), max(per_image_diff)),
+            "ci": _exact(_runs(arm), _runs("none"), 0.9),
+            "dice_ci": _exact(_runs(arm), None, 0.9),
         }
     return out
+
+
+def _runs(arm: str) -> list[dict[str, float]]:
+    return [dict(zip(IDS, PER_IMAGE[(arm, s)], strict=True)) for s in SEEDS]
 
 
 def _cells(line: str) -> list[str]:
@@ -145,7 +204,8 @@ def test_table1_prints_the_runs_numbers(experiment: dict[str, Any]) -> None:
         e = expected[arm]
         assert report == ("—" if REPORT[arm] is None else f"{REPORT[arm]:.1f}")
         assert _numbers(dice) == pytest.approx(
-            [100 * e["dice_mean"], 100 * e["dice_sd"]], abs=0.051
+            [100 * e["dice_mean"], 100 * e["dice_sd"], *(100 * x for x in e["dice_ci"])],
+            abs=0.051,
         )
         assert _numbers(pos) == pytest.approx(
             [100 * e["dice_pos_mean"], 100 * e["dice_pos_sd"]], abs=0.051
@@ -158,23 +218,30 @@ def test_table1_prints_the_runs_numbers(experiment: dict[str, Any]) -> None:
             )
         assert (int(seeds), _numbers(images)) == (2, [4, 2])
     # the hand-made values, spelled out once: a wrong expectation would show here
-    assert body[TITLES["labels"]][4] == "+10.0 [+10.0, +10.0]"
-    assert body[TITLES["pseudo"]][4] == "+10.0 [+0.0, +20.0]"
-    assert body[TITLES["leaky"]][4] == "+14.0 [+14.0, +14.0]"
-    assert body[TITLES["none"]][2] == "45.0 ± 7.1"
+    # labels - none: +10 + 5 * (a - b) points, a and b in {1, 0, -1} at 1/4, 1/2, 1/4 (the
+    # seeds each arm draws): -2 and +2 have 1/16 each, beyond the 5% tails
+    assert body[TITLES["labels"]][4] == "+10.0 [+0.0, +20.0]"
+    # pseudo - none: the share of patient pa's images among the drawn, times 20 points
+    # (0, 10, 16 or 20 for 0-3 draws of pa), plus the seeds' 5 * (a - b)
+    assert body[TITLES["pseudo"]][4] == "+10.0 [-5.0, +21.0]"
+    assert body[TITLES["leaky"]][4] == "+14.0 [+4.0, +24.0]"
+    # none: seed means 50 and 40, drawn twice: 40 (1/4), 45 (1/2), 50 (1/4)
+    assert body[TITLES["none"]][2] == "45.0 ± 7.1 [40.0, 50.0]"
 
     empty = next(line for line in lines if line.startswith("Predicting no pneumothorax"))
     assert _numbers(empty) == [50.0]
-    ci_note = next(line for line in lines if line.startswith("Δ:"))
-    assert _numbers(ci_note) == [90.0]
+    assert "Δ: difference to the none arm, paired by image" in table
+    ci_note = next(line for line in lines if line.startswith("90% CI:"))
+    assert "(20,000 resamples) of test patients (all images of a drawn patient" in ci_note
+    assert "and each arm's seeds" in ci_note
+    assert ci_note.endswith(": 3 patients, 4 images, 2 seeds per arm.")
 
-    # the leakage line: leaky − labels, +4.0 points, every image +0.04 in every seed
+    # the leakage line: leaky − labels, +4.0 points on every image; the seeds as above
     leak = next(line for line in lines if line.startswith("Leakage effect"))
-    assert leak.startswith("Leakage effect (leaky − labels): ")
-    assert _numbers(leak.split(":", 1)[1]) == pytest.approx([4.0, 4.0, 4.0])
-    assert leak.endswith("+4.0 [+4.0, +4.0].")
+    assert leak == "Leakage effect (leaky − labels): +4.0 [-6.0, +14.0]."
     assert (leakage.arm, leakage.base) == ("leaky", "labels")
-    assert (leakage.mean, leakage.low, leakage.high) == pytest.approx((0.04, 0.04, 0.04))
+    assert (leakage.mean, leakage.low, leakage.high) == pytest.approx((0.04, -0.06, 0.14))
+    assert (leakage.n_patients, leakage.n_images, leakage.seeds) == (3, 4, 2)
 
     # the CSV: full precision, the same numbers
     with io.StringIO(exp.get(run.TABLE1_CSV).decode()) as f:
@@ -186,6 +253,9 @@ def test_table1_prints_the_runs_numbers(experiment: dict[str, Any]) -> None:
             assert float(r[name]) == pytest.approx(e[name], abs=1e-12), (arm, name)
         assert (int(r["seeds"]), int(r["n_images"]), int(r["n_positive"])) == (2, 4, 2)
         assert float(r["empty_dice"]) == 0.5
+        assert (int(r["n_patients"]), int(r["resamples"])) == (3, 20000)
+        got_ci = [float(r["dice_low"]), float(r["dice_high"])]
+        assert got_ci == pytest.approx(list(e["dice_ci"]), abs=1e-12), arm
         assert r["title"] == TITLES[arm]
         assert r["report_dice"] == ("" if REPORT[arm] is None else str(REPORT[arm]))
         if arm == "none":
@@ -194,6 +264,39 @@ def test_table1_prints_the_runs_numbers(experiment: dict[str, Any]) -> None:
             got = [float(r["diff_to_none"]), float(r["ci_low"]), float(r["ci_high"])]
             assert got == pytest.approx([e["diff"], *e["ci"]], abs=1e-12), arm
     assert [r.arm for r in rows] == list(ARMS)
+
+
+def test_the_leakage_line_is_leaky_minus_labels_of_the_per_run_results(
+    experiment: dict[str, Any],
+) -> None:
+    """From the files alone: the per-run JSON summaries give the estimate, the per-image
+    Parquet tables in the evaluation folders the exact bootstrap interval."""
+    _rows, _leakage, table = run._segmentation_outputs(
+        experiment["exp"], experiment["cfg"], experiment["plan"], experiment["runner"]
+    )
+    runs, exp, plan = experiment["runs"], experiment["exp"], experiment["plan"]
+
+    def dice(arm: str) -> float:
+        return statistics.mean(
+            json.loads((runs / f"{arm}-{s}.json").read_text())["dice"] for s in SEEDS
+        )
+
+    def per_image(arm: str) -> list[dict[str, float]]:
+        out = []
+        for s in SEEDS:
+            t = pq.read_table(
+                io.BytesIO(exp.get(f"{plan.evaluations[(arm, s)].path}/per_image.parquet"))
+            )
+            out.append(dict(zip(t["image_id"].to_pylist(), t["dice"].to_pylist(), strict=True)))
+        return out
+
+    low, high = _exact(per_image("leaky"), per_image("labels"), 0.9)
+    leak = next(line for line in table.splitlines() if line.startswith("Leakage effect"))
+    printed = _numbers(leak.split(":", 1)[1])
+    assert printed == pytest.approx(
+        [100 * (dice("leaky") - dice("labels")), 100 * low, 100 * high], abs=0.051
+    )
+    assert printed[0] > 0  # the data: leaky is 4 points above labels (a swap reads -4.0)
 
 
 def test_pretraining_table_prints_the_classifier_and_cluster_numbers(

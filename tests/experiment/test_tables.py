@@ -10,6 +10,7 @@ from pneumo.experiment.tables import REPORT_DICE, table1_markdown, table1_rows, 
 
 SEEDS = (0, 1)
 IDS = ("i1", "i2", "i3", "i4")
+PATIENTS = {i: f"patient-{i}" for i in IDS}
 
 
 def _runs() -> tuple[dict, dict]:
@@ -33,7 +34,9 @@ def _runs() -> tuple[dict, dict]:
 
 def test_rows_hold_means_sds_and_the_paired_difference() -> None:
     summaries, per_image = _runs()
-    rows = table1_rows(summaries, per_image, ("none", "labels"), SEEDS, resamples=500)
+    rows = table1_rows(
+        summaries, per_image, ("none", "labels"), SEEDS, patients=PATIENTS, resamples=500
+    )
     none, labels = rows
     assert none.dice_mean == pytest.approx(0.5) and none.dice_sd == pytest.approx(0.0)
     assert labels.dice_mean == pytest.approx(0.6)
@@ -48,9 +51,14 @@ def test_rows_hold_means_sds_and_the_paired_difference() -> None:
 
 def test_markdown_and_csv_show_the_same_numbers() -> None:
     summaries, per_image = _runs()
-    rows = table1_rows(summaries, per_image, ("none", "labels"), SEEDS, resamples=500)
+    rows = table1_rows(
+        summaries, per_image, ("none", "labels"), SEEDS, patients=PATIENTS, resamples=500
+    )
     md = table1_markdown(rows)
-    assert "| No additional pretrain | 71.6 | 50.0 ± 0.0 | 35.0 ± 7.1 | — | 2 | 4 (2) |" in md
+    assert (
+        "| No additional pretrain | 71.6 | 50.0 ± 0.0 [50.0, 50.0] | 35.0 ± 7.1 | — | 2 | 4 (2) |"
+        in md
+    )
     assert f"+10.0 [{100 * rows[1].ci_low:+.1f}, {100 * rows[1].ci_high:+.1f}]" in md
     assert "scores 50.0 on these images" in md
     lines = to_csv(rows).splitlines()
