@@ -151,6 +151,8 @@ GROUPS: dict[str, Group] = {
             "tests/experiment/test_tables.py",
             "tests/experiment/test_table_text.py",
             "tests/experiment/test_table_values.py",
+            "tests/experiment/test_stats_patients.py",
+            "tests/experiment/test_sweep.py",
         ),
         "the experiment's statistics and Table 1",
     ),
