@@ -258,17 +258,26 @@ def _segmentation_outputs(
         "seed": settings.bootstrap_seed,
         "level": settings.confidence,
     }
-    by_fraction = {
-        fraction: _fraction_rows(exp, cfg, plan, runner, runs.evaluations, dict(stats))
+    results = {  # per fraction: (arm, seed) -> per-image results
+        fraction: {
+            key: _parquet(exp, f"{s.path}/{adapters.PER_IMAGE}")
+            for key, s in runs.evaluations.items()
+        }
         for fraction, runs in plan.sweep.items()
     }
-    rows, per_image, stats = by_fraction[plan.main_fraction]
+    # Every fraction scores the same test images: the manifest is read once for all.
+    stats["patients"] = _patients_of(cfg.dataset, [t for r in results.values() for t in r.values()])
+    by_fraction = {
+        fraction: _fraction_rows(plan, runner, runs.evaluations, results[fraction], stats)
+        for fraction, runs in plan.sweep.items()
+    }
+    rows, per_image = by_fraction[plan.main_fraction]
     leakage = None
     if "leaky" in plan.arms and "labels" in plan.arms:
         leakage = tables.compare(per_image, "leaky", "labels", plan.seeds, **stats)
     sweep = None
     if len(plan.fractions) > 1:
-        sweep = tables.fraction_cells({f: r for f, (r, _, _) in by_fraction.items()})
+        sweep = tables.fraction_cells({f: r for f, (r, _) in by_fraction.items()})
     table1 = tables.table1_markdown(rows, settings.confidence, leakage, sweep)
     exp.put(TABLE1_MD, table1.encode())
     exp.put(TABLE1_CSV, tables.table1_csv(rows, sweep).encode())
@@ -284,23 +293,18 @@ def _segmentation_outputs(
 
 
 def _fraction_rows(
-    exp: Store,
-    cfg: ExperimentConfig,
     plan: Plan,
     runner: StageRunner,
     evaluations: dict[tuple[str, int], Any],
+    results: dict[tuple[str, int], Any],
     stats: dict[str, Any],
-) -> tuple[list[tables.ArmRow], dict[tuple[str, int], dict[str, float]], dict[str, Any]]:
-    """Table 1's rows from one label fraction's evaluations; their per-image Dice and the
-    statistics' settings (with the scored images' patients)."""
+) -> tuple[list[tables.ArmRow], dict[tuple[str, int], dict[str, float]]]:
+    """Table 1's rows from one label fraction's evaluations and per-image results, and their
+    per-image Dice; ``stats``: the bootstrap's settings and the scored images' patients."""
     summaries = {key: runner.results[s.name] for key, s in evaluations.items()}
-    results = {
-        key: _parquet(exp, f"{s.path}/{adapters.PER_IMAGE}") for key, s in evaluations.items()
-    }
     per_image = {key: tables.per_image_dice(t) for key, t in results.items()}
-    stats["patients"] = _patients_of(cfg.dataset, results.values())
     rows = tables.table1_rows(summaries, per_image, plan.arms, plan.seeds, **stats)
-    return rows, per_image, stats
+    return rows, per_image
 
 
 def _pretraining_outputs(exp: Store, plan: Plan, runner: StageRunner) -> str:
