@@ -52,6 +52,7 @@ from pneumo.metrics.calibration import (
 )
 from pneumo.shards.errors import ConfigError, StoreError
 from pneumo.shards.store import open_store
+from pneumo.training.model import flip_pair
 from pneumo.training.runs import autocast, images_to
 
 log = logging.getLogger(__name__)
@@ -216,10 +217,8 @@ def flip_probabilities(predictor: Any, images: torch.Tensor) -> tuple[torch.Tens
     docstring. One forward pass of the image and one of its mirror.
     """
     with torch.no_grad(), autocast(predictor.device, predictor.amp):
-        x = images_to(predictor.device, images)
-        plain = torch.sigmoid(predictor.model(x).float())[:, 0]
-        mirror = torch.sigmoid(predictor.model(torch.flip(x, dims=[-1])).float())[:, 0]
-    back = torch.flip(mirror, dims=[-1])
+        plain, back = flip_pair(predictor.model, images_to(predictor.device, images))
+    plain, back = plain[:, 0], back[:, 0]
     uncertainty = (plain - back).abs().flatten(1).mean(dim=1).cpu().numpy().astype(np.float64)
     probs = (plain + back) / 2 if predictor.tta else plain
     return probs.float(), uncertainty

@@ -205,8 +205,16 @@ def predict_proba(model: nn.Module, images: torch.Tensor, *, tta: bool = False) 
     result is the mean of the probabilities of the image and of its mirror, flipped back.
     The caller chooses ``model.eval()``, ``torch.no_grad()`` and autocast.
     """
-    probs = torch.sigmoid(model(images).float())
-    if tta:
-        flipped = torch.sigmoid(model(torch.flip(images, dims=[-1])).float())
-        probs = (probs + torch.flip(flipped, dims=[-1])) / 2
-    return probs
+    if not tta:
+        return torch.sigmoid(model(images).float())
+    plain, back = flip_pair(model, images)
+    return (plain + back) / 2
+
+
+def flip_pair(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground probabilities ``[B, 1, H, W]`` (float32) of the images, and of their mirror
+    images flipped back: flip TTA averages the two, their disagreement is an uncertainty
+    (:mod:`pneumo.evaluation.calibration`). The caller chooses no_grad and autocast."""
+    plain = torch.sigmoid(model(images).float())
+    mirror = torch.sigmoid(model(torch.flip(images, dims=[-1])).float())
+    return plain, torch.flip(mirror, dims=[-1])
