@@ -296,6 +296,10 @@ def summarize(rounds: list[dict[str, Result]]) -> None:
             f"  (target >= {target:g}: {'ok' if median(values) >= target else 'BELOW TARGET'})"
         )  # fmt: skip
         print(f"{label:<40} {_span(values)}{verdict}")
+    # What a node whose loader is CPU-bound would get where S3's server is not on it: the
+    # local stream's loader CPU per sample against the direct S3 stream's.
+    cpu = [r["stream local"].workers_cpu / r["stream S3 + read-ahead"].workers_cpu for r in rounds]
+    print(f"{'local / S3 + read-ahead, worker CPU':<40} {_span(cpu)}")
     shares = [
         100 * r["cache, second epoch"].s3_bytes / max(r["cache, first epoch"].s3_bytes, 1)
         for r in rounds

@@ -5,7 +5,8 @@ reads (an endpoint set only in the AWS config file included). Every request is r
 with exponential backoff (``RETRY_ATTEMPTS``); reads survive dropped connections (a ranged
 GET from the last byte received) and can be ranged themselves; reads announced by
 ``prefetch`` are opened ahead, a few at a time (``pneumo.shards.cache.ReadAhead``), so their
-time to first byte passes while earlier ones are read; uploads over 64 MiB are multipart.
+time to first byte passes while earlier ones are read, and each GET is sent lean
+(``pneumo.shards.s3_reads``); uploads over 64 MiB are multipart.
 Whatever still fails is one ``StoreError`` line naming the object, the store's answer and
 what to do (renew refused credentials, say): never a botocore traceback. The views of
 deltalake and pyarrow on the same store are in ``pneumo.shards.s3_tables``.
@@ -18,7 +19,6 @@ import io
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from pneumo.shards.cache import ReadAhead
 from pneumo.shards.errors import StoreError
+from pneumo.shards.s3_reads import LeanGet, ResumingReader
 from pneumo.shards.store import clean_path
 
 log = logging.getLogger(__name__)
@@ -174,74 +175,6 @@ def _store_error(e: Exception, what: str, endpoint: str) -> StoreError:
     return StoreError(f"{what} ({detail}){hint}")
 
 
-class _ResumingReader(io.RawIOBase):
-    """An S3 object (or bytes ``[start, end)`` of it) read front to back; a connection
-    dropped mid-way is picked up again with a ranged GET from the last byte received
-    (pinned to the object's ETag, so a replaced object is an error, never a splice of two
-    versions)."""
-
-    RETRIES = 5
-
-    def __init__(self, store: S3Store, key: str, start: int = 0, end: int | None = None) -> None:
-        super().__init__()
-        self.store, self.key, self.pos = store, key, 0
-        self.start, self.end = start, end
-        self.etag: str | None = None
-        self.body = self._open()
-
-    def _open(self) -> Any:
-        kwargs: dict[str, Any] = {"Bucket": self.store.bucket, "Key": self.key}
-        first = self.start + self.pos
-        if self.end is not None:
-            kwargs["Range"] = f"bytes={first}-{self.end - 1}"
-        elif first:
-            kwargs["Range"] = f"bytes={first}-"
-        if self.pos:
-            kwargs["IfMatch"] = self.etag
-        url = f"s3://{self.store.bucket}/{self.key}"
-        response = self.store.call(f"cannot read {url}", lambda c: c.get_object(**kwargs))
-        self.etag = self.etag or response.get("ETag")
-        return response["Body"]
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError
-
-        for attempt in range(self.RETRIES + 1):
-            try:
-                data = self.body.read() if size is None or size < 0 else self.body.read(size)
-                self.pos += len(data)
-                return data
-            except (BotoCoreError, HTTPError, ConnectionError) as e:
-                if attempt == self.RETRIES:
-                    raise StoreError(
-                        f"lost s3://{self.store.bucket}/{self.key} at byte "
-                        f"{self.pos} after {self.RETRIES} retries: {e}"
-                    ) from e
-                log.warning(
-                    "s3://%s/%s: connection lost at byte %d (%s); resuming",
-                    self.store.bucket,
-                    self.key,
-                    self.pos,
-                    type(e).__name__,
-                )
-                time.sleep(min(2.0, 0.1 * 2**attempt))
-                self.body = self._open()
-        raise AssertionError("unreachable")
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self.body.close()
-        super().close()
-
-
 class S3Store:
     """``s3://bucket/prefix`` through boto3 (retries with backoff, multipart uploads)."""
 
@@ -253,6 +186,7 @@ class S3Store:
         self.client = _s3_client(self.session, self.settings)
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._ahead = ReadAhead()  # GETs opened ahead: keyed (key, start, end or None)
+        self.lean = LeanGet(self)  # GETs sent without the client's per-call work
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
@@ -324,7 +258,7 @@ class S3Store:
         return self.open_read(path).read()
 
     def open_read(self, path: str) -> IO[bytes]:
-        """A stream of the object that survives dropped connections (see _ResumingReader)."""
+        """A stream of the object that survives dropped connections (see ResumingReader)."""
         return self._reader(self._k(path), 0, None)  # type: ignore[return-value]
 
     def open_range(self, path: str, start: int, end: int) -> IO[bytes]:
@@ -341,16 +275,14 @@ class S3Store:
         key = self._k(path)
         for start, end in [(0, None)] if ranges is None else ranges:
             if end is None or start < end:
-                self._ahead.start(
-                    (key, start, end), partial(_ResumingReader, self, key, start, end)
-                )
+                self._ahead.start((key, start, end), partial(ResumingReader, self, key, start, end))
 
-    def _reader(self, key: str, start: int, end: int | None) -> _ResumingReader:
+    def _reader(self, key: str, start: int, end: int | None) -> ResumingReader:
         """The GET of ``[start, end)`` of ``key``: the one ``prefetch`` opened, or a new one."""
         opened = self._ahead.take((key, start, end))
         if opened is not None:
             return opened.result()  # type: ignore[no-any-return]
-        return _ResumingReader(self, key, start, end)
+        return ResumingReader(self, key, start, end)
 
     def size(self, path: str) -> int:
         """Bytes of the object (one HEAD request)."""

@@ -113,12 +113,12 @@ class _ObjectFile:
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        from pneumo.shards.s3 import _ResumingReader
+        from pneumo.shards.s3_reads import ResumingReader
 
         end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
         if end <= self.pos:
             return b""
-        with _ResumingReader(self.store, self.key, self.pos, end) as reader:
+        with ResumingReader(self.store, self.key, self.pos, end) as reader:
             data = reader.read()
         self.pos += len(data)
         return data

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from stream_datasets import small_s3_dataset
 
-from pneumo.shards import cache, manifest, s3, stream
+from pneumo.shards import cache, manifest, s3_reads, stream
 from pneumo.shards.cache import ReadAhead, read_ahead
 from pneumo.shards.errors import IntegrityError
 from pneumo.shards.store import open_store
@@ -49,7 +49,7 @@ def _read(store: Any, runs: Any) -> Iterator[tuple[str, bytes]]:
 def gets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
     """Every GET the S3 store makes: (thread name, first byte, outcome)."""
     made: list[tuple[str, int, str]] = []
-    original = s3._ResumingReader._open
+    original = s3_reads.ResumingReader._open
 
     def spy(self: Any) -> Any:
         try:
@@ -60,7 +60,7 @@ def gets(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, str]]:
         made.append((threading.current_thread().name, self.start, "ok"))
         return body
 
-    monkeypatch.setattr(s3._ResumingReader, "_open", spy)
+    monkeypatch.setattr(s3_reads.ResumingReader, "_open", spy)
     return made
 
 
