@@ -6,29 +6,17 @@ the loopback S3 server."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from faults import FaultProxy
 
 from pneumo.shards.errors import StoreError
 from pneumo.shards.s3 import S3Store
 from pneumo.shards.store import open_store
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    """A fault proxy in front of the S3 server; pneumo's stores go through it."""
-    if not s3_endpoint.startswith("http://"):
-        pytest.skip("the fault proxy speaks plain HTTP")
-    with FaultProxy(s3_endpoint, seed=17) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
-        yield p
 
 
 def _store(bucket: str, prefix: str = "f") -> S3Store:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faults import FaultProxy
 
 from pneumo.shards.errors import StoreError
 from pneumo.shards.s3 import S3Store
@@ -81,15 +80,6 @@ def test_a_missing_object_is_the_clients_one_line_error(sent):
         store.open_range("none.bin", 0, 10)
     assert "\n" not in str(err.value) and f"{store.url}/none.bin" in str(err.value)
     assert len(calls) == 1  # the lean answer (404) dropped, the client asked again
-
-
-@pytest.fixture
-def proxy(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
-    if not s3_endpoint.startswith("http://"):
-        pytest.skip("the fault proxy speaks plain HTTP")
-    with FaultProxy(s3_endpoint, seed=3) as p:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
-        yield p
 
 
 def test_throttled_and_reset_lean_gets_are_retried_by_the_client(proxy, s3_bucket):
