@@ -3,7 +3,7 @@
 Every sample the training and evaluation stream reads is checked before it is decoded
 (:func:`pneumo.shards.verify.check_sample`: its members fill its span, its image member
 hashes to the manifest's ``content_sha256``). This measures that check against the least
-the loader then does with the same bytes: :func:`pneumo.training.data.decode_image` at the
+the loader then does with the same bytes: :func:`pneumo.training.decode.decode_image` at the
 training size (a JPEG reduced in the DCT, then area-resized; no augmentation, no mask), and
 for reference the image decoded at full size. Target: the check well under the decode.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from pneumo.shards.members import image_suffix  # noqa: E402
 from pneumo.shards.slots import Entry  # noqa: E402
 from pneumo.shards.verify import check_sample, stored_size  # noqa: E402
-from pneumo.training.data import decode_image  # noqa: E402
+from pneumo.training.decode import decode_image  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 COMMITTED = ROOT / "tests" / "data"

@@ -53,7 +53,7 @@ from benchmarks.s3sim import s3_server, set_latency  # noqa: E402
 from pneumo.shards import commits, layout, manifest, selections, stream  # noqa: E402
 from pneumo.shards.store import open_store  # noqa: E402
 from pneumo.shards.tario import ShardWriter  # noqa: E402
-from pneumo.training import augment, data  # noqa: E402
+from pneumo.training import augment, data, decode  # noqa: E402
 
 log = logging.getLogger("bench_loader")
 SIIM = ROOT.parent / "shared" / "data" / "siim"
@@ -132,7 +132,7 @@ def write_pngs(dataset: str, out: Path, size: int) -> list[str]:
             suffix = "jpg" if "jpg" in sample else "png"
             image = cv2.imdecode(np.frombuffer(sample[suffix], np.uint8), cv2.IMREAD_GRAYSCALE)
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-            mask = data.decode_mask(sample.get("mask.png"), size) * 255
+            mask = decode.decode_mask(sample.get("mask.png"), size) * 255
             cv2.imwrite(str(out / "images" / f"{key}.png"), image)
             cv2.imwrite(str(out / "masks" / f"{key}.png"), mask)
     return [e.key for e in entries]

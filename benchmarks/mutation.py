@@ -283,7 +283,7 @@ MUTATIONS = [
     Mutation(
         "resume-rng-not-restored",
         "resume restores weights and optimizer but not the random generators",
-        "training/loop.py",
+        "training/start.py",
         '    ckpts.set_rng_state(ckpt["rng"])\n',
         "",
         _tests(RESUME, VAE_RESUME),
@@ -291,8 +291,8 @@ MUTATIONS = [
     Mutation(
         "resume-optimizer-not-restored",
         "resume restores the weights but restarts the optimizer",
-        "training/loop.py",
-        '    job.optimizer.load_state_dict(ckpt["optimizer"])\n',
+        "training/start.py",
+        '        job.optimizer.load_state_dict(ckpt["optimizer"])\n',
         "",
         _tests(RESUME),
     ),

@@ -50,7 +50,6 @@ from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 from pneumo.shards.verify import check_delivered
-from pneumo.training import tracking
 from pneumo.training.checkpoint import (
     CheckpointError,
     init_line,
@@ -61,6 +60,7 @@ from pneumo.training.classify import ClassifyConfig, ClassifyTask
 from pneumo.training.data import LoaderConfig, eval_batches, select
 from pneumo.training.rows import TRAIN_ROWS
 from pneumo.training.runs import autocast, images_to
+from pneumo.training.tracked import record_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def evaluate_classify(cfg: EvaluateClassifyConfig, progress: Progress | None = N
     }
     _write(cfg, table, {**summary, "reliability": reliability_record(bins, bins_after)}, figures)
     log.info("%s on %s: AUROC %s (%d images)", cfg.run, cfg.split, summary["auroc"], len(labels))
-    tracking.record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
+    record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
     return summary
 
 

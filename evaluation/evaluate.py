@@ -60,9 +60,9 @@ from pneumo.shards import selections, stream
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import open_store
 from pneumo.shards.verify import check_delivered
-from pneumo.training import tracking
 from pneumo.training.data import LoaderConfig, eval_batches, select
 from pneumo.training.fullres import FullResMasks, score_batch
+from pneumo.training.tracked import record_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def evaluate_segment(cfg: EvaluateConfig, progress: Progress | None = None) -> d
                           f"{cfg.split}, image-level max probability")  # fmt: skip
     _write(cfg, table, {**summary, "reliability": reliability_record(bins, bins_after)}, png)
     log.info("%s on %s: dice %.4f (%d images)", cfg.run, cfg.split, summary["dice"], len(table))
-    tracking.record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
+    record_evaluation(cfg.run, cfg.split, asdict(cfg), summary)  # MLflow, when on
     return summary
 
 

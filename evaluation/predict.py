@@ -3,7 +3,7 @@
 Flow: list the inputs (one ``.dcm`` file, a folder searched recursively, or an ``s3://``
 prefix); for each file, read it exactly as ingest stores it (:func:`pneumo.ingest.dicom.read_dicom`:
 the JPEG frame as it is, or a lossless PNG of other encodings) and decode that the way the
-training loader does (:func:`pneumo.training.data.decode_image`), so a model sees at prediction
+training loader does (:func:`pneumo.training.decode.decode_image`), so a model sees at prediction
 time what it saw in training; predict at the run's size, upscale the probabilities to the
 image's own rows x cols (bilinear), apply the run's post-processing triplet, and write
 ``ImageId,EncodedPixels`` rows: ImageId = SOPInstanceUID (the file stem when missing),
@@ -49,7 +49,7 @@ from pneumo.metrics.calibration import scale_probability
 from pneumo.shards.errors import ConfigError, StoreError
 from pneumo.shards.members import SUFFIX_OF_FORMAT
 from pneumo.shards.store import is_s3_url, open_store, write_url
-from pneumo.training.data import decode_image
+from pneumo.training.decode import decode_image
 from pneumo.training.fullres import upsample
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pneumo.shards.errors import ConfigError
 from pneumo.shards.manifest import write_part
 from pneumo.shards.members import image_suffix
 from pneumo.shards.store import open_store
-from pneumo.training.data import decode_image
+from pneumo.training.decode import decode_image
 
 if TYPE_CHECKING:
     from pneumo.pseudolabels.cluster import ClusterConfig

@@ -42,7 +42,7 @@ from pneumo.training.autoencoders import (
     model_args,
 )
 from pneumo.training.data import eval_batches
-from pneumo.training.loop import Job, Progress
+from pneumo.training.job import Job, Progress
 from pneumo.training.runs import LR_PANEL, Panel, as_float, images_to
 from pneumo.training.task import RunConfig, Task
 
@@ -55,7 +55,7 @@ ACTIVE_KL = 0.01  # nats: a latent dimension with less KL carries (almost) nothi
 
 @dataclass(frozen=True, kw_only=True)
 class AutoencodeConfig(RunConfig):
-    """An autoencoder run; the shared settings are :class:`pneumo.training.loop.RunConfig`'s.
+    """An autoencoder run; the shared settings are :class:`pneumo.training.task.RunConfig`'s.
 
     Attributes:
         kind: ``ae`` (plain autoencoder, BCE) or ``vae`` (β-VAE, ELBO).

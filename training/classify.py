@@ -47,7 +47,7 @@ from pneumo.shards.errors import ConfigError, StoreError
 from pneumo.shards.store import is_s3_url, open_store, read_url
 from pneumo.training import loop
 from pneumo.training.data import LoaderConfig
-from pneumo.training.loop import Job, Progress
+from pneumo.training.job import Job, Progress
 from pneumo.training.model import CLASSIFIER_ARCHS, build_classifier, classifier_args
 from pneumo.training.runs import LR_PANEL, Panel, images_to
 from pneumo.training.task import RunConfig, Task, absolute

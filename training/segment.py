@@ -38,7 +38,7 @@ from pneumo.shards.errors import ConfigError
 from pneumo.training import checkpoint as ckpts
 from pneumo.training import fullres, loop
 from pneumo.training.data import LoaderConfig
-from pneumo.training.loop import Job, Progress
+from pneumo.training.job import Job, Progress
 from pneumo.training.losses import DICE_WEIGHT, FOCAL_WEIGHT, FocalDiceLoss
 from pneumo.training.model import build_unet, unet_args
 from pneumo.training.runs import (

@@ -1,6 +1,54 @@
 """What a training task is: its config (a :class:`RunConfig` subclass) and a :class:`Task`.
 
-:func:`pneumo.training.loop.run` trains any task; its module docstring shows how to write one.
+:func:`pneumo.training.loop.run` trains any task; its module docstring says what the loop
+owns, and so what a task leaves out.
+
+Writing a task (the ``train autoencode`` task is one whose batches have no labels)::
+
+    @dataclass(frozen=True, kw_only=True)
+    class AutoencodeConfig(RunConfig):       # RunConfig: dataset, out, where, size, ...
+        where: str = "split == 'train'"      # unlabelled rows are fine
+        val_where: str = "split == 'val'"
+        lr: float = 1e-3
+
+    class AutoencodeTask(Task):
+        name = "autoencode"                  # stored in every checkpoint
+        best = ("val_loss", "min")           # the metrics.jsonl field that picks best.pt
+        headline = ("val_loss",)             # shown in the per-epoch line
+        panels = (Panel("loss", (("train_loss", "training reconstruction loss"),
+                                 ("val_loss", "validation reconstruction loss"))), LR_PANEL)
+        schedule_on = "step"                 # scheduler.step() per step; "val_loss": per
+                                             # epoch with the all-reduced val loss; None
+        def prepare_rows(self, rows, *, train): return rows      # keep unlabelled rows
+        def pools(self, rows): return {stream.ALL: stream.entries_from_table(rows)}
+        def model_args(self): return {"arch": ..., ...}          # JSON-able; extend
+        def build_model(self): ...           # pneumo.training.model.build_model to rebuild it
+                                             # from a checkpoint; random init (seeded)
+        def optimizer(self, model): return torch.optim.Adam(model.parameters(), self.cfg.lr)
+        def loss(self, job, batch):          # one training batch -> scalar loss
+            x = images_to(job.device, batch["image"])            # no label is read
+            return F.mse_loss(job.net(x).float(), x)             # job.net: DDP-wrapped
+        def validate(self, job, batches):    # this rank's part, picklable, via job.model
+            total, n = 0.0, 0
+            for b in batches:
+                x = images_to(job.device, b["image"])
+                total += float(F.mse_loss(job.model(x).float(), x, reduction="sum"))
+                n += len(x)
+            return total, n
+        def summarise(self, parts):          # every rank's parts -> metrics; needs "loss"
+            n = sum(p[1] for p in parts)
+            return {"loss": sum(p[0] for p in parts) / n, "n_images": n}
+
+    def train_autoencode(cfg, progress=None): return loop.run(AutoencodeTask(cfg), progress)
+
+The stream trains on whatever ``pools`` holds: unlabelled rows too (a task without labels
+never reads ``batch["has_ptx"]`` or ``batch["mask"]``, which are then False / all zero).
+Optional hooks: ``Task.use_rows`` (every rank, with the pinned rows: labels by key),
+``Task.init_weights`` (fresh start: load weights, return their init chain, e.g.
+:func:`pneumo.training.transfer.load_encoder_weights`), ``Task.scheduler``, ``Task.finish``,
+``Task.fingerprints``, ``Task.loader``. ``validate`` runs under ``torch.no_grad()``,
+``model.eval()`` and autocast, on every rank with its share of the val rows (possibly none).
+A hook's ``job`` is the run in progress (:class:`pneumo.training.job.Job`).
 """
 
 from __future__ import annotations
@@ -23,7 +71,7 @@ from pneumo.training.data import LoaderConfig
 from pneumo.training.runs import PRECISIONS, Panel
 
 if TYPE_CHECKING:
-    from pneumo.training.loop import Job
+    from pneumo.training.job import Job
 
 RESUME_MODES = ("auto", "never", "always")
 IMAGES_PER_READING = 1000  # images trained between two training-loss readings (default)
@@ -51,7 +99,7 @@ class RunConfig:
             :func:`pneumo.training.runs.default_workers` of the CPUs this process may use
             (affinity and cgroup quota) shared by the node's processes (rank 0's count).
         seed: seeds model init, sampling and augmentation.
-        resume: ``auto`` | ``never`` | ``always`` (see the module doc).
+        resume: ``auto`` | ``never`` | ``always`` (see :mod:`pneumo.training.loop`).
         in_channels: image channels (1: grey; 3: the grey image replicated).
         checkpoint_every: steps between ``last.pt`` writes (also written at each epoch end).
         precision: ``bf16`` (default) | ``fp16`` | ``fp32``: the autocast dtype of the
@@ -144,8 +192,8 @@ def default_log_every(batch_size: int, world_size: int) -> int:
 
 
 class Task(ABC):
-    """What a task supplies to :func:`run` (see the module doc for an example); the abstract
-    methods are what every task must define."""
+    """What a task supplies to :func:`pneumo.training.loop.run` (see the module doc for an
+    example); the abstract methods are what every task must define."""
 
     name: ClassVar[str]
     best: ClassVar[tuple[str, str]]  # (metrics.jsonl field, "max" | "min")

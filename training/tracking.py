@@ -4,16 +4,22 @@ Off unless asked: the CLI's edge turns ``--tracking-uri`` or ``MLFLOW_TRACKING_U
 :class:`TrackingConfig` and :func:`configure` makes it the active one; with none active every
 function here does nothing and ``mlflow`` is never imported. With one:
 
-* a training (:func:`training_run`, called by :func:`pneumo.training.loop.run` on rank 0) is
-  a run: its config flattened as parameters, every ``metrics.jsonl`` field at
-  ``step = epoch``, ``curves.png`` each epoch and ``config.json``, ``metrics.jsonl``,
-  ``postprocess.json`` at the end as artifacts, the data's identity as tags (dataset URL,
-  Delta table version, the pinned rows' fingerprints, the init chain). Its run id is
-  recorded in ``RUN/tracking.json``, so a resumed training continues the same run;
-* an evaluation (:func:`record_evaluation`) is a run of its settings, summary and files;
+* a training (:func:`pneumo.training.tracked.training_run`, called by
+  :func:`pneumo.training.loop.run` on rank 0) is a run: its config flattened as parameters,
+  every ``metrics.jsonl`` field at ``step = epoch``, ``curves.png`` each epoch and
+  ``config.json``, ``metrics.jsonl``, ``postprocess.json`` at the end as artifacts, the
+  data's identity as tags (dataset URL, Delta table version, the pinned rows' fingerprints,
+  the init chain). Its run id is recorded in ``RUN/tracking.json``, so a resumed training
+  continues the same run;
+* an evaluation (:func:`pneumo.training.tracked.record_evaluation`) is a run of its
+  settings, summary and files;
 * an experiment is a run (``EXP/tracking.json``) and each stage a run nested under it
   (:func:`nested`: a picklable call, so a stage may run in another process or on a Ray
   worker); the training or evaluation inside a stage logs into the stage's run.
+
+This module is the tracking itself: its settings and activation, a run (:class:`Tracked`;
+:class:`MlflowRun`), opening one (:func:`open_run`) and nesting runs (:func:`parent`,
+:func:`nested`). What a training and an evaluation log is :mod:`pneumo.training.tracked`'s.
 
 A tracking failure (server down, database locked) never stops the work: the run warns once
 and goes quiet. Credentials in a tracking URI never reach a log line (:func:`redact`).
@@ -33,21 +39,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.store import Store, open_store
-
-if TYPE_CHECKING:
-    from pneumo.training.loop import Job
 
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "tracking.json"  # in a RUN or EXP folder: the MLflow run it logs to
 DEFAULT_EXPERIMENT = "pneumo"
 INSTALL = "pip install 'pneumo[tracking]'"
-# The RUN files a training logs as artifacts at its end (curves.png also every epoch).
-TRAINING_FILES = ("config.json", "metrics.jsonl", "curves.png", "postprocess.json")
 _MAX_PARAM = 6000  # MLflow's longest parameter value
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
@@ -349,100 +350,6 @@ def numbers(values: Mapping[str, Any]) -> dict[str, float]:
         for k, v in values.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-
-
-# --- the three users --------------------------------------------------------------------
-
-
-def dataset_version(dataset: str) -> int | None:
-    """The Delta table version of ``dataset``'s manifest now (None: no Delta table)."""
-    from pneumo.shards import manifest
-
-    table = manifest.open_table(open_store(dataset, create=False))
-    return None if table is None else int(table.version())
-
-
-class TrainingRun:
-    """What the loop tells the tracking: :func:`training_run` makes it."""
-
-    def __init__(self, job: Job, run: Tracked) -> None:
-        self.job, self.run = job, run
-
-    def __enter__(self) -> TrainingRun:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.run.__exit__(*exc)
-
-    def epoch(self, row: Mapping[str, Any]) -> None:
-        """An epoch's ``metrics.jsonl`` line and the curves drawn with it."""
-        self.run.log_metrics(row, step=int(row["epoch"]))
-        self.run.log_files(self.job.run.store, ["curves.png"])
-
-    def finish(self, result: Mapping[str, Any]) -> None:
-        """The figures of the end (best score, post-processing) and the RUN's files."""
-        self.run.log_new_metrics(result)
-        self.run.log_files(self.job.run.store, TRAINING_FILES)
-
-
-def training_run(job: Job) -> TrainingRun:
-    """The run of a training (rank 0 only; NOT_TRACKED elsewhere or without tracking)."""
-    if active() is None or not job.env.is_main:
-        return TrainingRun(job, NOT_TRACKED)
-    from pneumo.training.checkpoint import init_line
-
-    meta = job.meta
-    name = job.run.url.rstrip("/").rsplit("/", 1)[-1]
-    run = open_run(name=name, record=job.run.store, tags={"pneumo.kind": "training"})
-    about = {k: v for k, v in meta.items() if k not in ("config", "layouts", "init")}
-    run.log_params({**meta["config"], **about})
-    # The Delta version when the rows were pinned: a resume keeps the tag of its start.
-    run.set_tags(_identity(job.cfg.dataset, meta.get("fingerprints", {}), job.step == 0) | {
-        "pneumo.task": job.task.name, "pneumo.run": job.run.url,
-        "pneumo.init": init_line(meta.get("init", [])),
-    })  # fmt: skip
-    run.log_history(job.history)  # a resumed run that was not tracked before
-    return TrainingRun(job, run)
-
-
-def _identity(
-    dataset: str, fingerprints: Mapping[str, Any], version: bool = True
-) -> dict[str, Any]:
-    """The data a run used: the dataset, its Delta version now, the selections' hashes."""
-    tags: dict[str, Any] = {"pneumo.dataset": dataset}
-    with contextlib.suppress(Exception):  # a legacy or unreachable manifest: no version
-        tags["pneumo.dataset_version"] = dataset_version(dataset) if version else None
-    for name, value in fingerprints.items():
-        tags[f"pneumo.fingerprint.{name}"] = value
-    return tags
-
-
-def record_evaluation(
-    run: str, split: str, config: Mapping[str, Any], summary: Mapping[str, Any]
-) -> None:
-    """An evaluation of RUN as a run: its settings, its summary's figures, its files
-    (``RUN/eval/<split>.json`` and ``-*.png``), the fingerprint of the rows its ``where``
-    selects in the dataset scored, and the trained run's MLflow id."""
-    if active() is None:
-        return
-    from pneumo.shards import manifest
-    from pneumo.training.data import select
-
-    store = open_store(run, create=False)
-    trained = json.loads(store.get(RECORD_FILE)) if store.exists(RECORD_FILE) else {}
-    name = f"evaluate {run.rstrip('/').rsplit('/', 1)[-1]} {split}"
-    tags = {"pneumo.kind": "evaluation", "pneumo.run": run,
-            "pneumo.trained_run_id": trained.get("run_id")}  # fmt: skip
-    files = [p for p in store.list("eval") if p == f"eval/{split}.json"
-             or (p.startswith(f"eval/{split}-") and p.endswith(".png"))]  # fmt: skip
-    with open_run(name=name, tags=tags) as tracked:
-        tracked.log_params(config)
-        dataset, fingerprints = str(summary["dataset"]), {}
-        with contextlib.suppress(Exception):  # tracking never stops the work
-            fingerprints["eval"] = manifest.fingerprint(select(dataset, summary["where"]))
-        tracked.set_tags(_identity(dataset, fingerprints))
-        tracked.log_metrics(summary)
-        tracked.log_files(store, files)
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from pneumo.experiment.stages import StageContext
 from pneumo.shards.errors import ConfigError
 from pneumo.shards.selections import SIIM_TEST, SIIM_TRAIN, SIIM_VAL, patient_subset
 from pneumo.shards.store import open_store
-from pneumo.training import loop
+from pneumo.training import start
 from pneumo.training.data import select
 from pneumo.training.rows import TRAIN_ROWS, VAL_ROWS, pin_rows
 from pneumo.training.runs import RunDir
@@ -163,8 +163,8 @@ def test_a_run_from_before_the_sweep_resumes_without_naming_the_fraction() -> No
     """A checkpoint's config from before ``train_fraction`` existed compares equal to
     today's at 1, and unequal at another fraction (the resume check names it)."""
     old = {"dataset": "/d", "where": SIIM_TRAIN, "precision": "bf16"}
-    assert loop._comparable(old) == loop._comparable({**old, "train_fraction": 1.0})
-    assert loop._comparable(old) != loop._comparable({**old, "train_fraction": 0.1})
+    assert start._comparable(old) == start._comparable({**old, "train_fraction": 1.0})
+    assert start._comparable(old) != start._comparable({**old, "train_fraction": 0.1})
 
 
 # ---------------------------------------------------------------- the plan

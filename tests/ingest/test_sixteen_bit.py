@@ -41,7 +41,7 @@ from pneumo.ingest.units import Rejected, Sample, stored_form
 from pneumo.shards import layout, manifest, stream
 from pneumo.shards.members import IMAGE_SUFFIXES, decode_array, encode_array
 from pneumo.shards.store import open_store
-from pneumo.training import data
+from pneumo.training import decode
 
 SIIM_8_BIT = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"
 SIXTEEN = ("RG1_J2KI.dcm", "CR-MONO1-10-chest.dcm")
@@ -224,12 +224,12 @@ def test_pneumo_decodes_the_16_bit_member_at_full_precision(dataset, expected):
     datasets written before): windowed floats, not 8-bit steps."""
     members = _members(dataset)
     for key, values in expected.items():
-        image, mask = data.decode_sample({"__key__": key, **members[key]}, SIZE)
-        legacy, _ = data.decode_sample({"__key__": key, "png": _png16(values)}, SIZE)
+        image, mask = decode.decode_sample({"__key__": key, **members[key]}, SIZE)
+        legacy, _ = decode.decode_sample({"__key__": key, "png": _png16(values)}, SIZE)
         assert image.dtype == np.float32 and not mask.any()
         np.testing.assert_array_equal(image, legacy)
         assert len(np.unique(image)) > 256
-        _, orig = data.decode_image(members[key]["npy.gz"], "npy.gz", SIZE)
+        _, orig = decode.decode_image(members[key]["npy.gz"], "npy.gz", SIZE)
         assert orig == values.shape
 
 
@@ -242,7 +242,7 @@ def test_the_checked_stream_reads_16_bit_samples(dataset, expected):
     seen = set()
     for shard, wanted in by_shard.items():
         for sample in stream.read_shard(store, shard, wanted):
-            data.decode_sample(sample, SIZE)
+            decode.decode_sample(sample, SIZE)
             seen.add(sample["__key__"])
     assert seen >= set(expected)
 

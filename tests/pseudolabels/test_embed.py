@@ -23,7 +23,8 @@ from pneumo.pseudolabels.parquet import open_parquet
 from pneumo.shards import manifest
 from pneumo.training import checkpoint as ckpts
 from pneumo.training.autoencoders import Autoencoder, model_args
-from pneumo.training.data import decode_image, select
+from pneumo.training.data import select
+from pneumo.training.decode import decode_image
 
 SIZE, DIM = 64, 16
 

@@ -24,6 +24,7 @@ from pneumo.training import loop
 from pneumo.training.checkpoint import load_checkpoint, model_from_checkpoint, weights_sha256
 from pneumo.training.classify import ClassifyConfig, ClassifyTask, read_label_table, train_classify
 from pneumo.training.data import select, train_batches
+from pneumo.training.job import Job
 from pneumo.training.runs import images_to
 from pneumo.training.segment import SegmentConfig, SegmentTask, train_segment
 
@@ -298,7 +299,7 @@ class ScriptedPlateau(ClassifyTask):
     """Validation losses scripted per rank: rank 0's own mean falls by 0.2 every epoch, rank
     1's sum is whatever keeps the mean over all (one) validation image at exactly 1.0."""
 
-    def validate(self, job: loop.Job, batches: Any) -> dict[str, Any]:
+    def validate(self, job: Job, batches: Any) -> dict[str, Any]:
         part = super().validate(job, batches)
         epoch = job.step // job.spe - 1
         n = sum(len(a) for a in part["labels"])

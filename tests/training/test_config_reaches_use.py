@@ -32,6 +32,7 @@ from pneumo.training import autoencode, classify, data, loop, segment
 from pneumo.training.autoencode import AutoencodeConfig, AutoencodeTask
 from pneumo.training.autoencoders import Autoencoder
 from pneumo.training.classify import ClassifyConfig, ClassifyTask
+from pneumo.training.job import Job
 from pneumo.training.segment import SegmentConfig, SegmentTask
 
 CPU = torch.device("cpu")
@@ -204,7 +205,7 @@ def _positives_per_batch(
         def __init__(self, cfg: Any, pools: dict, spec: stream.TrainSpec) -> None:
             specs.append(spec)
 
-    monkeypatch.setattr(data, "_TrainBatches", Capture)
+    monkeypatch.setattr(data, "TrainBatches", Capture)
     monkeypatch.setattr(data, "_batches", lambda dataset, cfg: iter(()))
     data.train_batches(
         loader, rank=0, world_size=1, epoch=0, steps_per_epoch=steps, total_steps=steps,
@@ -367,7 +368,7 @@ def test_precise_bn_forwards_the_configured_number_of_batches(
     monkeypatch.setattr(loop, "_epoch_batches", epoch_batches)
     torch.manual_seed(0)
     model = _tiny_model()
-    job = loop.Job(
+    job = Job(
         cfg=cfg, task=task, env=None, device=CPU, run=None, spe=5, total=50, meta={},
         train_rows=None, val_rows=None, val_entries=[], pools={}, model=model, net=model,
         optimizer=None, scheduler=None, progress=None, history=[],

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from pneumo.shards.errors import ConfigError
-from pneumo.training import augment, data
+from pneumo.training import augment, data, decode
 from pneumo.training.data import LoaderConfig
 from pneumo.training.runs import as_float
 
@@ -49,7 +49,7 @@ def train(c: LoaderConfig, **kw) -> list[dict]:
 def test_jpeg_decodes_reduced_to_size_and_close_to_a_full_decode(dataset):
     key = first_key(dataset, "jpeg")
     sample = sample_of(dataset, key)
-    image, mask = data.decode_sample(sample, SIZE)
+    image, mask = decode.decode_sample(sample, SIZE)
     assert image.shape == (SIZE, SIZE) and image.dtype == np.uint8
     assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8
     full = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("L"))
@@ -62,7 +62,7 @@ def test_jpeg_decodes_reduced_to_size_and_close_to_a_full_decode(dataset):
 def test_png_8_bit_decodes_exactly(dataset):
     key = first_key(dataset, "png", 8)
     png = dataset.members[key]["png"]
-    image, _ = data.decode_sample(sample_of(dataset, key), SIZE)
+    image, _ = decode.decode_sample(sample_of(dataset, key), SIZE)
     pixels = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
     assert image.dtype == np.uint8
     np.testing.assert_array_equal(
@@ -72,7 +72,7 @@ def test_png_8_bit_decodes_exactly(dataset):
 
 def test_png_16_bit_is_windowed_to_unit_range_by_its_percentiles(dataset):
     key16 = first_key(dataset, "png", 16)
-    image, _ = data.decode_sample(sample_of(dataset, key16), SIZE)
+    image, _ = decode.decode_sample(sample_of(dataset, key16), SIZE)
     assert image.dtype == np.float32 and image.shape == (SIZE, SIZE)
     assert image.min() == 0.0 and image.max() == 1.0
     assert 0.002 < (image == 1.0).mean() < 0.03  # clipped above the 99.5th percentile
@@ -88,7 +88,7 @@ def test_colour_png_keeps_its_first_channel():
     grey = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
     rgb = np.dstack([grey, np.zeros_like(grey), np.full_like(grey, 255)])
     ok, png = cv2.imencode(".png", rgb[..., ::-1])  # cv2 writes BGR: R is the PNG's first
-    image, orig = data.decode_image(png.tobytes(), "png", 32)
+    image, orig = decode.decode_image(png.tobytes(), "png", 32)
     assert orig == (32, 256)
     np.testing.assert_array_equal(image, cv2.resize(grey, (32, 32), interpolation=cv2.INTER_AREA))
 
@@ -98,7 +98,7 @@ def test_masks_0_255_and_0_1_decode_alike_and_a_missing_mask_is_empty(dataset):
     for key in positives:
         png = dataset.members[key]["mask.png"]
         raw = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-        mask = data.decode_mask(png, SIZE)
+        mask = decode.decode_mask(png, SIZE)
         assert set(np.unique(mask)) == {0, 1}
         expected = (raw > 0).mean()
         assert abs(mask.mean() - expected) < 0.02, key
@@ -107,13 +107,13 @@ def test_masks_0_255_and_0_1_decode_alike_and_a_missing_mask_is_empty(dataset):
         for k in positives
     } == {1, 255}  # fmt: skip  (both encodings are exercised)
     negative = first_key(dataset, "jpeg", positive=False)
-    _, mask = data.decode_sample(sample_of(dataset, negative), SIZE)
+    _, mask = decode.decode_sample(sample_of(dataset, negative), SIZE)
     assert mask.shape == (SIZE, SIZE) and not mask.any()
 
 
 def test_a_broken_image_names_the_sample():
-    with pytest.raises(data.SampleError, match="k1 of some.tar"):
-        data.decode_sample({"__key__": "k1", "__shard__": "some.tar", "png": b"nope"}, SIZE)
+    with pytest.raises(decode.SampleError, match="k1 of some.tar"):
+        decode.decode_sample({"__key__": "k1", "__shard__": "some.tar", "png": b"nope"}, SIZE)
 
 
 # ---------------------------------------------------------------- augmentation
@@ -185,7 +185,7 @@ def _albumentations(d: augment.Draw, image: np.ndarray, mask: np.ndarray, size: 
 
 def test_one_warp_matches_albumentations_flip_and_affine(dataset):
     key = first_key(dataset, "jpeg", positive=True)
-    image, mask = data.decode_sample(sample_of(dataset, key), 128)
+    image, mask = decode.decode_sample(sample_of(dataset, key), 128)
     compared = 0
     for seed in range(30):
         d = augment.draw(seed)
@@ -227,11 +227,11 @@ def test_resize_and_augment_in_one_warp_matches_resize_then_augment(dataset):
     """From the JPEG's 1/2-scale decode (2x the size) straight to the augmented image."""
     key = first_key(dataset, "jpeg")
     jpg = dataset.members[key]["jpg"]
-    big, orig = data._read_image(jpg, "jpg", 128)
+    big, orig = decode._read_image(jpg, "jpg", 128)
     assert orig == (1024, 1024) and big.shape == (128, 128)  # 1/8 scale in the DCT
-    big, _ = data._read_image(jpg, "jpg", 100)
+    big, _ = decode._read_image(jpg, "jpg", 100)
     assert big.shape == (128, 128)  # 1/8 still >= 100; the warp reduces the rest
-    big, _ = data._read_image(jpg, "jpg", 200)
+    big, _ = decode._read_image(jpg, "jpg", 200)
     assert big.shape == (256, 256)
     small = cv2.resize(big, (200, 200), interpolation=cv2.INTER_AREA)
     for seed in range(12):
@@ -312,7 +312,7 @@ def test_eval_covers_each_sample_once_unaugmented(dataset):
         for b in data.eval_batches(cfg(dataset, workers=2, batch_size=3), rank=rank, world_size=2):
             got.update(b["key"])
             for key, image in zip(b["key"], as_float(b["image"]), strict=True):
-                plain, _ = data.decode_sample(sample_of(dataset, key), SIZE)
+                plain, _ = decode.decode_sample(sample_of(dataset, key), SIZE)
                 if plain.dtype == np.uint8:  # numpy's float32 division, not torch's
                     plain = plain.astype(np.float32) / np.float32(255)
                 assert torch.equal(image[0], torch.from_numpy(plain))

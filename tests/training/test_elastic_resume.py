@@ -17,7 +17,7 @@ from ranks_helper import run_ranks
 from test_log_every import TinyTask, tiny
 
 from pneumo.shards.errors import ConfigError
-from pneumo.training import loop
+from pneumo.training import start
 from pneumo.training.checkpoint import load_checkpoint
 from pneumo.training.runs import DistEnv
 
@@ -87,5 +87,5 @@ def test_a_layout_that_cannot_share_the_step_is_refused(dataset, tmp_path: Path)
     run_ranks(recorded_run, (cfg, 1, str(log)), world_size=2)
     ckpt = load_checkpoint(cfg.out, "last")
     with pytest.raises(ConfigError, match="2 processes x 2 images a step, which 3 processes"):
-        loop._check_settings(TinyTask(cfg), DistEnv(world_size=3), ckpt, cfg.out)
-    loop._check_settings(TinyTask(cfg), DistEnv(world_size=4), ckpt, cfg.out)  # 1 image each
+        start._check_settings(TinyTask(cfg), DistEnv(world_size=3), ckpt, cfg.out)
+    start._check_settings(TinyTask(cfg), DistEnv(world_size=4), ckpt, cfg.out)  # 1 image each

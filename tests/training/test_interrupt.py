@@ -20,7 +20,8 @@ from processes import children
 from pneumo.render import Terminated
 from pneumo.shards import selections
 from pneumo.training.checkpoint import load_checkpoint
-from pneumo.training.data import LoaderConfig, _quiet_when_the_parent_hangs_up, train_batches
+from pneumo.training.data import LoaderConfig, train_batches
+from pneumo.training.loader_workers import _quiet_when_the_parent_hangs_up
 from pneumo.training.segment import SegmentConfig, SegmentTask, train_segment
 
 

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from pneumo.cli import app
 from pneumo.commands.train import TrainProgress
 from pneumo.training import loop, segment
+from pneumo.training.job import Job
 from pneumo.training.runs import Panel, images_to
 from pneumo.training.task import RunConfig, Task, default_log_every
 
@@ -91,10 +92,10 @@ def loop_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The steps at which the loop (loop.py's own code) reads a tensor on the host while an
     epoch trains; filled as the run goes."""
     reads: list[int] = []
-    current: dict[str, loop.Job | None] = {"job": None}
+    current: dict[str, Job | None] = {"job": None}
     train_epoch = loop._train_epoch
 
-    def flagged(job: loop.Job, epoch: int) -> dict[str, Any]:
+    def flagged(job: Job, epoch: int) -> dict[str, Any]:
         current["job"] = job
         try:
             return train_epoch(job, epoch)

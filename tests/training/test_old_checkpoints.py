@@ -39,7 +39,7 @@ def test_an_old_checkpoint_resumes_and_says_what_changed(
     with pytest.raises(KeyboardInterrupt):
         loop.run(TinyTask(cfg), progress=stop_at)
     strip_plan(Path(cfg.out))
-    with caplog.at_level(logging.WARNING, logger="pneumo.training.loop"):
+    with caplog.at_level(logging.WARNING, logger="pneumo.training.start"):
         assert loop.run(TinyTask(cfg))["step"] == 8
     warned = [r.getMessage() for r in caplog.records if "read whole shards" in r.getMessage()]
     assert len(warned) == (1 if stop % 4 else 0)

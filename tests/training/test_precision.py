@@ -24,6 +24,7 @@ from pneumo.cli import app
 from pneumo.shards.errors import ConfigError
 from pneumo.training import checkpoint as ckpts
 from pneumo.training import loop, runs, segment
+from pneumo.training.job import Job
 from pneumo.training.runs import amp_dtype, autocast, grad_scaler, unwrapped
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
@@ -99,7 +100,7 @@ def _scaler_states(monkeypatch: pytest.MonkeyPatch) -> dict[int, dict[str, Any]]
     states: dict[int, dict[str, Any]] = {}
     step = loop._train_step
 
-    def recorded(job: loop.Job, batch: dict[str, Any]) -> torch.Tensor:
+    def recorded(job: Job, batch: dict[str, Any]) -> torch.Tensor:
         loss = step(job, batch)
         states[job.step + 1] = job.scaler.state_dict()
         return loss

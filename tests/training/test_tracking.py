@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from pneumo.experiment.stages import Stage, StageContext, StageRunner, execute_stage
 from pneumo.shards.layout import MANIFEST_DIR
-from pneumo.training import tracking
+from pneumo.training import tracked, tracking
 from pneumo.training.runs import DistEnv
 
 pytestmark = pytest.mark.slow
@@ -180,7 +180,7 @@ def test_stages_are_runs_nested_under_the_experiment_also_in_another_process(
 def test_only_rank_0_logs(store: tracking.TrackingConfig) -> None:
     job = SimpleNamespace(env=DistEnv(rank=1, world_size=2))
     with tracking.activated(store):
-        assert tracking.training_run(job).run is tracking.NOT_TRACKED  # type: ignore[arg-type]
+        assert tracked.training_run(job).run is tracking.NOT_TRACKED  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- failures, secrets, off

@@ -18,9 +18,10 @@ from test_log_every import TinyTask, tiny
 
 from pneumo.shards import stream
 from pneumo.shards.errors import ConfigError
-from pneumo.training import loop
+from pneumo.training import loop, start
 from pneumo.training.checkpoint import load_checkpoint
-from pneumo.training.data import LoaderConfig, RunLoader, eval_batches, select, train_batches
+from pneumo.training.data import LoaderConfig, eval_batches, select, train_batches
+from pneumo.training.run_loader import RunLoader
 from pneumo.training.runs import DistEnv, RunDir, available_cpus, default_workers
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -245,7 +246,7 @@ def test_unset_workers_come_from_the_cpus_then_from_the_run(
 ) -> None:
     """A fresh run takes default_workers of the CPUs (recorded); its resume on a machine
     with more CPUs keeps the run's count when --workers is not given."""
-    monkeypatch.setattr(loop, "available_cpus", lambda: 3)
+    monkeypatch.setattr(start, "available_cpus", lambda: 3)
     cfg = tiny(dataset.url, tmp_path / "run", epochs=2, steps_per_epoch=2, workers=None)
     assert cfg.workers is None and cfg.loader_workers == 0
 
@@ -256,7 +257,7 @@ def test_unset_workers_come_from_the_cpus_then_from_the_run(
     with pytest.raises(KeyboardInterrupt):
         loop.run(TinyTask(cfg), progress=stop_after_3)
     assert load_checkpoint(cfg.out, "last")["config"]["workers"] == 2  # 3 CPUs, one kept
-    monkeypatch.setattr(loop, "available_cpus", lambda: 9)
+    monkeypatch.setattr(start, "available_cpus", lambda: 9)
     assert loop.run(TinyTask(cfg))["step"] == 4
     assert load_checkpoint(cfg.out, "last")["config"]["workers"] == 2
     # Another --workers is an elastic resume (tests/training/test_elastic_resume.py): it
