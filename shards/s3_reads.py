@@ -33,24 +33,47 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _URLS_KEPT = 4096  # object URLs remembered per store (one per shard read)
+# Lean GETs refused in a row (4xx) that the client then made: a server that takes only
+# the client's requests; the store stops trying lean ones rather than send every GET
+# twice. Throttling (5xx) and failures to send are the network's, and do not count.
+LEAN_REFUSALS = 3
 
 
 class LeanGet:
     """GETs of one store's objects, signed and sent without the client's per-call work.
 
     ``get`` answers ``(body, etag)`` or None where the client must make the request
-    (no usable connection pool, an answer other than 200/206, a failure to send).
+    (no usable connection pool, an answer other than 200/206, a failure to send;
+    ``rejected`` says whether the answer was a 4xx). After :data:`LEAN_REFUSALS` 4xx in a
+    row of requests the client then made, it answers None at once (``enabled`` False), and
+    says so once.
     """
 
     def __init__(self, store: S3Store) -> None:
         self.store = store
+        self.enabled = True
+        self.rejected = False  # the last lean GET was answered 4xx
         self._urls: dict[str, str] = {}
+        self._refusals = 0
+
+    def refused(self) -> None:
+        """The client's GET succeeded where the lean one had just been answered 4xx."""
+        self._refusals += 1
+        if self.enabled and self._refusals >= LEAN_REFUSALS:
+            self.enabled = False
+            log.info(
+                "%s answers only the client's GETs; reads go through it from now on",
+                self.store.endpoint_url or "S3",
+            )
 
     def get(self, key: str, headers: dict[str, str]) -> tuple[Any, str | None] | None:
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
         from botocore.exceptions import BotoCoreError
 
+        self.rejected = False
+        if not self.enabled:
+            return None
         client = self.store.client
         # botocore keeps the client's connection pool (its TLS, proxy and timeout
         # settings) here; without it the client makes every request.
@@ -63,9 +86,8 @@ class LeanGet:
         credentials = self.store.session.get_credentials()
         if credentials is None:
             return None
-        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", client.meta.region_name).add_auth(
-            request
-        )
+        region = client.meta.region_name or "us-east-1"  # botocore's own default for S3
+        S3SigV4Auth(credentials.get_frozen_credentials(), "s3", region).add_auth(request)
         prepared = request.prepare()
         try:
             hooked = client.meta.events.emit_until_response(
@@ -76,8 +98,10 @@ class LeanGet:
             log.debug("s3://%s/%s: lean GET not sent (%s)", self.store.bucket, key, e)
             return None
         if response.status_code not in (200, 206):
+            self.rejected = 400 <= response.status_code < 500
             _discard(response.raw)
             return None
+        self._refusals = 0
         return response.raw, response.headers.get("ETag")
 
     def _url(self, key: str) -> str:
@@ -122,6 +146,8 @@ def open_object(store: S3Store, key: str, headers: dict[str, str]) -> tuple[Any,
         kwargs["IfMatch"] = headers["If-Match"]
     url = f"s3://{store.bucket}/{key}"
     response = store.call(f"cannot read {url}", lambda c: c.get_object(**kwargs))
+    if store.lean.rejected:
+        store.lean.refused()
     return response["Body"], response.get("ETag")
 
 

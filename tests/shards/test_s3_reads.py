@@ -93,6 +93,7 @@ def test_throttled_and_reset_lean_gets_are_retried_by_the_client(proxy, s3_bucke
             assert f.read() == DATA[start : start + 30_000]
     assert proxy.count("range_get", "503") == 1 and proxy.count("range_get", "reset") == 1
     assert proxy.count("range_get", "500") >= 2
+    assert store.lean.enabled  # throttling is the network's: lean GETs go on
 
 
 def test_a_read_resumed_after_its_object_was_replaced_is_an_error(proxy, s3_bucket):
@@ -115,3 +116,45 @@ def test_a_read_resumed_after_its_object_was_replaced_is_an_error(proxy, s3_buck
     with store.open_range("same.bin", 1_000, 201_000) as f:
         assert b"".join(iter(lambda: f.read(50_000), b"")) == DATA[1_000:201_000]
     assert proxy.count("range_get", "cut") == 2
+
+
+def test_a_server_that_refuses_lean_gets_is_read_through_the_client(sent, caplog):
+    """Three lean GETs refused in a row, each then made by the client: the store stops
+    sending GETs twice. A refusal the client shares (a missing object) does not count."""
+    store, headers, calls = sent
+    for _ in range(5):
+        with pytest.raises(StoreError):
+            store.get("none.bin")
+    assert store.lean.enabled and len(calls) == 5
+    real_url = store.lean._url
+    store.lean._url = lambda key: real_url(key + ".elsewhere")  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="pneumo.shards.s3_reads"):
+        for _ in range(4):
+            assert store.get("obj.bin") == DATA
+    assert not store.lean.enabled
+    assert len(headers) == 2 * 5 + 2 * 3 + 1  # 2 GETs a read until the third refusal, then 1
+    assert sum("answers only the client's GETs" in r.message for r in caplog.records) == 1
+
+
+def test_throttled_lean_gets_do_not_turn_the_lean_path_off(sent):
+    """Five lean GETs in a row answered 503 (before-send answers for the lean requests,
+    which carry no SDK invocation id): each read is the client's, and lean GETs go on."""
+    import io
+
+    from botocore.awsrequest import AWSResponse
+
+    store, _, calls = sent
+    throttled: list[str] = []
+
+    def slow_down(request: Any, **_: Any) -> AWSResponse | None:
+        if "amz-sdk-invocation-id" in request.headers or len(throttled) == 5:
+            return None
+        throttled.append(request.url)
+        return AWSResponse(request.url, 503, {}, io.BytesIO(b"<Error>SlowDown</Error>"))
+
+    store.client.meta.events.register_first("before-send.s3.GetObject", slow_down)
+    for start in range(0, 6000, 1000):
+        with store.open_range("obj.bin", start, start + 500) as f:
+            assert f.read() == DATA[start : start + 500]
+    assert len(throttled) == 5 and len(calls) == 5  # the client made the throttled reads
+    assert store.lean.enabled
